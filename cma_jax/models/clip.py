@@ -1,0 +1,233 @@
+"""OpenAI's CLIP (ViT image tower + causal text tower) in Flax NNX, with optional adapters.
+
+Module and parameter names mirror OpenAI's state dict (`visual.transformer.resblocks.3.attn...`)
+so that conversion is a readable table (see `cma_jax/convert.py`). Parameters are float32;
+`CLIPConfig.dtype` sets the compute dtype of matmuls and attention, while LayerNorm and softmax
+always run in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cma_jax.models.adapter import Adapter, AdapterConfig, SharedBlock, shared_layer_index
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    embed_dim: int = 512
+    image_resolution: int = 224
+    vision_layers: int = 12
+    vision_width: int = 768
+    vision_patch_size: int = 32
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+
+    @property
+    def vision_heads(self) -> int:
+        return self.vision_width // 64 if self.vision_width >= 64 else 1
+
+    @property
+    def grid(self) -> int:
+        return self.image_resolution // self.vision_patch_size
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"clip dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.image_resolution % self.vision_patch_size:
+            raise ValueError(
+                f"clip image_resolution {self.image_resolution} is not a multiple of the patch size "
+                f"{self.vision_patch_size}")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"clip text_width {self.text_width} is not divisible by text_heads {self.text_heads}")
+
+
+PRESETS = {
+    "vit_b32": CLIPConfig(),
+    "vit_b16": CLIPConfig(vision_patch_size=16),
+    "vit_l14": CLIPConfig(embed_dim=768, vision_layers=24, vision_width=1024, vision_patch_size=14,
+                          text_width=768, text_heads=12),
+    "vit_l14_336": CLIPConfig(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
+                              vision_patch_size=14, text_width=768, text_heads=12),
+}
+# Accept OpenAI's spelling too.
+PRESETS.update({"ViT-B/32": PRESETS["vit_b32"], "ViT-B/16": PRESETS["vit_b16"],
+                "ViT-L/14": PRESETS["vit_l14"], "ViT-L/14@336px": PRESETS["vit_l14_336"]})
+
+
+def preset(name: str, **overrides) -> CLIPConfig:
+    """A named architecture (`vit_b32`, `vit_b16`, `vit_l14`, `vit_l14_336`), optionally modified."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown CLIP preset {name!r}; expected one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 whatever the input dtype (as OpenAI's fp16-safe subclass)."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def _linear(din, dout, dtype, rngs, use_bias=True):
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.normal(din ** -0.5), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection (OpenAI's in_proj / out_proj)."""
+
+    def __init__(self, width: int, heads: int, dtype, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.dtype = dtype
+        self.in_proj = _linear(width, 3 * width, dtype, rngs)
+        self.out_proj = _linear(width, width, dtype, rngs)
+
+    def __call__(self, x, mask=None):  # x: [N, S, W]; mask: [S, S] bool, True = attend
+        n, s, w = x.shape
+        qkv = self.in_proj(x).reshape(n, s, 3, self.heads, w // self.heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, S, H, Dh]
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q * (w // self.heads) ** -0.5, k).astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, s, w)
+        return self.out_proj(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, width: int, dtype, *, rngs: nnx.Rngs):
+        self.c_fc = _linear(width, 4 * width, dtype, rngs)
+        self.c_proj = _linear(4 * width, width, dtype, rngs)
+
+    def __call__(self, x):
+        return self.c_proj(quick_gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nnx.Module):
+    """Pre-LN block; adapters act on each sub-layer output before its residual add."""
+
+    def __init__(self, width: int, heads: int, dtype, adapter: AdapterConfig | None, *, rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(width, rngs=rngs)
+        self.attn = Attention(width, heads, dtype, rngs=rngs)
+        self.ln_2 = LayerNorm(width, rngs=rngs)
+        self.mlp = MLP(width, dtype, rngs=rngs)
+        if adapter is not None:
+            self.attn_adapter = Adapter(width, adapter, dtype=dtype, rngs=rngs)
+            self.mlp_adapter = Adapter(width, adapter, dtype=dtype, rngs=rngs)
+        else:
+            self.attn_adapter = self.mlp_adapter = None
+
+    def __call__(self, x, mask, shared: SharedBlock | None):
+        h = self.attn(self.ln_1(x), mask)
+        if self.attn_adapter is not None:
+            h = self.attn_adapter(h, shared.attn if shared is not None else None)
+        x = x + h
+        h = self.mlp(self.ln_2(x))
+        if self.mlp_adapter is not None:
+            h = self.mlp_adapter(h, shared.mlp if shared is not None else None)
+        return x + h
+
+
+class Transformer(nnx.Module):
+    def __init__(self, width, layers, heads, dtype, adapter, *, rngs: nnx.Rngs):
+        self.resblocks = nnx.List(
+            [ResidualAttentionBlock(width, heads, dtype, adapter, rngs=rngs) for _ in range(layers)])
+
+    def __call__(self, x, mask=None, shared: nnx.List | None = None):
+        for i, block in enumerate(self.resblocks):
+            s = None
+            if shared is not None:
+                s = shared[shared_layer_index(i, len(self.resblocks), len(shared))]
+            x = block(x, mask, s)
+        return x
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(self, cfg: CLIPConfig, adapter: AdapterConfig | None, *, rngs: nnx.Rngs):
+        w, p, dtype = cfg.vision_width, cfg.vision_patch_size, jnp.dtype(cfg.dtype)
+        scale = w ** -0.5
+        self.dtype = dtype
+        self.conv1 = nnx.Conv(3, w, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=False,
+                              dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (w,)))
+        self.positional_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.grid ** 2 + 1, w)))
+        self.ln_pre = LayerNorm(w, rngs=rngs)
+        self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, dtype, adapter, rngs=rngs)
+        self.ln_post = LayerNorm(w, rngs=rngs)
+        self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (w, cfg.embed_dim)))
+
+    def __call__(self, images, shared=None):  # images: [N, H, W, 3] normalised float
+        x = self.conv1(images.astype(self.dtype))  # [N, g, g, W]
+        n, width = x.shape[0], x.shape[-1]
+        x = x.reshape(n, -1, width)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, width))
+        x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(x.dtype)
+        x = self.ln_pre(x)
+        x = self.transformer(x, None, shared)
+        x = self.ln_post(x[:, 0])
+        return (x @ self.proj[...].astype(x.dtype)).astype(jnp.float32)
+
+
+class CLIP(nnx.Module):
+    """Both towers, `logit_scale`, and (when `adapter` is given) the shared adapter bank."""
+
+    def __init__(self, cfg: CLIPConfig, adapter: AdapterConfig | None = None, *, rngs: nnx.Rngs):
+        if adapter is not None:
+            narrow = min(cfg.vision_width, cfg.text_width)
+            if adapter.share_dim > narrow:
+                raise ValueError(f"adapter share_dim (d_s={adapter.share_dim}) exceeds the narrower tower "
+                                 f"width {narrow}")
+        self.config = cfg
+        self.adapter_config = adapter
+        dtype = jnp.dtype(cfg.dtype)
+        self.dtype = dtype
+        self.visual = VisionTransformer(cfg, adapter, rngs=rngs)
+        self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.text_width, dtype=dtype, param_dtype=jnp.float32,
+                                         embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.positional_embedding = nnx.Param(0.01 * jax.random.normal(rngs.params(),
+                                                                        (cfg.context_length, cfg.text_width)))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, dtype, adapter, rngs=rngs)
+        self.ln_final = LayerNorm(cfg.text_width, rngs=rngs)
+        self.text_projection = nnx.Param(cfg.text_width ** -0.5 * jax.random.normal(
+            rngs.params(), (cfg.text_width, cfg.embed_dim)))
+        self.logit_scale = nnx.Param(jnp.asarray(jnp.log(1 / 0.07), jnp.float32))
+        if adapter is not None and adapter.share_dim > 0:
+            n_shared = min(cfg.vision_layers, cfg.text_layers)
+            self.shared_adapters = nnx.List([SharedBlock(adapter, rngs=rngs) for _ in range(n_shared)])
+        else:
+            self.shared_adapters = None
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """[N, H, W, 3] CLIP-normalised images -> [N, embed_dim] float32 (not L2-normalised)."""
+        return self.visual(images, self.shared_adapters)
+
+    def encode_text(self, ids: jax.Array) -> jax.Array:
+        """[N, L] token ids (L <= context_length, zero-padded after end-of-text) -> [N, embed_dim]."""
+        n, length = ids.shape
+        x = self.token_embedding(ids) + self.positional_embedding[:length].astype(self.dtype)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        x = self.transformer(x, causal, self.shared_adapters)
+        x = self.ln_final(x)
+        eot = x[jnp.arange(n), jnp.argmax(ids, axis=-1)]  # end-of-text has the largest id
+        return (eot @ self.text_projection[...].astype(x.dtype)).astype(jnp.float32)
