@@ -1,0 +1,133 @@
+"""Input-pipeline throughput: clips/s and frames/s, per CPU core, on a generated dataset.
+
+Builds (once, into --data-dir) a split of --videos clips of --stored-frames JPEG frames at
+--resolution, textured like natural images (smooth colour fields, moving blobs, sensor noise),
+with base.py's builder machinery; then times `pipeline.train_iterator` (T=--num-frames) for each
+worker count in --workers. "Per core" divides by the CPU seconds the pipeline used (this process
+plus its worker processes), so it holds on a busy machine; wall-clock rates are printed too.
+
+    python benchmarks/bench_pipeline.py                     # T=12 at 224x224, workers 0 and 2
+    python benchmarks/bench_pipeline.py --workers 0,1,4 --batches 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from cma_jax.data import pipeline, video
+from cma_jax.data.builders import REGISTRY
+from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
+
+NAME = "bench_pipeline"
+WORDS = ["a", "clip", "of", "moving", "blobs", "number"] + [str(i) for i in range(10)]
+
+
+def natural_frames(src) -> list[bytes]:
+    """(video index, frame count, resolution) -> JPEG frames with natural-image-like statistics."""
+    index, count, res = src
+    rng = np.random.default_rng(index)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) / res
+    base = np.stack([np.sin(6 * xx * rng.uniform(0.5, 2) + c) * np.cos(5 * yy * rng.uniform(0.5, 2) + c)
+                     for c in rng.uniform(0, 6, 3)], -1) * 70 + rng.uniform(80, 170, 3)
+    centres, velocity = rng.uniform(0.2, 0.8, (5, 2)), rng.uniform(-0.03, 0.03, (5, 2))
+    colours, radii = rng.uniform(0, 255, (5, 3)), rng.uniform(0.05, 0.2, 5)
+    frames = []
+    for j in range(count):
+        img = base.copy()
+        for c, v, col, r in zip(centres, velocity, colours, radii):
+            cx, cy = c + j * v
+            img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = col
+        img += rng.normal(0, 6, img.shape)
+        frames.append(video.encode_jpeg(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), 90))
+    return frames
+
+
+def make_builder(videos: int, stored_frames: int, resolution: int):
+    class BenchVideos(VideoTextBuilder, skip_registration=True):
+        name = NAME
+        BUILDER_CONFIGS = [VideoTextConfig(name=f"v{videos}f{stored_frames}r{resolution}",
+                                           resolution=resolution)]
+
+        def _split_entries(self, manual_dir):
+            return {"train": [Entry(f"clip{i}", (f"a clip of moving blobs number {i % 10}",), (i, stored_frames,
+                                                                                                resolution))
+                              for i in range(videos)]}
+
+        def _frame_loader(self):
+            return natural_frames
+
+    return BenchVideos
+
+
+def cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run(data_dir: str, args, workers: int, batches: int) -> tuple[float, float, int]:
+    """(CPU seconds of the whole run incl. workers, wall seconds of the timed batches, frames)."""
+    cpu0 = cpu_seconds()
+    it = pipeline.train_iterator(NAME, "train", data_dir, WORDS, num_frames=args.num_frames, max_words=32,
+                                 batch_size_per_process=args.batch_size, seed=0, workers=workers,
+                                 read_threads=args.read_threads)
+    for _ in range(args.warmup):  # worker start-up and first reads are not throughput
+        next(it)
+    wall0, frames = time.perf_counter(), 0
+    for _ in range(batches):
+        frames += int(next(it)["frame_mask"].sum())
+    wall = time.perf_counter() - wall0
+    it.close()  # reaps the workers, so their CPU time is counted in RUSAGE_CHILDREN
+    return cpu_seconds() - cpu0, wall, frames
+
+
+def bench(data_dir: str, args, workers: int) -> None:
+    # Worker CPU time is only visible once they exit: a run without timed batches measures the
+    # start-up (spawn, imports, warm-up batches) to subtract.
+    startup_cpu, _, _ = run(data_dir, args, workers, 0)
+    total_cpu, wall, frames = run(data_dir, args, workers, args.batches)
+    cpu = total_cpu - startup_cpu
+    clips = args.batches * args.batch_size
+    print(f"workers={workers} read_threads={args.read_threads}: {clips} clips in {wall:.2f}s wall, "
+          f"{cpu:.2f} CPU-s | {clips / wall:7.1f} clips/s {frames / wall:8.1f} frames/s wall | "
+          f"per core: {clips / cpu:6.1f} clips/s {frames / cpu:7.1f} frames/s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "cma_jax_bench_pipeline"))
+    parser.add_argument("--videos", type=int, default=64)
+    parser.add_argument("--stored-frames", type=int, default=20, help="frames per video on disk (1 fps)")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--num-frames", type=int, default=12, help="T sampled per clip")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--workers", default="0,2", help="comma-separated worker counts")
+    parser.add_argument("--read-threads", type=int, default=1)
+    args = parser.parse_args()
+
+    builder_cls = make_builder(args.videos, args.stored_frames, args.resolution)
+    REGISTRY[NAME] = builder_cls
+    builder = builder_cls(data_dir=args.data_dir, num_workers=0)
+    if not builder.is_prepared():
+        t0 = time.perf_counter()
+        builder.download_and_prepare()
+        print(f"built {args.videos} videos in {time.perf_counter() - t0:.1f}s")
+    sizes = [len(f) for f in natural_frames((0, args.stored_frames, args.resolution))]
+    print(f"dataset: {args.videos} videos x {args.stored_frames} frames at {args.resolution}px, "
+          f"mean JPEG {np.mean(sizes) / 1024:.1f} KiB; T={args.num_frames}, batch {args.batch_size}; "
+          f"{os.cpu_count()} CPUs visible")
+    for workers in (int(w) for w in args.workers.split(",")):
+        bench(args.data_dir, args, workers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""grain input pipeline over a built video-text split: training pairs and evaluation batches.
+
+API (the trainer and the evaluator call these once per process):
+
+    train_iterator(name, split, data_dir, tokenizer, *, num_frames, max_words,
+                   batch_size_per_process, seed, process_index=0, process_count=1, workers=0,
+                   builder_config=None, num_epochs=None, read_threads=2) -> TrainIterator
+        Infinite (num_epochs=None) iterator of training batches:
+        frames [B,T,H,W,3] uint8, frame_mask [B,T] bool, text_ids [B,L] int32, text_mask [B,L] int32,
+        B = batch_size_per_process, T = num_frames, L = max_words. Every (video, caption) pair of the
+        split is one example; this process reads only its contiguous shard of the pairs, shuffled with
+        `seed` (a new order each epoch), incomplete batches dropped. `it.get_state()` -> {'next_batch': k}
+        and `it.set_state(state)` resume it exactly, whatever `workers` (a grain DatasetIterator: grain's
+        Orbax handlers `grain.checkpoint.CheckpointSave/Restore` save it with a run checkpoint).
+        Call `it.close()` to stop worker processes.
+
+        `it.steps_per_epoch`: batches per epoch of all pairs over all processes.
+
+    count_pairs(name, split, data_dir, builder_config=None) -> int
+        Number of (video, caption) pairs of the split (all processes together).
+
+    eval_batches(name, split, data_dir, tokenizer, *, num_frames, max_words,
+                 batch_size_per_process, process_index=0, process_count=1, workers=0,
+                 builder_config=None, read_threads=2, max_videos=0) -> EvalBatches
+        `.videos`: iterable of video batches (frames, frame_mask, video_index [B] int32, valid [B] bool),
+        every video of the split once over all processes; `.texts`: iterable of text batches
+        (text_ids, text_mask, video_index, text_index [B] int32, valid), every caption once, with the
+        index of its video (several captions per video for multi-caption sets). Each process gets a
+        contiguous slice, padded with valid=False rows so that every process yields the same number of
+        batches (`.num_video_batches`, `.num_text_batches`): multi-host jit needs equal steps.
+        Padding rows are zeros: frame_mask all False, text_mask all 0, video_index/text_index -1.
+        Also `.num_videos`, `.num_texts`, `.video_ids`, `.text_video_index` (global).
+
+    train_iterator_from_config(config, process_index=None, process_count=None) -> TrainIterator
+    eval_batches_from_config(config, process_index=None, process_count=None) -> EvalBatches
+        The same from a run config (configs/common.py): config.data.*, config.seed, the global
+        config.train.batch_size / config.eval.batch_size split over the processes (jax's by default).
+        config.data.tokenizer 'clip' = the backbone checkpoint's tokenizer/ folder.
+
+`tokenizer` is anything `tokenizer.load_tokenizer` accepts (spec or built tokenizer).
+`workers` > 0 decodes in that many worker processes (grain `mp_prefetch`, spawned); 0 decodes in
+this process with `read_threads` threads. Batches are identical for any `workers` / `read_threads`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from cma_jax.data import video
+from cma_jax.data.builders.base import open_source
+from cma_jax.data.tokenizer import load_tokenizer
+
+
+def sample_frame_indices(num_stored: int, num_frames: int) -> np.ndarray:
+    """CLIP4Clip's uniform sampling: linspace over the stored frames; all of them if not more than T."""
+    if num_stored <= num_frames:
+        return np.arange(num_stored)
+    return np.linspace(0, num_stored - 1, num=num_frames, dtype=int)
+
+
+def load_clip(jpegs: list[bytes], num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes only the sampled JPEGs -> (frames [T,H,W,3] uint8 zero-padded, frame_mask [T] bool)."""
+    if not jpegs:
+        raise ValueError("a record holds no frames (builders store at least one); rebuild the dataset")
+    chosen = [video.decode_jpeg(jpegs[i]) for i in sample_frame_indices(len(jpegs), num_frames)]
+    frames = np.zeros((num_frames, *chosen[0].shape), np.uint8)
+    frames[: len(chosen)] = np.stack(chosen)
+    mask = np.zeros((num_frames,), bool)
+    mask[: len(chosen)] = True
+    return frames, mask
+
+
+def train_pairs(num_captions: np.ndarray) -> np.ndarray:
+    """Every (record index, caption index) pair in record order -> int32 [P, 2]."""
+    num_captions = np.asarray(num_captions, np.int64)
+    record = np.repeat(np.arange(len(num_captions)), num_captions)
+    starts = np.cumsum(num_captions) - num_captions  # first pair of each record
+    caption = np.arange(len(record)) - np.repeat(starts, num_captions)
+    return np.stack([record, caption], axis=1).astype(np.int32)
+
+
+def shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """Contiguous slice [start, stop) of n items for one process; sizes differ by at most one."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    return n * process_index // process_count, n * (process_index + 1) // process_count
+
+
+def count_pairs(name: str, split: str, data_dir, builder_config=None) -> int:
+    """Number of (video, caption) training pairs of a split, over all processes."""
+    return int(open_source(name, split, data_dir, builder_config).num_captions.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExample:
+    """(record, caption) pair -> one training example; picklable for grain's worker processes."""
+    source: Any
+    tokenizer: Any
+    num_frames: int
+    max_words: int
+
+    def __call__(self, pair: np.ndarray) -> dict[str, np.ndarray]:
+        record = self.source[int(pair[0])]
+        frames, frame_mask = load_clip(record["frames"], self.num_frames)
+        ids, mask = self.tokenizer.tokenize([record["captions"][int(pair[1])]], self.max_words)
+        return {"frames": frames, "frame_mask": frame_mask, "text_ids": ids[0], "text_mask": mask[0]}
+
+
+def _to_iter(ds: grain.MapDataset, workers: int, read_threads: int) -> grain.IterDataset:
+    # Elements are whole batches (tens of MB): keep the read-ahead buffer to a few of them.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=max(1, read_threads)))
+    if workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain's worker start-up reads its absl flags; outside an absl app, take their defaults.
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    return it
+
+
+def _check(batch_size: int, num_frames: int, max_words: int, workers: int):
+    for key, value, low in (("batch_size_per_process", batch_size, 1), ("num_frames", num_frames, 1),
+                            ("max_words", max_words, 2), ("workers", workers, 0)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Iterator over a random-access dataset of batches; its state is the index of the next batch.
+
+    Resuming rebuilds the pipeline from that batch on (`batches[k:]`), so a state restores the same
+    continuation for any `workers` / `read_threads` (grain's own multiprocess state is per worker).
+    """
+
+    def __init__(self, batches: grain.MapDataset, workers: int, read_threads: int, steps_per_epoch: int):
+        super().__init__()
+        self._batches, self._workers, self._read_threads = batches, workers, read_threads
+        self.steps_per_epoch = steps_per_epoch  # all pairs once, over all processes
+        self._next_batch = 0
+        self._it = None  # started lazily, so set_state before the first batch starts no workers twice
+
+    def _start(self):
+        if self._it is None:
+            self._it = iter(_to_iter(self._batches[self._next_batch:], self._workers, self._read_threads))
+
+    def _stop(self):
+        if getattr(self, "_it", None) is not None:
+            self._it.close()
+            self._it = None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        self._start()
+        batch = next(self._it)
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_batch": self._next_batch}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "next_batch" not in state:
+            raise ValueError(f"train iterator state must be {{'next_batch': int}}, got {state!r}")
+        self._stop()
+        self._next_batch = int(state["next_batch"])
+
+    def start_prefetch(self) -> None:
+        self._start()
+        self._it.start_prefetch()
+
+    def close(self) -> None:
+        self._stop()
+        super().close()
+
+
+def train_iterator(name: str, split: str, data_dir, tokenizer, *, num_frames: int, max_words: int,
+                   batch_size_per_process: int, seed: int, process_index: int = 0, process_count: int = 1,
+                   workers: int = 0, builder_config=None, num_epochs: int | None = None,
+                   read_threads: int = 2) -> TrainIterator:
+    """Checkpointable iterator of this process's training batches (see the module docstring)."""
+    _check(batch_size_per_process, num_frames, max_words, workers)
+    source = open_source(name, split, data_dir, builder_config)
+    pairs = train_pairs(source.num_captions)
+    start, stop = shard_bounds(len(pairs), process_index, process_count)
+    if stop - start < batch_size_per_process:
+        raise ValueError(f"{name}/{split}: process {process_index} of {process_count} holds {stop - start} "
+                         f"pairs, fewer than batch_size_per_process={batch_size_per_process}")
+    ds = grain.MapDataset.source(pairs[start:stop]).seed(seed).shuffle().repeat(num_epochs)
+    ds = ds.map(_TrainExample(source, load_tokenizer(tokenizer), num_frames, max_words))
+    return TrainIterator(ds.batch(batch_size_per_process, drop_remainder=True), workers, read_threads,
+                         steps_per_epoch=len(pairs) // (batch_size_per_process * process_count))
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def _padded_slice(n: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous indices of n items, padded with -1 to a common number of full batches."""
+    start, stop = shard_bounds(n, process_index, process_count)
+    per_process = -(-n // process_count)  # the largest slice
+    num_batches = max(1, -(-per_process // batch_size))
+    out = np.full((num_batches * batch_size,), -1, np.int32)
+    out[: stop - start] = np.arange(start, stop)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalVideo:
+    source: Any
+    num_frames: int
+    frame_shape: tuple[int, int, int]  # (H, W, 3) of padding rows
+
+    def __call__(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        i = int(index)
+        if i < 0:
+            frames = np.zeros((self.num_frames, *self.frame_shape), np.uint8)
+            mask = np.zeros((self.num_frames,), bool)
+        else:
+            frames, mask = load_clip(self.source[i]["frames"], self.num_frames)
+        return {"frames": frames, "frame_mask": mask, "video_index": np.int32(i),
+                "valid": np.bool_(i >= 0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalTexts:
+    captions: tuple[str, ...]   # every caption of the split, in (video, caption) order
+    video_of: np.ndarray        # [num_texts] int32 video index of each caption
+    tokenizer: Any
+    max_words: int
+
+    def __call__(self, text_index: np.ndarray) -> dict[str, np.ndarray]:
+        text_index = np.asarray(text_index, np.int32)  # [B], -1 on padding
+        valid = text_index >= 0
+        ids, mask = self.tokenizer.tokenize([self.captions[i] if i >= 0 else "" for i in text_index],
+                                            self.max_words)
+        ids[~valid] = 0
+        mask[~valid] = 0
+        return {"text_ids": ids, "text_mask": mask,
+                "video_index": np.where(valid, self.video_of[np.maximum(text_index, 0)], -1).astype(np.int32),
+                "text_index": text_index, "valid": valid}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatches:
+    """This process's evaluation batches; `videos` and `texts` can be iterated several times."""
+    videos: grain.IterDataset
+    texts: grain.IterDataset
+    num_videos: int            # over all processes
+    num_texts: int
+    num_video_batches: int     # per process, equal on every process
+    num_text_batches: int
+    video_ids: tuple[str, ...]
+    text_video_index: np.ndarray  # [num_texts] int32: video index of every caption
+
+
+def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int, max_words: int,
+                 batch_size_per_process: int, process_index: int = 0, process_count: int = 1,
+                 workers: int = 0, builder_config=None, read_threads: int = 2, max_videos: int = 0) -> EvalBatches:
+    """Every video once and every caption once, sharded over processes (see the module docstring).
+
+    max_videos > 0 keeps only the first max_videos videos (and their captions), for quick checks.
+    """
+    _check(batch_size_per_process, num_frames, max_words, workers)
+    source = open_source(name, split, data_dir, builder_config)
+    num_videos = min(len(source), max_videos) if max_videos > 0 else len(source)
+    pairs = train_pairs(source.num_captions[:num_videos])  # text t: caption pairs[t, 1] of video pairs[t, 0]
+    captions = tuple(source.captions[v][c] for v, c in pairs)
+    first = video.decode_jpeg(source[0]["frames"][0])  # padding rows take the split's frame shape
+
+    video_idx = _padded_slice(num_videos, batch_size_per_process, process_index, process_count)
+    videos = grain.MapDataset.source(video_idx).map(_EvalVideo(source, num_frames, first.shape))
+    videos = _to_iter(videos.batch(batch_size_per_process), workers, read_threads)
+
+    text_idx = _padded_slice(len(pairs), batch_size_per_process, process_index, process_count)
+    texts = grain.MapDataset.source(text_idx.reshape(-1, batch_size_per_process))
+    texts = texts.map(_EvalTexts(captions, pairs[:, 0].copy(), load_tokenizer(tokenizer), max_words))
+    texts = _to_iter(texts, workers=0, read_threads=0)  # tokenizing is cheap: no threads, no workers
+    return EvalBatches(videos=videos, texts=texts, num_videos=num_videos, num_texts=len(pairs),
+                       num_video_batches=len(video_idx) // batch_size_per_process,
+                       num_text_batches=len(text_idx) // batch_size_per_process,
+                       video_ids=tuple(source.video_ids[:num_videos]), text_video_index=pairs[:, 0].copy())
+
+
+# --- from a run config (configs/common.py) ----------------------------------------------------------
+
+
+def tokenizer_spec(config) -> str:
+    """config.data.tokenizer, where 'clip' means the backbone checkpoint's tokenizer/ folder."""
+    spec = config.data.tokenizer
+    if spec != "clip":
+        return spec
+    from cma_jax import convert  # pylint: disable=import-outside-toplevel
+
+    folder = convert.tokenizer_dir(config.backbone_checkpoint) if config.backbone_checkpoint else None
+    if folder is None:
+        raise ValueError(f"config.data.tokenizer='clip' takes the tokenizer/ folder of config.backbone_checkpoint "
+                         f"({config.backbone_checkpoint!r}), which has none; set config.data.tokenizer to a "
+                         "Hugging Face CLIP tokenizer folder or to bpe_simple_vocab_16e6.txt.gz")
+    return folder
+
+
+def _from_config(config, global_batch: int, field: str, process_index, process_count) -> dict[str, Any]:
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=import-outside-toplevel
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch % process_count:
+        raise ValueError(f"{field}={global_batch} must be divisible by the number of processes ({process_count})")
+    d = config.data
+    if not d.data_dir:
+        from tensorflow_datasets.core import constants  # pylint: disable=import-outside-toplevel
+    return dict(name=d.name, data_dir=d.data_dir or constants.DATA_DIR, tokenizer=tokenizer_spec(config),
+                num_frames=d.num_frames, max_words=d.max_words, batch_size_per_process=global_batch // process_count,
+                process_index=process_index, process_count=process_count, workers=d.workers,
+                builder_config=d.builder_config or None)
+
+
+def train_iterator_from_config(config, process_index=None, process_count=None) -> TrainIterator:
+    """train_iterator for config.data / config.train.batch_size (global) / config.seed; processes from jax."""
+    args = _from_config(config, config.train.batch_size, "config.train.batch_size", process_index, process_count)
+    return train_iterator(split=config.data.train_split, seed=config.seed, **args)
+
+
+def eval_batches_from_config(config, process_index=None, process_count=None) -> EvalBatches:
+    """eval_batches for config.data.eval_split / config.eval.batch_size (global) / config.eval.max_videos."""
+    args = _from_config(config, config.eval.batch_size, "config.eval.batch_size", process_index, process_count)
+    return eval_batches(split=config.data.eval_split, max_videos=config.eval.max_videos, **args)
