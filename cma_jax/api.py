@@ -1,0 +1,229 @@
+"""A small public API: load a retrieval model, embed captions and videos, score them.
+
+    r = api.load("ckpt/clip_vit_b32", adapters="runs/msrvtt")      # backbone + optional adapters
+    t = r.encode_text(["a dog catches a frisbee"])                   # [N, D]
+    f, m = r.encode_videos(["a.mp4", frames_array])                  # [M, T, D], [M, T]
+    s = r.similarity(t, f, m)                                        # [N, M] cosine (the model's head)
+
+`adapters` may be a run workdir / its checkpoints/ folder (cma_jax.checkpoint) or an adapter folder
+written by cma_jax.convert; without it the model is the zero-shot backbone. Videos are decoded with
+cma_jax.data.video (frames at `fps`, shorter side resized + centre crop) and sampled to T frames as
+the eval pipeline does (CLIP4Clip's uniform sampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from cma_jax.models.adapter import AdapterConfig
+from cma_jax.models.clip import CLIPConfig
+from cma_jax.models.retrieval import RetrievalModel
+
+
+def _adapter_config_of(path: str) -> AdapterConfig | None:
+    """The adapter shape a run checkpoint / converted adapter folder was made with (None: method=full)."""
+    from cma_jax import checkpoint as ckpt_lib
+    from cma_jax import convert
+
+    path = os.fspath(path)
+    if _is_converted(path):
+        with open(os.path.join(path, convert.ADAPTER_CONFIG_FILE)) as f:
+            return AdapterConfig(**json.load(f))
+    directory = ckpt_lib.checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"adapters {path}: neither a run workdir / checkpoints folder nor an adapter "
+                                f"folder written by cma_jax.convert ({convert.ADAPTER_CONFIG_FILE} missing)")
+    import orbax.checkpoint as ocp
+    ckpt = ckpt_lib.RunCheckpointer(directory, read_only=True)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"adapters {path}: {directory} contains no finished checkpoint")
+    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    ckpt.close()
+    return AdapterConfig(**meta["adapter"]) if meta.get("adapter") else None
+
+
+def build_model(backbone: str | None = None, adapters: str | None = None, *, head: str = "text_conditioned",
+                tau: float = 5.0, dtype: str | None = None, clip_config: CLIPConfig | None = None,
+                seed: int = 0) -> tuple[RetrievalModel, int | None]:
+    """(model, checkpoint step) from a converted backbone folder and optional adapters.
+
+    `backbone=None` builds a randomly initialised `clip_config` (tests). The adapter shape is read
+    from the adapter checkpoint, so only the paths are needed.
+    """
+    from cma_jax import checkpoint as ckpt_lib
+    from cma_jax import convert
+
+    state = None
+    if backbone is not None:
+        clip_config, state = convert.load_backbone(backbone)
+    elif clip_config is None:
+        raise ValueError("build_model needs a backbone checkpoint folder or a clip_config")
+    if dtype is not None:
+        clip_config = dataclasses.replace(clip_config, dtype=dtype)
+    adapter_cfg = _adapter_config_of(adapters) if adapters else None
+    model = RetrievalModel(clip_config, adapter_cfg, head=head, tau=tau, rngs=nnx.Rngs(seed))
+    if state is not None:
+        convert.apply_state(model, state)
+    step = None
+    if adapters and _is_converted(adapters):
+        made_for, _, tree = convert.load_adapters(adapters)  # the adapter shape was taken from it above
+        f32 = lambda c: dataclasses.replace(c, dtype="float32")  # noqa: E731
+        if f32(made_for) != f32(clip_config):
+            raise ValueError(f"adapters {adapters} were made for {made_for}, but the backbone is {clip_config}")
+        convert.apply_state(model, tree)
+    elif adapters:
+        step = ckpt_lib.load_adapters(adapters, model)
+    return model, step
+
+
+def _is_converted(path: str) -> bool:
+    """An adapter folder written by cma_jax.convert (vs a run workdir / checkpoints folder)."""
+    from cma_jax import convert
+    return os.path.isfile(os.path.join(os.fspath(path), convert.ADAPTER_CONFIG_FILE))
+
+
+def params_hash(model) -> str:
+    """sha256 over every parameter (path + float32 bytes, in path order): identifies the weights."""
+    h = hashlib.sha256()
+    for path, var in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0])):
+        h.update(".".join(map(str, path)).encode())
+        h.update(np.ascontiguousarray(np.asarray(var[...], np.float32)).tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(model) -> dict:
+    """What determines the embeddings: the CLIP and adapter configs and a hash of the parameters."""
+    clip = model.clip
+    return {"clip": dataclasses.asdict(clip.config),
+            "adapter": dataclasses.asdict(clip.adapter_config) if clip.adapter_config is not None else None,
+            "params_sha256": params_hash(model)}
+
+
+def fit_frames(frames: np.ndarray, resolution: int) -> np.ndarray:
+    """[N, H, W, 3] uint8 -> [N, R, R, 3]: shorter side to R and centre crop (CLIP's geometry)."""
+    from cma_jax.data import video
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"video frames must be uint8 [N, H, W, 3], got shape {frames.shape}")
+    if frames.shape[1:3] == (resolution, resolution):
+        return frames.astype(np.uint8)
+    return np.stack([np.asarray(video.resize_center_crop(Image.fromarray(f.astype(np.uint8)), resolution))
+                     for f in frames])
+
+
+def sample_clip(frames: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, R, R, 3] -> (frames [T, R, R, 3] zero-padded, mask [T]) with the eval pipeline's sampling."""
+    from cma_jax.data.pipeline import sample_frame_indices
+    if len(frames) == 0:
+        raise ValueError("a video needs at least one frame")
+    chosen = frames[sample_frame_indices(len(frames), num_frames)]
+    out = np.zeros((num_frames,) + frames.shape[1:], np.uint8)
+    out[: len(chosen)] = chosen
+    return out, np.arange(num_frames) < len(chosen)
+
+
+class Retriever:
+    """A model + tokenizer with batched, jitted encoders. See the module docstring."""
+
+    def __init__(self, model: RetrievalModel, tokenizer, *, num_frames: int = 12, max_words: int = 32,
+                 fps: float = 1.0, batch_size: int = 16, step: int | None = None):
+        from cma_jax.data.tokenizer import load_tokenizer
+        self.model = model
+        self.tokenizer = load_tokenizer(tokenizer)
+        # Captions are cut to the text tower's context (CLIP4Clip's max_words 32 < 77 anyway).
+        max_words = min(max_words, model.clip.config.context_length)
+        self.num_frames, self.max_words, self.fps = num_frames, max_words, fps
+        self.step = step
+        self.resolution = model.clip.config.image_resolution
+        graphdef, self._state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
+        # Data parallel over this process's devices: batches split over them, weights replicated.
+        devices = jax.local_devices()
+        self._batch_sharding = None
+        if len(devices) > 1:
+            mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+            self._batch_sharding = NamedSharding(mesh, P("data"))
+            self._state = jax.device_put(self._state, NamedSharding(mesh, P()))
+            batch_size = -(-batch_size // len(devices)) * len(devices)
+        self.batch_size = batch_size
+        self._enc_text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
+        self._enc_frames = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_frames(x))
+        self._fingerprint = None
+
+    @property
+    def fingerprint(self) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        return self._fingerprint
+
+    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+        """Run fn over x in fixed-size batches (last one padded, so one compilation)."""
+        b, out = self.batch_size, []
+        for s in range(0, len(x), b):
+            chunk = x[s:s + b]
+            pad = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), 0)]) if len(chunk) < b else chunk
+            x = jnp.asarray(pad) if self._batch_sharding is None else jax.device_put(pad, self._batch_sharding)
+            out.append(np.asarray(fn(self._state, x))[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Captions -> [N, D] float32 text embeddings."""
+        ids, _ = self.tokenizer.tokenize(list(texts), self.max_words)
+        if ids.max(initial=0) >= self.model.clip.config.vocab_size:
+            raise ValueError(f"tokenizer ids reach {ids.max()}, beyond the model's vocab_size "
+                             f"{self.model.clip.config.vocab_size}: wrong tokenizer for this backbone?")
+        return self._batched(self._enc_text, ids)
+
+    def load_video(self, video) -> tuple[np.ndarray, np.ndarray]:
+        """A path (decoded at `fps`) or frames [N, H, W, 3] -> (frames [T, R, R, 3], mask [T])."""
+        from cma_jax.data import video as video_lib
+        if isinstance(video, (str, os.PathLike)):
+            frames = video_lib.decode_video(video, fps=self.fps, resolution=self.resolution)
+        else:
+            frames = fit_frames(video, self.resolution)
+        return sample_clip(frames, self.num_frames)
+
+    def encode_clips(self, frames: np.ndarray) -> np.ndarray:
+        """Prepared clips [M, T, R, R, 3] uint8 -> per-frame embeddings [M, T, D]."""
+        return self._batched(self._enc_frames, frames)
+
+    def encode_videos(self, videos: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """Paths or frame arrays -> (frame_emb [M, T, D], frame_mask [M, T])."""
+        clips = [self.load_video(v) for v in videos]
+        frames = np.stack([c[0] for c in clips])
+        masks = np.stack([c[1] for c in clips])
+        return self.encode_clips(frames), masks
+
+    def similarity(self, text_emb, frame_emb, frame_mask, block_size: int = 1024) -> np.ndarray:
+        """Cosine similarity [N, M] with the model's head, computed block-wise on device."""
+        from cma_jax.evaluate import block_similarity
+        logits = block_similarity(self.model, np.asarray(text_emb, np.float32), np.asarray(frame_emb, np.float32),
+                                  np.asarray(frame_mask, bool), block_size)
+        return logits / float(np.exp(np.asarray(self.model.clip.logit_scale[...])))
+
+
+def load(backbone: str | None, adapters: str | None = None, *, tokenizer=None, head: str = "text_conditioned",
+         tau: float = 5.0, num_frames: int = 12, max_words: int = 32, fps: float = 1.0, batch_size: int = 16,
+         dtype: str | None = None, clip_config: CLIPConfig | None = None, seed: int = 0) -> Retriever:
+    """A Retriever from a backbone folder (its tokenizer/ unless `tokenizer` is given) + optional adapters."""
+    from cma_jax import convert
+    if tokenizer is None:
+        tokenizer = convert.tokenizer_dir(backbone) if backbone else None
+        if tokenizer is None:
+            raise ValueError(f"no tokenizer: backbone {backbone} has no tokenizer/ folder; pass a tokenizer "
+                             "(Hugging Face CLIP tokenizer folder, bpe_simple_vocab_16e6.txt.gz or word list)")
+    model, step = build_model(backbone, adapters, head=head, tau=tau, dtype=dtype, clip_config=clip_config,
+                              seed=seed)
+    return Retriever(model, tokenizer, num_frames=num_frames, max_words=max_words, fps=fps,
+                     batch_size=batch_size, step=step)

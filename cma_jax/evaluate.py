@@ -1,0 +1,330 @@
+"""Benchmark evaluation: encode every caption and video once, block-wise similarity, metrics, reports.
+
+    evaluate(model, text_batches, video_batches)            -> results dict (+ JSON / markdown / TB)
+    evaluate_from_config(config, workdir, model=None)        -> the same, for `main.py --config.mode=eval`
+
+Encoding runs jitted, with each batch sharded over the mesh's data axes when a mesh is given; on
+several hosts every process feeds its own rows and the embeddings are gathered to every process.
+The text x video similarity is then computed on device in [block, block] tiles with the model's own
+head (`model.similarity`), so the text-conditioned head - which needs every text against every
+video's frames - never holds more than one tile's [block, block, T] intermediates: about
+4-5 * 4 * block^2 * T bytes (XLA's memory analysis at block 1024, D 512: 240 MB for T 12, 1.0 GB for
+T 64; meanP needs ~4 MB), so ActivityNet's ~5k x 5k is 25 such tiles, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cma_jax import metrics as metrics_lib
+
+BATCH_AXES = ("data", "fsdp")
+
+
+# ----------------------------------------------------------------------------- device helpers
+def _data_axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+
+
+def _data_size(mesh: Mesh | None) -> int:
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in _data_axes(mesh)]))
+
+
+def _to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) jax array -> the full numpy array on every process."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _global(local: np.ndarray, mesh: Mesh | None):
+    """Per-process rows -> a global array sharded over the data axes (or as is without a mesh)."""
+    if mesh is None:
+        return jnp.asarray(local)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(_data_axes(mesh))), np.asarray(local))
+
+
+def _state_on_mesh(state, mesh: Mesh | None):
+    """Leaves not yet on `mesh` (e.g. a freshly built model) are replicated onto it; sharded leaves stay."""
+    if mesh is None:
+        return state
+    rep = NamedSharding(mesh, P())
+
+    def place(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return x
+        return jax.device_put(x, rep)
+    return jax.tree.map(place, state)
+
+
+def _split_eval(model):
+    """(graphdef, state) of the model with dropout switched off, parameters shared, not copied."""
+    view = nnx.view(model, deterministic=True, raise_if_not_found=False)
+    return nnx.split(view)
+
+
+# ----------------------------------------------------------------------------- encoding
+def encode_eval_set(model, text_batches: Iterable[dict], video_batches: Iterable[dict],
+                    mesh: Mesh | None = None):
+    """Encode every caption and video once; padding rows (valid=False) dropped.
+
+    Returns (text_emb [Nt, D], text_video_index [Nt], frame_emb [Nv, T, D], frame_mask [Nv, T]) as
+    numpy on every process, videos ordered by their `video_index` (which must be 0..Nv-1, each once).
+    """
+    graphdef, state = _split_eval(model)
+    state = _state_on_mesh(state, mesh)
+
+    @jax.jit
+    def enc_text(state, ids):
+        return nnx.merge(graphdef, state).encode_text(ids)
+
+    @jax.jit
+    def enc_video(state, frames):
+        return nnx.merge(graphdef, state).encode_frames(frames)
+
+    def run(batches, fn, key, extra):
+        outs = []
+        keys = (key, "video_index", "valid") + extra
+        for b in batches:
+            missing = [k for k in keys if k not in b]
+            if missing:
+                raise KeyError(f"eval batch is missing {missing}; expected keys {keys}")
+            arrays = {k: _global(b[k], mesh) for k in keys}
+            arrays["emb"] = fn(state, arrays.pop(key))
+            outs.append(arrays)  # device arrays: dispatch of the next batch overlaps this one
+        if not outs:
+            raise ValueError(f"no eval batches with {key!r} were given")
+        host = {k: np.concatenate([_to_host(o[k]) for o in outs]) for k in outs[0]}
+        keep = host.pop("valid").astype(bool)
+        return {k: v[keep] for k, v in host.items()}
+
+    texts = run(text_batches, enc_text, "text_ids", ())
+    videos = run(video_batches, enc_video, "frames", ("frame_mask",))
+
+    vidx = videos["video_index"].astype(np.int64)
+    nv = len(vidx)
+    if nv == 0 or not np.array_equal(np.sort(vidx), np.arange(nv)):
+        dup = nv - len(np.unique(vidx))
+        raise ValueError(f"video batches must hold each video_index 0..{nv - 1} exactly once "
+                         f"(got {nv} valid rows, {dup} duplicates, max index {vidx.max() if nv else None})")
+    order = np.argsort(vidx)
+    frame_emb = videos["emb"][order].astype(np.float32)
+    frame_mask = videos["frame_mask"][order].astype(bool)
+    text_idx = texts["video_index"].astype(np.int64)
+    if len(text_idx) and (text_idx.min() < 0 or text_idx.max() >= nv):
+        raise ValueError(f"a caption's video_index {text_idx.max()} is outside the {nv} encoded videos")
+    return texts["emb"].astype(np.float32), text_idx, frame_emb, frame_mask
+
+
+# ----------------------------------------------------------------------------- similarity
+def block_similarity(model, text_emb: np.ndarray, frame_emb: np.ndarray, frame_mask: np.ndarray,
+                     block_size: int = 1024, mesh: Mesh | None = None) -> np.ndarray:
+    """The model's logits [Nt, Nv] (`model.similarity`) computed tile by tile on device.
+
+    text_emb [Nt, D], frame_emb [Nv, T, D], frame_mask [Nv, T]. Tiles are [block, block]; the last
+    ones are padded to full size (one compilation) and cut. With a mesh each text tile is split over
+    the data axes, so the block is rounded up to a multiple of their size.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    graphdef, state = _split_eval(model)
+    state = _state_on_mesh(state, mesh)
+    nt, nv = len(text_emb), len(frame_emb)
+    ds = _data_size(mesh)
+    bt = -(-min(block_size, max(nt, 1)) // ds) * ds
+    bv = min(block_size, max(nv, 1))
+
+    @jax.jit
+    def tile(state, t, f, m):
+        return nnx.merge(graphdef, state).similarity(t, f, m)
+
+    def pad(x, n):  # repeat the last row: padded rows stay valid inputs (no all-masked videos)
+        return np.pad(x, [(0, n - len(x))] + [(0, 0)] * (x.ndim - 1), mode="edge")
+
+    if mesh is None:
+        put_t = put_v = jnp.asarray
+    else:
+        rows, rep = NamedSharding(mesh, P(_data_axes(mesh))), NamedSharding(mesh, P())
+        put_t = lambda x: jax.device_put(x, rows)  # noqa: E731
+        put_v = lambda x: jax.device_put(x, rep)  # noqa: E731
+    t_tiles = [put_t(pad(text_emb[i:i + bt], bt)) for i in range(0, nt, bt)]
+    cols = []
+    for j in range(0, nv, bv):
+        f = put_v(pad(frame_emb[j:j + bv], bv))
+        m = put_v(pad(frame_mask[j:j + bv], bv))
+        cols.append([tile(state, t, f, m) for t in t_tiles])
+    out = np.concatenate([np.concatenate([_to_host(x) for x in col], axis=0)[:nt] for col in cols], axis=1)
+    return out[:, :nv]
+
+
+# ----------------------------------------------------------------------------- reports
+def _summary_line(name, step, res: dict) -> str:
+    def one(d):
+        return (f"R@1 {d['R1']:.1f} R@5 {d['R5']:.1f} R@10 {d['R10']:.1f} "
+                f"MdR {d['MdR']:.1f} MnR {d['MnR']:.1f}")
+    at = f" step {step}" if step is not None else ""
+    return f"eval {name}{at}: t2v {one(res['t2v'])} | v2t {one(res['v2t'])}"
+
+
+def write_reports(results: dict, workdir: str, name: str, step: int | None) -> tuple[str, str]:
+    """`eval_{name}[_step{N}].json` and `.md` in workdir (written atomically); returns their paths."""
+    os.makedirs(workdir, exist_ok=True)
+    stem = os.path.join(workdir, f"eval_{name}" + (f"_step{step}" if step is not None else ""))
+    rows = {name: results["metrics"]}
+    if "dsl" in results:
+        rows[f"{name} + DSL"] = results["dsl"]
+    table = (f"# Retrieval: {name}" + (f", step {step}" if step is not None else "") + "\n\n"
+             f"{results['num_texts']} captions x {results['num_videos']} videos, head {results['head']}.\n\n"
+             + metrics_lib.markdown_table(rows))
+    for path, text in ((stem + ".json", json.dumps(results, indent=2)), (stem + ".md", table)):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return stem + ".json", stem + ".md"
+
+
+def _write_scalars(writer, results: dict, name: str, step: int | None):
+    for key in ("metrics", "dsl"):
+        if key not in results:
+            continue
+        prefix = name if key == "metrics" else f"{name}_dsl"
+        for direction in ("t2v", "v2t"):
+            for metric, value in results[key][direction].items():
+                writer.add_scalar(f"{prefix}/{direction}_{metric}", value, step if step is not None else 0)
+    writer.flush()
+
+
+# ----------------------------------------------------------------------------- entry points
+def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict], *, block_size: int = 1024,
+             dsl: bool = False, dsl_temp: float = 1.0, workdir: str | None = None, writer=None,
+             step: int | None = None, mesh: Mesh | None = None, name: str = "test") -> dict:
+    """Text->video and video->text retrieval metrics of `model` on one evaluation set.
+
+    Batches follow the eval batch contract (`video_index`, `valid`). The head and tau are the
+    model's. With `dsl`, dual-softmax re-scored metrics are added under 'dsl'. Files (process 0
+    only): `eval_{name}[_step{N}].json` + `.md` in `workdir`; TensorBoard scalars to `writer`.
+    """
+    t0 = time.time()
+    text_emb, text_idx, frame_emb, frame_mask = encode_eval_set(model, text_batches, video_batches, mesh)
+    t1 = time.time()
+    sim = block_similarity(model, text_emb, frame_emb, frame_mask, block_size, mesh)
+    t2 = time.time()
+    results = {
+        "name": name, "step": step, "num_texts": int(len(text_emb)), "num_videos": int(len(frame_emb)),
+        "head": model.head, "tau": float(model.tau), "block_size": block_size,
+        "metrics": metrics_lib.retrieval_metrics(sim, text_idx),
+    }
+    if dsl:
+        results["dsl"] = metrics_lib.retrieval_metrics(sim, text_idx, dsl_temp=dsl_temp)
+        results["dsl_temp"] = dsl_temp
+    results["seconds"] = {"encode": round(t1 - t0, 3), "similarity": round(t2 - t1, 3),
+                          "metrics": round(time.time() - t2, 3)}
+    logging.info(_summary_line(name, step, results["metrics"]))
+    if dsl:
+        logging.info(_summary_line(name + " +DSL", step, results["dsl"]))
+    if jax.process_index() == 0:
+        if workdir is not None:
+            write_reports(results, workdir, name, step)
+        if writer is not None:
+            _write_scalars(writer, results, name, step)
+    return results
+
+
+# ----------------------------------------------------------------------------- from a config
+def limit_videos(batches: Iterable[dict], max_videos: int) -> Iterable[dict]:
+    """Keep only videos (and captions of videos) with index < max_videos by marking the rest invalid.
+
+    On a single process the iteration also stops at the first batch past the limit (eval batches come
+    in video order); with several processes every process keeps its batch count (multi-host jit).
+    """
+    single = jax.process_count() == 1
+    for b in batches:
+        b = dict(b)
+        valid = np.asarray(b["valid"], bool)
+        index = np.asarray(b["video_index"])
+        if single and valid.any() and index[valid].min() >= max_videos:
+            return
+        b["valid"] = valid & (index < max_videos)
+        yield b
+
+
+def tokenizer_spec(config) -> str:
+    """config.data.tokenizer, where 'clip' (or '') means the backbone checkpoint's tokenizer/ folder."""
+    from cma_jax import convert
+    spec = config.data.tokenizer
+    if spec in ("", "clip"):
+        found = convert.tokenizer_dir(config.backbone_checkpoint) if config.backbone_checkpoint else None
+        if found is None:
+            raise ValueError(f"config.data.tokenizer={spec!r} means the backbone's tokenizer/ folder, but "
+                             f"config.backbone_checkpoint={config.backbone_checkpoint!r} has none; set "
+                             "config.data.tokenizer to a tokenizer folder or bpe_simple_vocab_16e6.txt.gz")
+        return found
+    return spec
+
+
+def eval_batches_from_config(config):
+    """(text batches, video batches) of this process for config.data.eval_split (cma_jax.data.pipeline)."""
+    from cma_jax.data import pipeline
+    n = jax.process_count()
+    if config.eval.batch_size % n:
+        raise ValueError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
+                         f"{n} processes")
+    d = config.data
+    b = pipeline.eval_batches(d.name, d.eval_split, d.data_dir or None, tokenizer_spec(config),
+                              num_frames=d.num_frames, max_words=d.max_words,
+                              batch_size_per_process=config.eval.batch_size // n,
+                              process_index=jax.process_index(), process_count=n, workers=d.workers,
+                              builder_config=d.builder_config or None)
+    texts, videos = b.texts, b.videos
+    if config.eval.max_videos > 0:
+        texts, videos = limit_videos(texts, config.eval.max_videos), limit_videos(videos, config.eval.max_videos)
+    return texts, videos
+
+
+def evaluate_from_config(config, workdir: str, model=None, *, mesh: Mesh | None = None, step: int | None = None,
+                         writer=None) -> dict:
+    """Evaluate on config.data.eval_split; results to `workdir` (what `main.py` runs for mode=eval).
+
+    model=None loads one: the backbone (config.backbone_checkpoint) plus, unless method=zero_shot,
+    the trained parameters of config.adapter_checkpoint (or the workdir's latest run checkpoint).
+    """
+    from cma_jax import sharding
+
+    if model is None:
+        from cma_jax import checkpoint as ckpt_lib
+        from cma_jax import train
+        model = train.build_model(config)
+        if config.method != "zero_shot":
+            source = config.adapter_checkpoint or workdir
+            loaded = ckpt_lib.load_adapters(source, model)
+            step = loaded if step is None else step
+            logging.info("evaluating the trained parameters of %s (step %s)", source, loaded)
+        else:
+            logging.info("evaluating zero-shot (backbone %s, no adapters)", config.backbone_checkpoint or "random init")
+    mesh = sharding.make_mesh(config) if mesh is None else mesh
+    own_writer = writer is None and jax.process_index() == 0
+    if own_writer:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(workdir)
+    try:
+        texts, videos = eval_batches_from_config(config)
+        return evaluate(model, texts, videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
+                        workdir=workdir, writer=writer, step=step, mesh=mesh, name=config.data.eval_split)
+    finally:
+        if own_writer:
+            writer.close()

@@ -1,0 +1,189 @@
+"""Video search end to end: train a tiny model on colour clips, index a folder, query, resume, refuse, report.
+
+The "trained model" is a tiny random-init CLIP whose Cross-Modal Adapters (only) are trained with
+optax for a few steps on five solid-colour videos captioned "a <colour> video"; the backbone and the
+adapters are saved with cma_jax.convert and used through the CLI entry point like a user would.
+"""
+
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import videofiles
+from cma_jax import api, convert, search
+from cma_jax.models.adapter import AdapterConfig, AdapterParam
+from cma_jax.models.clip import CLIPConfig
+from cma_jax.models.retrieval import RetrievalModel
+
+COLOURS = ["red", "green", "blue", "yellow", "purple"]  # = videofiles.PALETTE order
+CFG = CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=32, vision_patch_size=16,
+                 context_length=8, vocab_size=16, text_width=32, text_heads=2, text_layers=2)
+ADAPTER = AdapterConfig(reduction_dim=8, share_dim=8)
+
+
+def caption(colour):
+    return f"a {colour} video"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Videos (5 colours + a corrupt file), vocab, saved backbone and trained adapters."""
+    root = tmp_path_factory.mktemp("search")
+    videos = root / "videos"
+    for i, colour in enumerate(COLOURS):
+        sub = "more/" if i == 4 else ""  # nested folders are found too
+        videofiles.write_video(videos / f"{sub}{colour}.mp4", i, 2.0)
+    videofiles.write_corrupt(videos / "broken.mp4")
+    (videos / "notes.txt").write_text("not a video")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["a", "video", "of"] + COLOURS) + "\n")
+
+    model = RetrievalModel(CFG, ADAPTER, rngs=nnx.Rngs(0))
+    r = api.Retriever(model, str(vocab), num_frames=2, max_words=8)
+    clips = [r.load_video(videos / f"{'more/' if i == 4 else ''}{c}.mp4") for i, c in enumerate(COLOURS)]
+    ids, tmask = r.tokenizer.tokenize([caption(c) for c in COLOURS], 8)
+    batch = {"frames": np.stack([c[0] for c in clips]), "frame_mask": np.stack([c[1] for c in clips]),
+             "text_ids": ids, "text_mask": tmask}
+    backbone_tree = nnx.to_pure_dict(nnx.state(model.clip, nnx.All(nnx.Param, nnx.Not(AdapterParam))))
+    convert.save_backbone(str(root / "backbone"), CFG, backbone_tree)
+
+    graphdef, adapters, rest = nnx.split(model, AdapterParam, ...)
+    tx = optax.adam(3e-2)
+    opt = tx.init(adapters)
+
+    @jax.jit
+    def step(adapters, opt):
+        loss, grads = jax.value_and_grad(lambda a: nnx.merge(graphdef, a, rest)(batch))(adapters)
+        updates, opt = tx.update(grads, opt, adapters)
+        return optax.apply_updates(adapters, updates), opt, loss
+
+    first = None
+    for _ in range(30):
+        adapters, opt, loss = step(adapters, opt)
+        first = float(loss) if first is None else first
+    assert float(loss) < 0.1 < first, (first, float(loss))  # it learned the colour <-> caption pairing
+    nnx.update(model, adapters)
+    convert.save_adapters(str(root / "adapters"), CFG, ADAPTER, nnx.to_pure_dict(nnx.state(model, AdapterParam)))
+    return {"root": root, "videos": videos, "vocab": str(vocab), "backbone": str(root / "backbone"),
+            "adapters": str(root / "adapters"), "model": model}
+
+
+def index_args(t, index_dir, *extra):
+    return ["index", str(t["videos"]), str(index_dir), "--backbone", t["backbone"], "--tokenizer", t["vocab"],
+            "--num_frames", "2", "--max_words", "8", "--shard_size", "2", "--no_progress", *extra]
+
+
+def test_index_resume_query_and_refusal(trained, tmp_path, capsys):
+    t = trained
+    index_dir = tmp_path / "index"
+    assert search.main(index_args(t, index_dir, "--adapters", t["adapters"])) == 0
+    out = capsys.readouterr().out
+    assert "6 videos" in out and "6 to encode" in out
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    # sorted: [blue, broken] [green, more/purple] [red, yellow]: the unreadable one leaves a gap
+    assert [s["count"] for s in manifest["shards"]] == [1, 2, 2]
+    assert list(manifest["failed"]) == ["broken.mp4"]  # reported and skipped
+    assert manifest["fingerprint"]["adapter"]["reduction_dim"] == 8
+
+    # The index's embeddings are the trained model's own.
+    index = search.load_index(str(index_dir))
+    r = api.load(t["backbone"], t["adapters"], tokenizer=t["vocab"], num_frames=2, max_words=8)
+    direct, _ = r.encode_videos([t["videos"] / v for v in index["videos"]])
+    np.testing.assert_allclose(index["frame_emb"], direct, rtol=1e-2, atol=1e-2)  # stored as float16
+
+    # Query: every caption retrieves its own video first (defaults: the model the index was built with).
+    queries = [caption(c) for c in COLOURS]
+    assert search.main(["query", str(index_dir), *queries, "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    for colour, q in zip(COLOURS, hits):
+        assert q["query"] == caption(colour)
+        assert os.path.basename(q["hits"][0]["video"]) == f"{colour}.mp4", q
+        assert q["hits"][0]["score"] > q["hits"][1]["score"]
+        assert len(q["hits"]) == 3
+
+    # Resume: a rerun encodes nothing; a new file is the only one encoded.
+    assert search.main(index_args(t, index_dir, "--adapters", t["adapters"])) == 0
+    assert "0 to encode" in capsys.readouterr().out
+    # (a second red clip: the model was trained on these five colours only)
+    videofiles.write_video(t["videos"] / "late" / "red_again.mp4", 0, 3.0)
+    try:
+        assert search.main(index_args(t, index_dir, "--adapters", t["adapters"])) == 0
+        assert "1 to encode" in capsys.readouterr().out
+        manifest = json.loads((index_dir / "manifest.json").read_text())
+        assert [s["count"] for s in manifest["shards"]] == [1, 2, 2, 1]
+        assert search.main(["query", str(index_dir), caption("red"), "-k", "2"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "query: a red video"
+        assert {line.split()[-1] for line in lines[1:]} == {"red.mp4", "late/red_again.mp4"}, lines
+        assert re.match(r"\s+1\. \+\d\.\d{4}  ", lines[1])
+    finally:
+        os.remove(t["videos"] / "late" / "red_again.mp4")
+
+    # Another model (the same backbone without the adapters) is refused, for indexing and querying.
+    assert search.main(index_args(t, index_dir, "--adapters", "")) == 2
+    err = capsys.readouterr().err
+    assert "different model" in err and "adapter: index" in err
+    assert search.main(["query", str(index_dir), "red", "--adapters", ""]) == 2
+    assert "different model" in capsys.readouterr().err
+    # Same architecture, other weights: the hash tells them apart.
+    other = api.Retriever(RetrievalModel(CFG, ADAPTER, rngs=nnx.Rngs(1)), t["vocab"], num_frames=2, max_words=8)
+    with pytest.raises(search.IndexMismatchError, match="weights: index"):
+        search.check_model(index["manifest"], other.fingerprint, str(index_dir))
+    # Other frame settings on resume are refused too.
+    assert search.main(index_args(t, index_dir, "--adapters", t["adapters"], "--fps", "2")) == 2
+    assert "frame settings" in capsys.readouterr().err
+
+
+def test_report_is_one_html_file_with_thumbnails(trained, tmp_path, capsys):
+    t = trained
+    index_dir = tmp_path / "index"
+    assert search.main(index_args(t, index_dir, "--adapters", t["adapters"])) == 0
+    out = tmp_path / "report.html"
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a red video\na blue video\n")
+    assert search.main(["report", str(index_dir), "a purple video", "--queries_file", str(queries), "-k", "2",
+                        "--thumbs", "2", "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("<section>") == 3
+    assert page.count("data:image/jpeg;base64,") == 3 * 2 * 2  # queries x hits x thumbnails
+    assert "&ldquo;a red video&rdquo;" in page and "more/purple.mp4" in page
+    assert "src='http" not in page  # self-contained: every image inline
+    # The first hit of each query is the right video.
+    for colour in ("purple", "red", "blue"):
+        section = page.split(f"&ldquo;{caption(colour)}&rdquo;")[1].split("</section>")[0]
+        first = re.search(r"<div class='rank'>1</div>.*?</div>(.*?)</div>", section, re.S).group(1)
+        assert first.endswith(f"{colour}.mp4"), first
+
+
+def test_missing_index_and_folder_give_clear_errors(tmp_path, capsys):
+    assert search.main(["query", str(tmp_path / "nowhere"), "red", "--backbone", str(tmp_path)]) == 2
+    assert "no search index here" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        search.list_videos(str(tmp_path / "no_videos"))
+
+
+def test_api_loads_a_run_checkpoint(trained, tmp_path):
+    """api.load takes the adapter shape and weights from a run checkpoint (cma_jax.checkpoint)."""
+    import ml_collections
+
+    from cma_jax import checkpoint, partition
+
+    t = trained
+    cfg = ml_collections.ConfigDict({"method": "cma", "model": {"train_logit_scale": False}})
+    params = nnx.state(t["model"], partition.trainable_filter(cfg))
+    ckpt = checkpoint.RunCheckpointer(str(tmp_path / "run"))
+    ckpt.save(7, {"params": params, "opt_state": optax.adam(1e-3).init(params), "rngs": {}}, {"i": 0},
+              checkpoint.run_meta(t["model"], cfg))
+    ckpt.wait()
+    ckpt.close()
+    r = api.load(t["backbone"], str(tmp_path / "run"), tokenizer=t["vocab"], num_frames=2, max_words=8)
+    assert r.step == 7 and r.model.clip.adapter_config == ADAPTER
+    assert r.fingerprint == api.fingerprint(t["model"])  # the very same weights
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint|neither"):
+        api.load(t["backbone"], str(tmp_path / "nothing"), tokenizer=t["vocab"])
