@@ -15,31 +15,35 @@ from cma_jax.data.builders import REGISTRY, base, get_builder, open_source
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m cma_jax.data.builders', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('name', choices=sorted(REGISTRY))
-  parser.add_argument('--manual_dir', help='videos + annotation files (see the README)')
-  parser.add_argument('--data_dir', default=os.path.expanduser('~/tensorflow_datasets'))
-  parser.add_argument('--config', default=None,
-                      help='builder config, optionally with -<N>px, -<F>fps, -q<Q> suffixes')
-  parser.add_argument('--workers', type=int, default=None,
-                      help='decoding processes (default: all cores)')
-  args = parser.parse_args(argv)
-  builder = get_builder(args.name, args.data_dir, args.config, num_workers=args.workers)
-  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not args.manual_dir:
-    parser.error(f'{args.name} needs --manual_dir:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-  try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-  except (base.ManualDirLayoutError, base.NoVideosDecodedError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from e
-  for split in builder.info.splits:
-    src = open_source(args.name, split, args.data_dir, builder.builder_config)
-    print(f'{args.name}/{builder.builder_config.name} {split}: {len(src)} videos, '
-          f'{int(src.num_captions.sum())} captions, {len(src.skipped)} skipped'
-          + (': ' + ', '.join(s['video_id'] for s in src.skipped[:20]) if src.skipped else ''))
-  print(f'written to {builder.data_dir}')
+    parser = argparse.ArgumentParser(
+        prog="python -m cma_jax.data.builders",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", choices=sorted(REGISTRY))
+    parser.add_argument("--manual_dir", help="videos + annotation files (see the README)")
+    parser.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"))
+    parser.add_argument(
+        "--config", default=None, help="builder config, optionally with -<N>px, -<F>fps, -q<Q> suffixes"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    args = parser.parse_args(argv)
+    builder = get_builder(args.name, args.data_dir, args.config, num_workers=args.workers)
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not args.manual_dir:
+        parser.error(f"{args.name} needs --manual_dir:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+    except (base.ManualDirLayoutError, base.NoVideosDecodedError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    for split in builder.info.splits:
+        src = open_source(args.name, split, args.data_dir, builder.builder_config)
+        print(
+            f"{args.name}/{builder.builder_config.name} {split}: {len(src)} videos, "
+            f"{int(src.num_captions.sum())} captions, {len(src.skipped)} skipped"
+            + (": " + ", ".join(s["video_id"] for s in src.skipped[:20]) if src.skipped else "")
+        )
+    print(f"written to {builder.data_dir}")
 
 
-if __name__ == '__main__':
-  main()
+if __name__ == "__main__":
+    main()

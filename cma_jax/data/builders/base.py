@@ -55,298 +55,344 @@ from etils import epath
 
 from cma_jax.data import video
 
-VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.3gp', '.3g2', '.mpg',
-                    '.mpeg', '.wmv', '.flv', '.ogv')
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".avi",
+    ".mkv",
+    ".webm",
+    ".mov",
+    ".m4v",
+    ".3gp",
+    ".3g2",
+    ".mpg",
+    ".mpeg",
+    ".wmv",
+    ".flv",
+    ".ogv",
+)
 _KEY_SPACE = 2**128  # TFDS hashes keys to 128 bits; with shuffling disabled the key is used as is.
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """One video of a split: its id, its captions and where its frames come from."""
-  video_id: str
-  captions: tuple[str, ...]
-  source: Any  # a file path for the real datasets (None when no file was found)
+    """One video of a split: its id, its captions and where its frames come from."""
+
+    video_id: str
+    captions: tuple[str, ...]
+    source: Any  # a file path for the real datasets (None when no file was found)
 
 
 @dataclasses.dataclass(eq=False)
 class VideoTextConfig(tfds.core.BuilderConfig):
-  """Frame sampling of a build: `fps` frames per second, square `resolution`, JPEG quality.
+    """Frame sampling of a build: `fps` frames per second, square `resolution`, JPEG quality.
 
-  `variant` is the builder's own choice within a dataset (e.g. MSR-VTT's '9k' / '7k' train list).
-  """
-  name: str = 'default'
-  fps: float = 1.0
-  resolution: int = 224
-  jpeg_quality: int = 90
-  variant: str = ''
+    `variant` is the builder's own choice within a dataset (e.g. MSR-VTT's '9k' / '7k' train list).
+    """
 
-  def __post_init__(self):
-    if self.fps <= 0 or self.resolution <= 0 or not 1 <= self.jpeg_quality <= 100:
-      raise ValueError(f'VideoTextConfig {self.name!r}: expected fps > 0, resolution > 0 and '
-                       f'1 <= jpeg_quality <= 100, got {self.fps}, {self.resolution}, '
-                       f'{self.jpeg_quality}')
+    name: str = "default"
+    fps: float = 1.0
+    resolution: int = 224
+    jpeg_quality: int = 90
+    variant: str = ""
+
+    def __post_init__(self):
+        if self.fps <= 0 or self.resolution <= 0 or not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(
+                f"VideoTextConfig {self.name!r}: expected fps > 0, resolution > 0 and "
+                f"1 <= jpeg_quality <= 100, got {self.fps}, {self.resolution}, "
+                f"{self.jpeg_quality}"
+            )
 
 
 def features() -> tfds.features.FeaturesDict:
-  """The record features (frames stay JPEG bytes: stored and returned undecoded)."""
-  return tfds.features.FeaturesDict({
-      'video_id': tfds.features.Text(),
-      'frames': tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-      'num_frames': tfds.features.Scalar(np.int32),
-      'captions': tfds.features.Sequence(tfds.features.Text()),
-  })
+    """The record features (frames stay JPEG bytes: stored and returned undecoded)."""
+    return tfds.features.FeaturesDict(
+        {
+            "video_id": tfds.features.Text(),
+            "frames": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+            "num_frames": tfds.features.Scalar(np.int32),
+            "captions": tfds.features.Sequence(tfds.features.Text()),
+        }
+    )
 
 
 class NoVideosDecodedError(RuntimeError):
-  """Every video of a split failed to decode."""
+    """Every video of a split failed to decode."""
 
 
 class ManualDirLayoutError(FileNotFoundError):
-  """The manual dir lacks files the builder needs."""
+    """The manual dir lacks files the builder needs."""
 
 
 def _default_workers() -> int:
-  return int(os.environ.get('CMA_JAX_BUILD_WORKERS', os.cpu_count() or 1))
+    return int(os.environ.get("CMA_JAX_BUILD_WORKERS", os.cpu_count() or 1))
 
 
 class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base builder: one ArrayRecord record per video (see the module docstring)."""
+    """Base builder: one ArrayRecord record per video (see the module docstring)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  BUILDER_CONFIGS = [VideoTextConfig()]
-  REQUIRED_FILES: Sequence[str] = ()  # relative to manual_dir
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [VideoTextConfig()]
+    REQUIRED_FILES: Sequence[str] = ()  # relative to manual_dir
 
-  def __init__(self, *, num_workers: int | None = None, file_format=None, **kwargs):
-    # ArrayRecord is the only random-access format; it is the default, not an option.
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
-    self._num_workers = _default_workers() if num_workers is None else num_workers
+    def __init__(self, *, num_workers: int | None = None, file_format=None, **kwargs):
+        # ArrayRecord is the only random-access format; it is the default, not an option.
+        super().__init__(file_format=file_format or "array_record", **kwargs)
+        self._num_workers = _default_workers() if num_workers is None else num_workers
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__, features=features(),
-        disable_shuffling=True, metadata=tfds.core.MetadataDict())
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=features(),
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
+        )
 
-  # --- what subclasses provide ---------------------------------------------------------
+    # --- what subclasses provide ---------------------------------------------------------
 
-  def _split_entries(self, manual_dir: epath.Path | None) -> dict[str, list[Entry]]:
-    raise NotImplementedError
+    def _split_entries(self, manual_dir: epath.Path | None) -> dict[str, list[Entry]]:
+        raise NotImplementedError
 
-  def required_files(self) -> Sequence[str]:
-    """Annotation files (relative to manual_dir) the current config needs."""
-    return self.REQUIRED_FILES
+    def required_files(self) -> Sequence[str]:
+        """Annotation files (relative to manual_dir) the current config needs."""
+        return self.REQUIRED_FILES
 
-  def _frame_loader(self) -> Callable[[Any], list[bytes]]:
-    """Picklable `source -> list of JPEG bytes`; the default decodes a video file."""
-    cfg = self.builder_config
-    return functools.partial(video.load_frames, fps=cfg.fps, resolution=cfg.resolution,
-                             jpeg_quality=cfg.jpeg_quality)
+    def _frame_loader(self) -> Callable[[Any], list[bytes]]:
+        """Picklable `source -> list of JPEG bytes`; the default decodes a video file."""
+        cfg = self.builder_config
+        return functools.partial(
+            video.load_frames, fps=cfg.fps, resolution=cfg.resolution, jpeg_quality=cfg.jpeg_quality
+        )
 
-  # --- generic build -------------------------------------------------------------------
+    # --- generic build -------------------------------------------------------------------
 
-  def check_manual_dir(self, manual_dir: epath.Path) -> None:
-    """Raises ManualDirLayoutError listing every required file that is missing."""
-    missing = [f for f in self.required_files() if not (epath.Path(manual_dir) / f).exists()]
-    if missing:
-      raise ManualDirLayoutError(
-          f'{self.name}: manual_dir {manual_dir} is missing {len(missing)} required file(s): '
-          + ', '.join(missing) + f'.\nExpected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    def check_manual_dir(self, manual_dir: epath.Path) -> None:
+        """Raises ManualDirLayoutError listing every required file that is missing."""
+        missing = [f for f in self.required_files() if not (epath.Path(manual_dir) / f).exists()]
+        if missing:
+            raise ManualDirLayoutError(
+                f"{self.name}: manual_dir {manual_dir} is missing {len(missing)} required file(s): "
+                + ", ".join(missing)
+                + f".\nExpected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
 
-  def _split_generators(self, dl_manager):
-    manual_dir = None
-    if self.MANUAL_DOWNLOAD_INSTRUCTIONS:
-      manual_dir = epath.Path(dl_manager.manual_dir)
-      self.check_manual_dir(manual_dir)
-    entries = self._split_entries(manual_dir)
-    return {split: self._generate_examples(split, items) for split, items in entries.items()}
+    def _split_generators(self, dl_manager):
+        manual_dir = None
+        if self.MANUAL_DOWNLOAD_INSTRUCTIONS:
+            manual_dir = epath.Path(dl_manager.manual_dir)
+            self.check_manual_dir(manual_dir)
+        entries = self._split_entries(manual_dir)
+        return {split: self._generate_examples(split, items) for split, items in entries.items()}
 
-  def _generate_examples(self, split: str, entries: list[Entry]):
-    """Yields (key, record) in entry order; skips (and lists) videos that fail to load."""
-    if not entries:
-      raise NoVideosDecodedError(f'{self.name}: split {split!r} lists no videos')
-    stride = _KEY_SPACE // len(entries)
-    kept: list[Entry] = []
-    skipped: list[dict[str, str]] = []
-    for i, (entry, frames) in enumerate(_load_all(self._frame_loader(), entries,
-                                                  self._num_workers)):
-      if not entry.captions:
-        frames = video.VideoDecodeError('the annotations give this video no caption')
-      if isinstance(frames, Exception):
-        skipped.append({'video_id': entry.video_id, 'path': str(entry.source),
-                        'reason': str(frames)})
-        logging.warning('%s/%s: skipping video %s: %s', self.name, split, entry.video_id, frames)
-        continue
-      kept.append(entry)
-      yield i * stride, {'video_id': entry.video_id, 'frames': frames,
-                         'num_frames': len(frames), 'captions': list(entry.captions)}
-    if not kept:
-      reasons = '; '.join(f'{s["video_id"]}: {s["reason"]}' for s in skipped[:5])
-      raise NoVideosDecodedError(
-          f'{self.name}: none of the {len(entries)} videos of split {split!r} could be '
-          f'decoded (first failures: {reasons})')
-    if skipped:
-      logging.warning('%s/%s: skipped %d of %d videos: %s', self.name, split, len(skipped),
-                      len(entries), ', '.join(s['video_id'] for s in skipped))
-    logging.info('%s/%s: wrote %d videos, %d captions', self.name, split, len(kept),
-                 sum(len(e.captions) for e in kept))
-    self.info.metadata[split] = {
-        'video_ids': [e.video_id for e in kept],
-        'num_captions': [len(e.captions) for e in kept],
-        'captions': [list(e.captions) for e in kept],
-        'skipped': skipped,
-    }
+    def _generate_examples(self, split: str, entries: list[Entry]):
+        """Yields (key, record) in entry order; skips (and lists) videos that fail to load."""
+        if not entries:
+            raise NoVideosDecodedError(f"{self.name}: split {split!r} lists no videos")
+        stride = _KEY_SPACE // len(entries)
+        kept: list[Entry] = []
+        skipped: list[dict[str, str]] = []
+        for i, (entry, frames) in enumerate(_load_all(self._frame_loader(), entries, self._num_workers)):
+            if not entry.captions:
+                frames = video.VideoDecodeError("the annotations give this video no caption")
+            if isinstance(frames, Exception):
+                skipped.append({"video_id": entry.video_id, "path": str(entry.source), "reason": str(frames)})
+                logging.warning("%s/%s: skipping video %s: %s", self.name, split, entry.video_id, frames)
+                continue
+            kept.append(entry)
+            yield (
+                i * stride,
+                {
+                    "video_id": entry.video_id,
+                    "frames": frames,
+                    "num_frames": len(frames),
+                    "captions": list(entry.captions),
+                },
+            )
+        if not kept:
+            reasons = "; ".join(f"{s['video_id']}: {s['reason']}" for s in skipped[:5])
+            raise NoVideosDecodedError(
+                f"{self.name}: none of the {len(entries)} videos of split {split!r} could be "
+                f"decoded (first failures: {reasons})"
+            )
+        if skipped:
+            logging.warning(
+                "%s/%s: skipped %d of %d videos: %s",
+                self.name,
+                split,
+                len(skipped),
+                len(entries),
+                ", ".join(s["video_id"] for s in skipped),
+            )
+        logging.info(
+            "%s/%s: wrote %d videos, %d captions",
+            self.name,
+            split,
+            len(kept),
+            sum(len(e.captions) for e in kept),
+        )
+        self.info.metadata[split] = {
+            "video_ids": [e.video_id for e in kept],
+            "num_captions": [len(e.captions) for e in kept],
+            "captions": [list(e.captions) for e in kept],
+            "skipped": skipped,
+        }
 
 
 def _load_one(loader, entry: Entry):
-  if not entry.captions:
-    return None  # skipped by the caller; no need to decode
-  return video.load_or_error(loader, entry.source, entry.video_id)
+    if not entry.captions:
+        return None  # skipped by the caller; no need to decode
+    return video.load_or_error(loader, entry.source, entry.video_id)
 
 
 def _submit(pool, loader, entry: Entry) -> concurrent.futures.Future:
-  if not entry.captions:
-    done = concurrent.futures.Future()
-    done.set_result(None)
-    return done
-  # Only cma_jax.data.video travels: the workers never import TFDS.
-  return pool.submit(video.load_or_error, loader, entry.source, entry.video_id)
+    if not entry.captions:
+        done = concurrent.futures.Future()
+        done.set_result(None)
+        return done
+    # Only cma_jax.data.video travels: the workers never import TFDS.
+    return pool.submit(video.load_or_error, loader, entry.source, entry.video_id)
 
 
 def _load_all(loader, entries: list[Entry], workers: int) -> Iterator[tuple[Entry, Any]]:
-  """(entry, frames or the VideoDecodeError) in entry order, decoded by `workers` processes.
+    """(entry, frames or the VideoDecodeError) in entry order, decoded by `workers` processes.
 
-  A decoder that kills its process (a crash in FFmpeg on a broken file) costs that one video:
-  the videos that were in flight are retried one by one, each in a fresh process.
-  """
-  if workers <= 1 or len(entries) < 2:
-    for entry in entries:
-      yield entry, _load_one(loader, entry)
-    return
-  # spawn: the parent may hold threads (JAX, TFDS) that fork would copy in a broken state.
-  ctx = multiprocessing.get_context('spawn')
-  pending = collections.deque(entries)
-  inflight: collections.deque = collections.deque()
-  window = 4 * workers  # bounded look-ahead keeps order and memory bounded
-  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
-  try:
-    while pending or inflight:
-      while pending and len(inflight) < window:
-        entry = pending.popleft()
-        inflight.append((entry, _submit(pool, loader, entry)))
-      entry, fut = inflight.popleft()
-      try:
-        result = fut.result()
-      except concurrent.futures.process.BrokenProcessPool:
+    A decoder that kills its process (a crash in FFmpeg on a broken file) costs that one video:
+    the videos that were in flight are retried one by one, each in a fresh process.
+    """
+    if workers <= 1 or len(entries) < 2:
+        for entry in entries:
+            yield entry, _load_one(loader, entry)
+        return
+    # spawn: the parent may hold threads (JAX, TFDS) that fork would copy in a broken state.
+    ctx = multiprocessing.get_context("spawn")
+    pending = collections.deque(entries)
+    inflight: collections.deque = collections.deque()
+    window = 4 * workers  # bounded look-ahead keeps order and memory bounded
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+    try:
+        while pending or inflight:
+            while pending and len(inflight) < window:
+                entry = pending.popleft()
+                inflight.append((entry, _submit(pool, loader, entry)))
+            entry, fut = inflight.popleft()
+            try:
+                result = fut.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                pool.shutdown(cancel_futures=True)
+                inflight.appendleft((entry, fut))
+                for e, f in inflight:
+                    ok = f.done() and not f.cancelled() and f.exception() is None
+                    yield e, f.result() if ok else _load_isolated(loader, e, ctx)
+                inflight.clear()
+                pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+                continue
+            yield entry, result
+    finally:
         pool.shutdown(cancel_futures=True)
-        inflight.appendleft((entry, fut))
-        for e, f in inflight:
-          ok = f.done() and not f.cancelled() and f.exception() is None
-          yield e, f.result() if ok else _load_isolated(loader, e, ctx)
-        inflight.clear()
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
-        continue
-      yield entry, result
-  finally:
-    pool.shutdown(cancel_futures=True)
 
 
 def _load_isolated(loader, entry: Entry, ctx):
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-    try:
-      return _submit(pool, loader, entry).result()
-    except concurrent.futures.process.BrokenProcessPool:
-      return video.VideoDecodeError(f'the decoder crashed on {entry.source}')
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        try:
+            return _submit(pool, loader, entry).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            return video.VideoDecodeError(f"the decoder crashed on {entry.source}")
 
 
 # --- annotation helpers --------------------------------------------------------------------
 
 
 def read_json(path: epath.PathLike) -> Any:
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def read_list(path: epath.PathLike) -> list[str]:
-  """Non-empty stripped lines of a text file (a split's video ids)."""
-  with open(path, encoding='utf-8') as f:
-    return [line.strip() for line in f if line.strip()]
+    """Non-empty stripped lines of a text file (a split's video ids)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def read_csv(path: epath.PathLike, columns: Sequence[str]) -> list[dict[str, str]]:
-  """Rows of a CSV with a header that must contain `columns`."""
-  with open(path, encoding='utf-8', newline='') as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in columns if c not in (reader.fieldnames or [])]
-    if missing:
-      raise ValueError(f'{path}: expected columns {list(columns)}, missing {missing} '
-                       f'(header: {reader.fieldnames})')
-    return list(reader)
+    """Rows of a CSV with a header that must contain `columns`."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{path}: expected columns {list(columns)}, missing {missing} (header: {reader.fieldnames})"
+            )
+        return list(reader)
 
 
 # --- video file lookup ---------------------------------------------------------------------
 
 
 def index_videos(root: epath.PathLike) -> dict[str, str]:
-  """Maps every video file under `root` by name and by name without its extension(s).
+    """Maps every video file under `root` by name and by name without its extension(s).
 
-  Tolerates the layouts people use (flat, `videos/all/`, `YouTubeClips/`, ...) and ids
-  given with or without an extension (DiDeMo ids carry `.mov`, files may be `.mov.mp4`).
-  """
-  index: dict[str, str] = {}
-  for dirpath, _, files in os.walk(os.fspath(root)):
-    for f in sorted(files):
-      if not f.lower().endswith(VIDEO_EXTENSIONS):
-        continue
-      path = os.path.join(dirpath, f)
-      name = f
-      while True:
-        index.setdefault(name, path)
-        stem, ext = os.path.splitext(name)
-        if not ext or ext.lower() not in VIDEO_EXTENSIONS:
-          break
-        name = stem
-  return index
+    Tolerates the layouts people use (flat, `videos/all/`, `YouTubeClips/`, ...) and ids
+    given with or without an extension (DiDeMo ids carry `.mov`, files may be `.mov.mp4`).
+    """
+    index: dict[str, str] = {}
+    for dirpath, _, files in os.walk(os.fspath(root)):
+        for f in sorted(files):
+            if not f.lower().endswith(VIDEO_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, f)
+            name = f
+            while True:
+                index.setdefault(name, path)
+                stem, ext = os.path.splitext(name)
+                if not ext or ext.lower() not in VIDEO_EXTENSIONS:
+                    break
+                name = stem
+    return index
 
 
 def find_video(index: dict[str, str], video_id: str, *alternatives: str) -> str | None:
-  """The file of `video_id` (or of one of its alternative spellings), None if absent."""
-  for key in (video_id, *alternatives):
-    if key in index:
-      return index[key]
-    stem, ext = os.path.splitext(key)
-    if ext.lower() in VIDEO_EXTENSIONS and stem in index:
-      return index[stem]
-  return None
+    """The file of `video_id` (or of one of its alternative spellings), None if absent."""
+    for key in (video_id, *alternatives):
+        if key in index:
+            return index[key]
+        stem, ext = os.path.splitext(key)
+        if ext.lower() in VIDEO_EXTENSIONS and stem in index:
+            return index[stem]
+    return None
 
 
 # --- TF-free building ----------------------------------------------------------------------
 
 
 class _ResourceExhaustedError(Exception):
-  """Never raised: stands in for tf.errors.ResourceExhaustedError."""
+    """Never raised: stands in for tf.errors.ResourceExhaustedError."""
 
 
 class _Gfile:
-  GFile = staticmethod(open)
-  exists = staticmethod(os.path.exists)
-  remove = staticmethod(os.remove)
+    GFile = staticmethod(open)
+    exists = staticmethod(os.path.exists)
+    remove = staticmethod(os.remove)
 
 
 class _TfShim:
-  """The slice of `tf` that tfds.core.shuffle uses, on local files."""
-  class io:  # noqa: N801 (mirrors tf.io)
-    gfile = _Gfile
+    """The slice of `tf` that tfds.core.shuffle uses, on local files."""
 
-  class errors:  # noqa: N801
-    ResourceExhaustedError = _ResourceExhaustedError
+    class io:  # noqa: N801 (mirrors tf.io)
+        gfile = _Gfile
+
+    class errors:  # noqa: N801
+        ResourceExhaustedError = _ResourceExhaustedError
 
 
 def _install_tf_free_shuffler() -> None:
-  try:
-    import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
-    shuffle.tf = _TfShim
+    try:
+        import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
+
+        shuffle.tf = _TfShim
 
 
 _install_tf_free_shuffler()
@@ -356,98 +402,106 @@ _install_tf_free_shuffler()
 
 
 class VideoTextSource:
-  """Random access to a built split: items are dicts with undecoded JPEG frames."""
+    """Random access to a built split: items are dicts with undecoded JPEG frames."""
 
-  def __init__(self, data_source, meta: dict[str, Any], name: str):
-    self._source = data_source
-    self.name = name
-    self.video_ids: list[str] = meta['video_ids']
-    self.captions: list[list[str]] = meta['captions']
-    self.num_captions = np.asarray(meta['num_captions'], np.int32)  # [N]
-    self.skipped: list[dict[str, str]] = list(meta.get('skipped', []))
-    if len(self.video_ids) != len(data_source):
-      raise ValueError(f'{name}: metadata lists {len(self.video_ids)} videos but the split '
-                       f'holds {len(data_source)} records; rebuild the dataset')
+    def __init__(self, data_source, meta: dict[str, Any], name: str):
+        self._source = data_source
+        self.name = name
+        self.video_ids: list[str] = meta["video_ids"]
+        self.captions: list[list[str]] = meta["captions"]
+        self.num_captions = np.asarray(meta["num_captions"], np.int32)  # [N]
+        self.skipped: list[dict[str, str]] = list(meta.get("skipped", []))
+        if len(self.video_ids) != len(data_source):
+            raise ValueError(
+                f"{name}: metadata lists {len(self.video_ids)} videos but the split "
+                f"holds {len(data_source)} records; rebuild the dataset"
+            )
 
-  def __len__(self) -> int:
-    return len(self._source)
+    def __len__(self) -> int:
+        return len(self._source)
 
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    rec = self._source[int(i)]
-    return {
-        'video_id': _text(rec['video_id']),
-        'frames': [bytes(f) for f in rec['frames']],
-        'num_frames': int(rec['num_frames']),
-        'captions': [_text(c) for c in rec['captions']],
-    }
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self._source[int(i)]
+        return {
+            "video_id": _text(rec["video_id"]),
+            "frames": [bytes(f) for f in rec["frames"]],
+            "num_frames": int(rec["num_frames"]),
+            "captions": [_text(c) for c in rec["captions"]],
+        }
 
-  def __repr__(self) -> str:
-    return f'VideoTextSource({self.name}, {len(self)} videos)'
+    def __repr__(self) -> str:
+        return f"VideoTextSource({self.name}, {len(self)} videos)"
 
 
 def _text(x) -> str:
-  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-_SUFFIX = re.compile(r'^(?:(?P<px>\d+)px|(?P<fps>\d+(?:\.\d+)?)fps|q(?P<q>\d+))$')
+_SUFFIX = re.compile(r"^(?:(?P<px>\d+)px|(?P<fps>\d+(?:\.\d+)?)fps|q(?P<q>\d+))$")
 
 
-def resolve_config(builder_cls: type[VideoTextBuilder],
-                   builder_config: str | VideoTextConfig | None) -> VideoTextConfig:
-  """A config object from a name: a predefined config, optionally with `-<N>px`, `-<F>fps`,
-  `-q<Q>` suffixes overriding resolution, fps and JPEG quality (e.g. '9k-336px')."""
-  if isinstance(builder_config, VideoTextConfig):
-    return builder_config
-  predefined = {c.name: c for c in builder_cls.BUILDER_CONFIGS}
-  name = builder_config or builder_cls.BUILDER_CONFIGS[0].name
-  base, *suffixes = name.split('-')
-  if base not in predefined:
-    raise ValueError(f'{builder_cls.name}: unknown config {name!r}; expected one of '
-                     f'{sorted(predefined)} optionally followed by -<N>px, -<F>fps, -q<Q>')
-  if not suffixes:
-    return predefined[base]
-  overrides = {}
-  for suffix in suffixes:
-    m = _SUFFIX.match(suffix)
-    if not m:
-      raise ValueError(f'{builder_cls.name}: bad config suffix {suffix!r} in {name!r}; '
-                       'expected <N>px, <F>fps or q<Q>')
-    if m['px']:
-      overrides['resolution'] = int(m['px'])
-    elif m['fps']:
-      overrides['fps'] = float(m['fps'])
-    else:
-      overrides['jpeg_quality'] = int(m['q'])
-  return dataclasses.replace(predefined[base], name=name, **overrides)
+def resolve_config(
+    builder_cls: type[VideoTextBuilder], builder_config: str | VideoTextConfig | None
+) -> VideoTextConfig:
+    """A config object from a name: a predefined config, optionally with `-<N>px`, `-<F>fps`,
+    `-q<Q>` suffixes overriding resolution, fps and JPEG quality (e.g. '9k-336px')."""
+    if isinstance(builder_config, VideoTextConfig):
+        return builder_config
+    predefined = {c.name: c for c in builder_cls.BUILDER_CONFIGS}
+    name = builder_config or builder_cls.BUILDER_CONFIGS[0].name
+    base, *suffixes = name.split("-")
+    if base not in predefined:
+        raise ValueError(
+            f"{builder_cls.name}: unknown config {name!r}; expected one of "
+            f"{sorted(predefined)} optionally followed by -<N>px, -<F>fps, -q<Q>"
+        )
+    if not suffixes:
+        return predefined[base]
+    overrides = {}
+    for suffix in suffixes:
+        m = _SUFFIX.match(suffix)
+        if not m:
+            raise ValueError(
+                f"{builder_cls.name}: bad config suffix {suffix!r} in {name!r}; "
+                "expected <N>px, <F>fps or q<Q>"
+            )
+        if m["px"]:
+            overrides["resolution"] = int(m["px"])
+        elif m["fps"]:
+            overrides["fps"] = float(m["fps"])
+        else:
+            overrides["jpeg_quality"] = int(m["q"])
+    return dataclasses.replace(predefined[base], name=name, **overrides)
 
 
-def get_builder(name: str, data_dir: epath.PathLike, builder_config=None,
-                **kwargs) -> VideoTextBuilder:
-  """The registered builder `name` (see builders/__init__.py) for `data_dir`."""
-  from cma_jax.data.builders import REGISTRY  # pylint: disable=import-outside-toplevel
-  if name not in REGISTRY:
-    raise ValueError(f'unknown dataset {name!r}; expected one of {sorted(REGISTRY)}')
-  cls = REGISTRY[name]
-  config = resolve_config(cls, builder_config)
-  if any(config is c for c in cls.BUILDER_CONFIGS):
-    # By name: TFDS rejects a copy of a predefined config object, which is what unpickling the
-    # builder (grain worker processes) would pass back.
-    config = config.name
-  return cls(data_dir=os.fspath(data_dir), config=config, **kwargs)
+def get_builder(name: str, data_dir: epath.PathLike, builder_config=None, **kwargs) -> VideoTextBuilder:
+    """The registered builder `name` (see builders/__init__.py) for `data_dir`."""
+    from cma_jax.data.builders import REGISTRY  # pylint: disable=import-outside-toplevel
+
+    if name not in REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(REGISTRY)}")
+    cls = REGISTRY[name]
+    config = resolve_config(cls, builder_config)
+    if any(config is c for c in cls.BUILDER_CONFIGS):
+        # By name: TFDS rejects a copy of a predefined config object, which is what unpickling the
+        # builder (grain worker processes) would pass back.
+        config = config.name
+    return cls(data_dir=os.fspath(data_dir), config=config, **kwargs)
 
 
-def open_source(name: str, split: str, data_dir: epath.PathLike,
-                builder_config=None) -> VideoTextSource:
-  """Random-access source over a built split (see the module docstring)."""
-  builder = get_builder(name, data_dir, builder_config)
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f'dataset {name} (config {builder.builder_config.name}) is not built in {data_dir}: '
-        f'expected {builder.data_dir}; build it first (see README)')
-  if split not in builder.info.splits:
-    raise ValueError(f'{name} has no split {split!r}; built splits: {list(builder.info.splits)}')
-  meta = builder.info.metadata.get(split) if builder.info.metadata else None
-  if meta is None:
-    raise ValueError(f'{name}/{split}: no caption index in {builder.data_dir}/metadata.json; '
-                     'rebuild the dataset')
-  return VideoTextSource(builder.as_data_source(split), meta, f'{name}/{split}')
+def open_source(name: str, split: str, data_dir: epath.PathLike, builder_config=None) -> VideoTextSource:
+    """Random-access source over a built split (see the module docstring)."""
+    builder = get_builder(name, data_dir, builder_config)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"dataset {name} (config {builder.builder_config.name}) is not built in {data_dir}: "
+            f"expected {builder.data_dir}; build it first (see README)"
+        )
+    if split not in builder.info.splits:
+        raise ValueError(f"{name} has no split {split!r}; built splits: {list(builder.info.splits)}")
+    meta = builder.info.metadata.get(split) if builder.info.metadata else None
+    if meta is None:
+        raise ValueError(
+            f"{name}/{split}: no caption index in {builder.data_dir}/metadata.json; rebuild the dataset"
+        )
+    return VideoTextSource(builder.as_data_source(split), meta, f"{name}/{split}")

@@ -10,17 +10,19 @@ from cma_jax.data.builders import base
 
 
 class MsrVtt(base.VideoTextBuilder):
-  """MSR-VTT text-video retrieval: train = every caption of the 9k/7k train videos,
-  test = the 1,000 JSFusion (1k-A) video-caption pairs."""
+    """MSR-VTT text-video retrieval: train = every caption of the 9k/7k train videos,
+    test = the 1,000 JSFusion (1k-A) video-caption pairs."""
 
-  name = 'msrvtt'
-  BUILDER_CONFIGS = [
-      base.VideoTextConfig(name='9k', variant='9k',
-                           description='train on MSRVTT_train.9k.csv (9,000 videos)'),
-      base.VideoTextConfig(name='7k', variant='7k',
-                           description='train on MSRVTT_train.7k.csv (7,010 videos)'),
-  ]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    name = "msrvtt"
+    BUILDER_CONFIGS = [
+        base.VideoTextConfig(
+            name="9k", variant="9k", description="train on MSRVTT_train.9k.csv (9,000 videos)"
+        ),
+        base.VideoTextConfig(
+            name="7k", variant="7k", description="train on MSRVTT_train.7k.csv (7,010 videos)"
+        ),
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 manual_dir/
   MSRVTT_data.json           ('sentences': [{'caption', 'video_id'}, ...])
   MSRVTT_train.9k.csv        (column video_id; config 9k)
@@ -29,25 +31,32 @@ manual_dir/
   any/sub/folder/videoN.mp4  (the 10,000 MSR-VTT videos, anywhere below manual_dir)
 """
 
-  def required_files(self):
-    return ('MSRVTT_data.json', f'MSRVTT_train.{self.builder_config.variant}.csv',
-            'MSRVTT_JSFUSION_test.csv')
+    def required_files(self):
+        return (
+            "MSRVTT_data.json",
+            f"MSRVTT_train.{self.builder_config.variant}.csv",
+            "MSRVTT_JSFUSION_test.csv",
+        )
 
-  def _split_entries(self, manual_dir: epath.Path):
-    data = base.read_json(manual_dir / 'MSRVTT_data.json')
-    if 'sentences' not in data:
-      raise ValueError(f'{manual_dir / "MSRVTT_data.json"}: expected a "sentences" list')
-    captions = collections.defaultdict(list)
-    for s in data['sentences']:
-      captions[s['video_id']].append(s['caption'].strip())
-    train_csv = manual_dir / f'MSRVTT_train.{self.builder_config.variant}.csv'
-    train_ids = [r['video_id'] for r in base.read_csv(train_csv, ['video_id'])]
-    test_rows = base.read_csv(manual_dir / 'MSRVTT_JSFUSION_test.csv',
-                              ['key', 'vid_key', 'video_id', 'sentence'])
-    videos = base.index_videos(manual_dir)
-    return {
-        'train': [base.Entry(v, tuple(captions.get(v, ())), base.find_video(videos, v))
-                  for v in train_ids],
-        'test': [base.Entry(r['video_id'], (r['sentence'].strip(),),
-                            base.find_video(videos, r['video_id'])) for r in test_rows],
-    }
+    def _split_entries(self, manual_dir: epath.Path):
+        data = base.read_json(manual_dir / "MSRVTT_data.json")
+        if "sentences" not in data:
+            raise ValueError(f'{manual_dir / "MSRVTT_data.json"}: expected a "sentences" list')
+        captions = collections.defaultdict(list)
+        for s in data["sentences"]:
+            captions[s["video_id"]].append(s["caption"].strip())
+        train_csv = manual_dir / f"MSRVTT_train.{self.builder_config.variant}.csv"
+        train_ids = [r["video_id"] for r in base.read_csv(train_csv, ["video_id"])]
+        test_rows = base.read_csv(
+            manual_dir / "MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"]
+        )
+        videos = base.index_videos(manual_dir)
+        return {
+            "train": [
+                base.Entry(v, tuple(captions.get(v, ())), base.find_video(videos, v)) for v in train_ids
+            ],
+            "test": [
+                base.Entry(r["video_id"], (r["sentence"].strip(),), base.find_video(videos, r["video_id"]))
+                for r in test_rows
+            ],
+        }

@@ -8,14 +8,14 @@ from etils import epath
 
 from cma_jax.data.builders import base
 
-SPLITS = {'train': 'train_list.txt', 'val': 'val_list.txt', 'test': 'test_list.txt'}
+SPLITS = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
 
 
 class Msvd(base.VideoTextBuilder):
-  """MSVD text-video retrieval (1,200 / 100 / 670 videos, ~40 captions each)."""
+    """MSVD text-video retrieval (1,200 / 100 / 670 videos, ~40 captions each)."""
 
-  name = 'msvd'
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    name = "msvd"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 manual_dir/
   raw-captions.pkl   (pickle: video id -> list of captions, each a list of tokens)
   train_list.txt     (one video id per line)
@@ -23,16 +23,25 @@ manual_dir/
   test_list.txt
   any/sub/folder/<video id>.avi   (YouTubeClips)
 """
-  REQUIRED_FILES = ('raw-captions.pkl', *SPLITS.values())
+    REQUIRED_FILES = ("raw-captions.pkl", *SPLITS.values())
 
-  def _split_entries(self, manual_dir: epath.Path):
-    with open(manual_dir / 'raw-captions.pkl', 'rb') as f:
-      raw = pickle.load(f)
-    if not isinstance(raw, dict):
-      raise ValueError(f'{manual_dir / "raw-captions.pkl"}: expected a dict video id -> list '
-                       f'of token lists, got {type(raw).__name__}')
-    captions = {v: tuple(' '.join(t) if isinstance(t, (list, tuple)) else str(t).strip()
-                         for t in caps) for v, caps in raw.items()}
-    videos = base.index_videos(manual_dir)
-    return {split: [base.Entry(v, captions.get(v, ()), base.find_video(videos, v))
-                    for v in base.read_list(manual_dir / f)] for split, f in SPLITS.items()}
+    def _split_entries(self, manual_dir: epath.Path):
+        with open(manual_dir / "raw-captions.pkl", "rb") as f:
+            raw = pickle.load(f)
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"{manual_dir / 'raw-captions.pkl'}: expected a dict video id -> list "
+                f"of token lists, got {type(raw).__name__}"
+            )
+        captions = {
+            v: tuple(" ".join(t) if isinstance(t, (list, tuple)) else str(t).strip() for t in caps)
+            for v, caps in raw.items()
+        }
+        videos = base.index_videos(manual_dir)
+        return {
+            split: [
+                base.Entry(v, captions.get(v, ()), base.find_video(videos, v))
+                for v in base.read_list(manual_dir / f)
+            ]
+            for split, f in SPLITS.items()
+        }

@@ -6,15 +6,15 @@ from etils import epath
 
 from cma_jax.data.builders import base
 
-SPLITS = {'train': 'train_list.txt', 'val': 'val_list.txt', 'test': 'test_list.txt'}
-CAPTION_FILES = ('vatex_training_v1.0.json', 'vatex_validation_v1.0.json')
+SPLITS = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
+CAPTION_FILES = ("vatex_training_v1.0.json", "vatex_validation_v1.0.json")
 
 
 class Vatex(base.VideoTextBuilder):
-  """VATEX text-video retrieval: 25,991 / 1,500 / 1,500 videos, 10 English captions each."""
+    """VATEX text-video retrieval: 25,991 / 1,500 / 1,500 videos, 10 English captions each."""
 
-  name = 'vatex'
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    name = "vatex"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 manual_dir/
   vatex_training_v1.0.json     (official: [{'videoID', 'enCap': [10 captions], ...}, ...])
   vatex_validation_v1.0.json   (official; the retrieval val and test halves come from it)
@@ -23,16 +23,23 @@ manual_dir/
   test_list.txt                (1,500)
   any/sub/folder/<videoID>.mp4
 """
-  REQUIRED_FILES = (*CAPTION_FILES, *SPLITS.values())
+    REQUIRED_FILES = (*CAPTION_FILES, *SPLITS.values())
 
-  def _split_entries(self, manual_dir: epath.Path):
-    captions = {}
-    for name in CAPTION_FILES:
-      for item in base.read_json(manual_dir / name):
-        if 'videoID' not in item or 'enCap' not in item:
-          raise ValueError(f'{manual_dir / name}: expected items with "videoID" and "enCap", '
-                           f'got keys {sorted(item)}')
-        captions[item['videoID']] = tuple(c.strip() for c in item['enCap'])
-    videos = base.index_videos(manual_dir)
-    return {split: [base.Entry(v, captions.get(v, ()), base.find_video(videos, v))
-                    for v in base.read_list(manual_dir / f)] for split, f in SPLITS.items()}
+    def _split_entries(self, manual_dir: epath.Path):
+        captions = {}
+        for name in CAPTION_FILES:
+            for item in base.read_json(manual_dir / name):
+                if "videoID" not in item or "enCap" not in item:
+                    raise ValueError(
+                        f'{manual_dir / name}: expected items with "videoID" and "enCap", '
+                        f"got keys {sorted(item)}"
+                    )
+                captions[item["videoID"]] = tuple(c.strip() for c in item["enCap"])
+        videos = base.index_videos(manual_dir)
+        return {
+            split: [
+                base.Entry(v, captions.get(v, ()), base.find_video(videos, v))
+                for v in base.read_list(manual_dir / f)
+            ]
+            for split, f in SPLITS.items()
+        }
