@@ -1,0 +1,315 @@
+"""Training: adapters (or, for the full fine-tuning baseline, all weights) on a frozen CLIP backbone.
+
+Public API:
+  * `train(config, workdir, backbone=None, train_iter=None) -> (model, history)`
+  * `train_and_evaluate(config, workdir)`: train, then evaluate (config.mode decides what runs).
+
+`train_iter` is any iterator of *per-process* batch dicts (the batch contract, this process's
+rows of the global batch). Optional protocol: `get_state()` / `set_state(state)` (grain) for exact
+resumption, `steps_per_epoch` for `train.num_steps = 0`. Iterators without `get_state` are
+resumed by skipping the batches already trained on, which is exact for deterministic iterators.
+
+Interrupts: the loop saves every `train.save_every_steps`, at the end, and on KeyboardInterrupt;
+Orbax saves are atomic, so a run killed at any moment restarts from its last complete checkpoint
+when launched again with the same command and workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from etils import epath
+from flax import nnx
+
+from cma_jax import checkpoint as ckpt_lib
+from cma_jax import partition
+from cma_jax import sharding as shd
+from cma_jax.models.retrieval import RetrievalModel
+from configs import common
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- model
+def build_model(config, backbone=None) -> RetrievalModel:
+    """The model the config describes, with its backbone weights.
+
+    backbone: None -> config.backbone_checkpoint (cma_jax.convert's folder) or, when that is '',
+    the random init (tests / benchmarks); an nnx module (RetrievalModel or CLIP) or a CLIP pure dict
+    whose backbone weights are copied (adapters are always freshly initialised from config.seed).
+    """
+    clip_cfg = common.clip_config(config)
+    model = RetrievalModel(clip_cfg, common.adapter_config(config), head=config.model.head, tau=config.model.tau,
+                           rngs=nnx.Rngs(config.seed))
+    if backbone is None and config.backbone_checkpoint:
+        from cma_jax import convert
+        saved_cfg, backbone = convert.load_backbone(config.backbone_checkpoint)
+        if dataclasses.replace(saved_cfg, dtype="float32") != dataclasses.replace(clip_cfg, dtype="float32"):
+            raise ValueError(f"config.backbone_checkpoint {config.backbone_checkpoint} holds {saved_cfg}, "
+                             f"but config.model describes {clip_cfg}; set config.model.preset / model.clip.*")
+    if backbone is not None:
+        from cma_jax import convert
+        from cma_jax.models.adapter import AdapterParam
+        if isinstance(backbone, nnx.Module):
+            src = getattr(backbone, "clip", backbone)
+            backbone = nnx.state(src, nnx.All(nnx.Param, nnx.Not(AdapterParam))).to_pure_dict()
+        convert.apply_state(model, backbone)
+    return model
+
+
+# ----------------------------------------------------------------------------- update step
+def make_train_step(graphdef, tx, lr_fn, grad_accum_steps: int, micro_sharding=None):
+    """The pure step `(state, frozen, batch) -> (state, metrics)`.
+
+    Gradients are taken w.r.t. `state['params']` only: the frozen weights enter as constants, so
+    no weight gradient is ever computed for them (only the activation gradients the adapters need).
+    With grad_accum_steps = k the batch is split into k micro-batches (rows i::k, so each stays
+    spread over all data-parallel devices), the InfoNCE loss is taken within each micro-batch and
+    gradients are averaged.
+    """
+
+    def loss_fn(params, rngs, frozen, batch):
+        model = nnx.merge(graphdef, params, rngs, frozen)
+        loss = model(batch)
+        return loss, nnx.state(model, nnx.RngState)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, frozen, batch):
+        params = state["params"]
+        if grad_accum_steps == 1:
+            (loss, rngs), grads = grad_fn(params, state["rngs"], frozen, batch)
+        else:
+            k = grad_accum_steps
+
+            def micro(x):  # [B, ...] -> [k, B/k, ...], micro-batch i = rows i::k
+                x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+                if micro_sharding is not None:
+                    x = jax.lax.with_sharding_constraint(x, micro_sharding(x.ndim))
+                return x
+
+            def body(carry, mb):
+                loss_sum, grad_sum, rngs = carry
+                (loss, rngs), g = grad_fn(params, rngs, frozen, mb)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, g), rngs), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads, rngs), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, state["rngs"]),
+                                                  jax.tree.map(micro, batch))
+            loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "rngs": rngs,
+               "step": state["step"] + 1}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
+        return new, metrics
+
+    return step
+
+
+def compile_step(step_fn, mesh, state_shardings, frozen_shardings):
+    """jax.jit with explicit shardings; the train state's buffers are donated."""
+    batch = shd.batch_sharding(mesh)
+    rep = shd.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch),
+                   out_shardings=(state_shardings, {"loss": rep, "grad_norm": rep, "lr": rep}),
+                   donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- data
+def default_train_iterator(config):
+    """This process's grain training iterator for config.data (cma_jax.data.pipeline)."""
+    from cma_jax.data import pipeline
+    return pipeline.train_iterator_from_config(config)
+
+
+def num_train_steps(config, train_iter) -> int:
+    if config.train.num_steps > 0:
+        return config.train.num_steps
+    per_epoch = getattr(train_iter, "steps_per_epoch", None)
+    if not per_epoch:
+        raise ValueError("config.train.num_steps is 0 and the training iterator does not report "
+                         "steps_per_epoch; set config.train.num_steps")
+    return int(config.train.epochs * per_epoch)
+
+
+def _iterator_state(it, consumed: int):
+    return it.get_state() if hasattr(it, "get_state") else {"batches_consumed": consumed}
+
+
+def _restore_iterator(it, state):
+    if hasattr(it, "set_state"):
+        it.set_state(state)
+    else:  # deterministic iterator without state: skip what was already trained on
+        for _ in range(state["batches_consumed"]):
+            next(it)
+
+
+# ----------------------------------------------------------------------------- loop
+class _Logger:
+    """Log lines, TensorBoard scalars (process 0) and the per-step history."""
+
+    def __init__(self, workdir, config, num_steps, start):
+        self.history = []
+        self.every = config.train.log_every_steps
+        self.examples = config.train.batch_size
+        self.writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+        self.bar = None
+        if config.train.progress_bar and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self, step, metrics, seconds):
+        m = {k: float(v) for k, v in metrics.items()}
+        rec = {"step": step, **m, "step_time": seconds, "examples_per_s": self.examples / max(seconds, 1e-9)}
+        self.history.append(rec)
+        if self.writer is not None:
+            for k in ("loss", "lr", "grad_norm", "step_time", "examples_per_s"):
+                self.writer.add_scalar(f"train/{k}", rec[k], step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", refresh=False)
+        if step % self.every == 0:
+            log.info("step %d loss %.5f lr %.3e grad_norm %.3f step %.3fs %.1f examples/s", step, m["loss"],
+                     m["lr"], m["grad_norm"], seconds, rec["examples_per_s"])
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
+    """Train per config in `workdir` (resuming from its last checkpoint) -> (model, history).
+
+    backbone: see `build_model`; train_iter: see the module docstring (default: config.data's
+    grain pipeline); eval_fn(model, step) is called every train.eval_every_steps (if > 0).
+    The returned model holds the trained parameters; history is one dict per step run here
+    (step, loss, lr, grad_norm, step_time, examples_per_s).
+    """
+    common.validate(config, num_devices=jax.device_count())
+    if config.method == "zero_shot":
+        raise ValueError("config.method=zero_shot has nothing to train; use config.mode=eval")
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+    mesh = shd.make_mesh(config)
+    model = build_model(config, backbone)
+    graphdef, params, rngs, frozen = partition.split(model, config)
+    own_iter = train_iter is None
+    if own_iter:
+        train_iter = default_train_iterator(config)
+    num_steps = num_train_steps(config, train_iter)
+    tx, lr_fn = partition.make_optimizer(config, params, num_steps)
+
+    # Shardings: parameters and optimizer state by the shape rule, RNG state replicated.
+    params_sh = shd.tree_shardings(params, mesh)
+    frozen_sh = shd.tree_shardings(frozen, mesh)
+    opt_sh = shd.tree_shardings(jax.eval_shape(tx.init, params), mesh)
+    rep = shd.replicated(mesh)
+    state_sh = {"params": params_sh, "opt_state": opt_sh, "rngs": jax.tree.map(lambda _: rep, rngs), "step": rep}
+    params = shd.shard_tree(params, params_sh)
+    frozen = shd.shard_tree(frozen, frozen_sh)
+    state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
+             "rngs": shd.shard_tree(rngs, state_sh["rngs"]), "step": jax.device_put(jnp.int32(0), rep)}
+
+    total = _count_total(model)
+    trainable = partition.count(params)
+    log.info("parameters: %s total, %s trainable (%.3f %%), method=%s", f"{total:,}", f"{trainable:,}",
+             100.0 * trainable / total, config.method)
+
+    meta = ckpt_lib.run_meta(model, config)
+    del model  # its arrays are the unsharded copies; the step uses the sharded ones
+    ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        abstract = ckpt_lib.abstract({k: state[k] for k in ("params", "opt_state", "rngs")},
+                                     {k: state_sh[k] for k in ("params", "opt_state", "rngs")})
+        restored, data_state = ckpt.restore(start, abstract, meta)
+        state = {**restored, "step": jax.device_put(jnp.int32(start), rep)}
+        _restore_iterator(train_iter, data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+
+    micro_sharding = None
+    if config.train.grad_accum_steps > 1:
+        micro_sharding = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
+            mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, *([None] * (ndim - 2))))
+    step_fn = compile_step(make_train_step(graphdef, tx, lr_fn, config.train.grad_accum_steps, micro_sharding),
+                           mesh, state_sh, frozen_sh)
+
+    logger = _Logger(workdir, config, num_steps, start)
+    step, before = start, None
+    try:
+        while step < num_steps:
+            before = _iterator_state(train_iter, step)
+            batch = shd.global_batch(next(train_iter), mesh)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, frozen, batch)
+            metrics = jax.device_get(metrics)  # waits for the step: honest step times
+            step += 1
+            logger.step(step, metrics, time.perf_counter() - t0)
+            if step % config.train.save_every_steps == 0 or step == num_steps:
+                ckpt.save(step, state, _iterator_state(train_iter, step), meta, force=step == num_steps)
+            if eval_fn is not None and config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
+                    and step < num_steps:
+                eval_fn(nnx.merge(graphdef, state["params"], state["rngs"], frozen), step)
+    except KeyboardInterrupt:
+        _save_on_interrupt(ckpt, state, before, train_iter, step, meta)
+        raise
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        logger.close()
+        if own_iter and hasattr(train_iter, "close"):
+            train_iter.close()
+    return nnx.merge(graphdef, state["params"], state["rngs"], frozen), logger.history
+
+
+def _save_on_interrupt(ckpt, state, before, train_iter, step, meta):
+    """Best effort: save the last consistent (state, iterator) pair unless it is already saved."""
+    try:
+        done = int(jax.device_get(state["step"]))
+    except RuntimeError:  # the interrupted call had already donated the state: periodic saves remain
+        log.warning("interrupted inside a step; resume will start from the last periodic checkpoint")
+        return
+    if done == ckpt.latest_step() or done == 0:
+        return
+    data_state = _iterator_state(train_iter, done) if done == step else before
+    ckpt.save(done, state, data_state, meta, force=True)
+    log.warning("interrupted: saved step %d to %s", done, ckpt.directory)
+
+
+def _count_total(model) -> int:
+    from cma_jax.models.summary import count_params
+    return count_params(model)["total"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+def train_and_evaluate(config, workdir: str):
+    """The program `python -m cma_jax.main` runs: train and/or evaluate as config.mode says.
+
+    Evaluation (cma_jax.evaluate) runs on config.data.eval_split at the end of training and every
+    train.eval_every_steps; mode=eval loads the backbone plus, unless zero-shot, the trained
+    parameters of config.adapter_checkpoint (default: the workdir's latest run checkpoint).
+    Returns the final evaluation results (None for mode=train).
+    """
+    from cma_jax import evaluate
+
+    common.validate(config, num_devices=jax.device_count())
+    mesh = shd.make_mesh(config)
+    model, step = None, None
+    if config.mode in ("train", "train_and_eval"):
+        def eval_fn(model, step):
+            evaluate.evaluate_from_config(config, workdir, model, mesh=mesh, step=step)
+        model, history = train(config, workdir, eval_fn=eval_fn)
+        step = history[-1]["step"] if history else None
+    if config.mode in ("eval", "train_and_eval"):
+        return evaluate.evaluate_from_config(config, workdir, model, mesh=mesh, step=step)
+    return None

@@ -1,0 +1,210 @@
+"""The one place every config field is defined, with its default, and checked.
+
+Dataset configs (`configs/msrvtt.py`, ...) start from `base_config()` and change values only; a
+field that is not created here is an error (`validate`). The free-form `extra` section is the only
+exception: file-specific knobs (e.g. the demo's) go there and are not checked.
+
+Conventions:
+  * `model.clip.*` are `None` (= take the value from `model.preset`) or an int override.
+  * `train.num_steps = 0` means `train.epochs` passes over the training pairs.
+  * `mesh.data = -1` means "all devices not used by fsdp/model".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+MODES = ("train", "eval", "train_and_eval")
+METHODS = ("cma", "full", "zero_shot")
+HEADS = ("meanp", "text_conditioned")
+DTYPES = ("float32", "bfloat16")
+ACTIVATIONS = ("quick_gelu", "gelu", "relu")
+SCHEDULES = ("cosine", "constant")
+# CLIPConfig fields that a config may override (dtype is model.dtype).
+CLIP_FIELDS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+               "context_length", "vocab_size", "text_width", "text_heads", "text_layers")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default (MSR-VTT / ViT-B/32 values of the paper)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "train_and_eval"  # train | eval | train_and_eval
+    c.method = "cma"  # cma (adapters only train) | full (all weights train) | zero_shot (no adapters, eval)
+    c.seed = 0
+    # 'module:function' run as function(config, workdir) by cma_jax.main instead of the standard
+    # train / eval (e.g. the demo's orchestration); '' = cma_jax.train.train_and_evaluate.
+    c.entry = ""
+    # Converted, read-only Orbax backbone (cma_jax.convert). '' = random init (tests/benchmarks only).
+    c.backbone_checkpoint = ""
+    # For mode=eval: a run checkpoint (workdir or its checkpoints/ dir) to take adapters from;
+    # '' = the workdir's latest run checkpoint.
+    c.adapter_checkpoint = ""
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "vit_b32"  # vit_b32 | vit_b16 | vit_l14 | vit_l14_336
+    c.model.clip = ml_collections.ConfigDict({f: config_dict.placeholder(int) for f in CLIP_FIELDS})
+    c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    c.model.head = "text_conditioned"  # text_conditioned (the paper's) | meanp
+    c.model.tau = 5.0  # temperature of the text-conditioned frame weights
+    c.model.train_logit_scale = False  # frozen with the backbone, as in the original
+
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.reduction_dim = 8  # r
+    c.adapter.share_dim = 16  # d_s; 0 = uni-modal adapters (ablation)
+    c.adapter.activation = "quick_gelu"
+    c.adapter.dropout = 0.0
+    c.adapter.init_std = 0.01
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "msrvtt"  # TFDS builder name
+    c.data.builder_config = ""
+    c.data.data_dir = ""  # TFDS data dir; '' = TFDS default
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.num_frames = 12  # T
+    c.data.max_words = 32  # L
+    c.data.fps = 1
+    c.data.tokenizer = "clip"  # path to a CLIP BPE vocab or a kind understood by data.tokenizer
+    c.data.workers = 0  # grain worker processes (0 = in-process)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128  # global batch (all processes), per optimizer update
+    c.train.epochs = 5
+    c.train.num_steps = 0  # > 0 overrides epochs
+    c.train.lr = 1e-5  # adapter (or, for method=full, non-backbone) peak learning rate
+    c.train.backbone_lr = 1e-7  # method=full: learning rate of the pre-trained CLIP weights
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+    c.train.eps = 1e-6
+    c.train.weight_decay = 0.2  # AdamW; never on biases / LayerNorm / scalars (ndim < 2)
+    c.train.schedule = "cosine"  # cosine | constant (after warmup)
+    c.train.warmup_fraction = 0.1
+    c.train.grad_clip = 1.0  # global-norm clip; 0 = off
+    c.train.grad_accum_steps = 1  # micro-batches per update (each of batch_size / grad_accum_steps)
+    c.train.log_every_steps = 10
+    c.train.save_every_steps = 500
+    c.train.keep_checkpoints = 3
+    c.train.eval_every_steps = 0  # 0 = evaluate only at the end
+    c.train.progress_bar = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.model = 1
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64  # videos / captions per encode batch (global)
+    c.eval.block_size = 1024  # texts x videos similarity block
+    c.eval.dsl = False  # also report dual-softmax re-scored metrics
+    c.eval.max_videos = 0  # > 0: evaluate on the first N videos only (quick checks)
+
+    c.extra = ml_collections.ConfigDict()  # free-form, file-specific; not validated
+    return c
+
+
+def clip_config(config):
+    """The CLIPConfig the config describes (preset + overrides + dtype)."""
+    from cma_jax.models import clip as clip_lib
+    overrides = {f: config.model.clip[f] for f in CLIP_FIELDS if config.model.clip[f] is not None}
+    try:
+        return clip_lib.preset(config.model.preset, dtype=config.model.dtype, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.model: {e}") from None
+
+
+def adapter_config(config):
+    """The AdapterConfig for method=cma; None (no adapters) for full fine-tuning and zero-shot."""
+    from cma_jax.models.adapter import AdapterConfig
+    if config.method != "cma":
+        return None
+    return AdapterConfig(**{f.name: config.adapter[f.name] for f in dataclasses.fields(AdapterConfig)})
+
+
+def _unknown_fields(cfg, ref, prefix=""):
+    bad = []
+    for key in cfg.keys():
+        name = prefix + key
+        if key not in ref:
+            bad.append(name)
+        elif isinstance(ref[key], ml_collections.ConfigDict) and key != "extra":
+            if not isinstance(cfg[key], (ml_collections.ConfigDict, dict)):
+                bad.append(name + " (expected a section)")
+            else:
+                bad += _unknown_fields(cfg[key], ref[key], name + ".")
+    return bad
+
+
+def validate(config, num_devices: int | None = None) -> None:
+    """Raise ValueError naming the field for unknown fields or impossible values."""
+    bad = _unknown_fields(config, base_config())
+    if bad:
+        raise ValueError(f"unknown config field(s): {', '.join('config.' + b for b in bad)}")
+
+    def check(ok, field, msg):
+        if not ok:
+            raise ValueError(f"config.{field}: {msg}")
+
+    check(not config.entry or ":" in config.entry, "entry", f"expected 'module:function', got {config.entry!r}")
+    check(config.mode in MODES, "mode", f"expected one of {MODES}, got {config.mode!r}")
+    check(config.method in METHODS, "method", f"expected one of {METHODS}, got {config.method!r}")
+    check(not (config.method == "zero_shot" and config.mode != "eval"), "mode",
+          f"method=zero_shot has nothing to train; use mode=eval (got mode={config.mode!r})")
+    check(config.model.head in HEADS, "model.head", f"expected one of {HEADS}, got {config.model.head!r}")
+    check(config.model.dtype in DTYPES, "model.dtype", f"expected one of {DTYPES}, got {config.model.dtype!r}")
+    check(config.model.tau > 0, "model.tau", f"must be > 0, got {config.model.tau}")
+    for f in CLIP_FIELDS:
+        v = config.model.clip[f]
+        check(v is None or (isinstance(v, int) and v >= 1), f"model.clip.{f}", f"must be a positive int, got {v!r}")
+    clip = clip_config(config)
+
+    a = config.adapter
+    check(a.reduction_dim >= 1, "adapter.reduction_dim", f"r must be >= 1, got {a.reduction_dim}")
+    narrow = min(clip.vision_width, clip.text_width)
+    check(0 <= a.share_dim <= narrow, "adapter.share_dim",
+          f"d_s must be in [0, {narrow}] (the narrower tower width), got {a.share_dim}")
+    check(a.activation in ACTIVATIONS, "adapter.activation", f"expected one of {ACTIVATIONS}, got {a.activation!r}")
+    check(0.0 <= a.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {a.dropout}")
+    check(a.init_std >= 0, "adapter.init_std", f"must be >= 0, got {a.init_std}")
+
+    d = config.data
+    check(d.num_frames >= 1, "data.num_frames", f"must be >= 1, got {d.num_frames}")
+    check(2 <= d.max_words <= clip.context_length, "data.max_words",
+          f"must be in [2, context_length={clip.context_length}], got {d.max_words}")
+    check(d.fps > 0, "data.fps", f"must be > 0, got {d.fps}")
+    check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+
+    t = config.train
+    check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    check(t.epochs > 0 or t.num_steps > 0, "train.epochs", "train.epochs or train.num_steps must be > 0")
+    check(t.num_steps >= 0, "train.num_steps", f"must be >= 0, got {t.num_steps}")
+    check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    check(t.backbone_lr >= 0, "train.backbone_lr", f"must be >= 0, got {t.backbone_lr}")
+    check(0 <= t.b1 < 1, "train.b1", f"must be in [0, 1), got {t.b1}")
+    check(0 <= t.b2 < 1, "train.b2", f"must be in [0, 1), got {t.b2}")
+    check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
+    check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    check(t.schedule in SCHEDULES, "train.schedule", f"expected one of {SCHEDULES}, got {t.schedule!r}")
+    check(0 <= t.warmup_fraction < 1, "train.warmup_fraction", f"must be in [0, 1), got {t.warmup_fraction}")
+    check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
+    check(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+          f"{t.grad_accum_steps} does not divide train.batch_size={t.batch_size}")
+    for f in ("log_every_steps", "save_every_steps", "keep_checkpoints"):
+        check(t[f] >= 1, f"train.{f}", f"must be >= 1, got {t[f]}")
+    check(t.eval_every_steps >= 0, "train.eval_every_steps", f"must be >= 0, got {t.eval_every_steps}")
+
+    check(config.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
+    check(config.eval.block_size >= 1, "eval.block_size", f"must be >= 1, got {config.eval.block_size}")
+
+    if num_devices is not None:
+        from cma_jax.sharding import mesh_shape
+        dp, fsdp, mp = mesh_shape(config, num_devices)
+        micro = t.batch_size // t.grad_accum_steps
+        check(micro % (dp * fsdp) == 0, "train.batch_size",
+              f"the micro-batch {micro} (batch_size/grad_accum_steps) is not divisible by the "
+              f"data-parallel size mesh.data*mesh.fsdp = {dp * fsdp}")
+        check(config.eval.batch_size % (dp * fsdp) == 0, "eval.batch_size",
+              f"{config.eval.batch_size} is not divisible by the data-parallel size {dp * fsdp}")

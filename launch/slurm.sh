@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Train on a SLURM GPU cluster: submits one job whose tasks all run cma_jax.main; JAX reads the
+# coordinator (first node of the allocation), process count and ids from the SLURM environment
+# (`--distributed` -> jax.distributed.initialize() auto-detection).
+#
+#   launch/slurm.sh --nodes=2 --gpus_per_node=8 [--per=gpu|node] [--partition=P] [--time=24:00:00] \
+#       [--account=A] [--venv=.venv] -- --config=configs/msrvtt.py --workdir=/shared/runs/msrvtt
+#
+#   --per=gpu   one process per GPU (default; each task sees one GPU)
+#   --per=node  one process per node driving all its GPUs
+#   --dry_run   print the batch script instead of submitting it
+# Everything after -- goes to `python -m cma_jax.main`. The workdir must be on a shared filesystem.
+set -euo pipefail
+
+nodes=1 gpus=8 per="gpu" partition="" time_limit="24:00:00" account="" venv=".venv" name="cma_jax" dry_run=0
+root="$(cd "$(dirname "$0")/.." && pwd)"
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --nodes=*) nodes="${1#*=}" ;;
+    --gpus_per_node=*) gpus="${1#*=}" ;;
+    --per=*) per="${1#*=}" ;;
+    --partition=*) partition="${1#*=}" ;;
+    --time=*) time_limit="${1#*=}" ;;
+    --account=*) account="${1#*=}" ;;
+    --venv=*) venv="${1#*=}" ;;
+    --name=*) name="${1#*=}" ;;
+    --dry_run) dry_run=1 ;;
+    -h|--help) usage 0 ;;
+    --) shift; break ;;
+    *) echo "slurm.sh: unknown option $1" >&2; usage 2 ;;
+  esac
+  shift
+done
+[[ $# -gt 0 ]] || { echo "slurm.sh: give the cma_jax.main flags after --" >&2; exit 2; }
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || { echo "slurm.sh: --nodes must be a positive integer" >&2; exit 2; }
+[[ "$gpus" =~ ^[1-9][0-9]*$ ]] || { echo "slurm.sh: --gpus_per_node must be a positive integer" >&2; exit 2; }
+
+case "$per" in
+  gpu) tasks="#SBATCH --ntasks-per-node=${gpus}
+#SBATCH --gpus-per-task=1" ;;
+  node) tasks="#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=${gpus}" ;;
+  *) echo "slurm.sh: --per must be gpu or node (got '${per}')" >&2; exit 2 ;;
+esac
+extra=""
+[[ -n "$partition" ]] && extra+="#SBATCH --partition=${partition}"$'\n'
+[[ -n "$account" ]] && extra+="#SBATCH --account=${account}"$'\n'
+
+script="#!/bin/bash
+#SBATCH --job-name=${name}
+#SBATCH --nodes=${nodes}
+${tasks}
+#SBATCH --time=${time_limit}
+#SBATCH --output=${name}-%j.out
+${extra}set -euo pipefail
+cd $(printf '%q' "$root")
+source $(printf '%q' "$venv")/bin/activate
+srun python -m cma_jax.main --distributed $(printf '%q ' "$@")"
+
+if [[ $dry_run -eq 1 ]]; then
+  echo "$script"
+else
+  sbatch <<<"$script"
+fi

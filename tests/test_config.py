@@ -1,0 +1,101 @@
+"""Configs: the dataset presets carry the paper's settings; bad configs fail naming the field."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = {  # dataset: (r, d_s, frames, words, epochs)
+    "msrvtt": (8, 16, 12, 32, 5), "didemo": (8, 8, 64, 64, 5), "msvd": (16, 16, 12, 32, 5),
+    "vatex": (16, 64, 12, 32, 5), "activitynet": (16, 512, 64, 64, 20),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_dataset_configs_have_the_papers_settings(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    common.validate(config, num_devices=8)
+    r, ds, frames, words, epochs = PAPER[name]
+    assert (config.adapter.reduction_dim, config.adapter.share_dim) == (r, ds)
+    assert (config.data.num_frames, config.data.max_words, config.train.epochs) == (frames, words, epochs)
+    t = config.train
+    assert (t.b1, t.b2, t.eps, t.lr, t.weight_decay, t.warmup_fraction, t.batch_size) == (0.9, 0.98, 1e-6, 1e-5,
+                                                                                          0.2, 0.1, 128)
+    assert (config.data.fps, config.data.name, config.method, config.model.preset) == (1, name, "cma", "vit_b32")
+    assert not config.model.train_logit_scale
+
+
+def test_backbone_preset_is_the_config_arg():
+    from configs import msrvtt
+    config = msrvtt.get_config("vit_l14")
+    assert common.clip_config(config).vision_width == 1024
+    common.validate(config)
+
+
+def _config(**fields):
+    c = common.base_config()
+    for dotted, value in fields.items():
+        *parents, last = dotted.split("__")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+@pytest.mark.parametrize("fields, num_devices, message", [
+    (dict(adapter__share_dim=600), None, "config.adapter.share_dim"),  # > text width 512
+    (dict(train__batch_size=100), 8, "config.train.batch_size"),  # not divisible by 8 data-parallel devices
+    (dict(train__batch_size=128, train__grad_accum_steps=3), None, "config.train.grad_accum_steps"),
+    (dict(mode="fit"), None, "config.mode"),
+    (dict(method="lora"), None, "config.method"),
+    (dict(model__head="maxp"), None, "config.model.head"),
+    (dict(model__dtype="float16"), None, "config.model.dtype"),
+    (dict(model__preset="vit_h14"), None, "config.model"),
+    (dict(method="zero_shot", mode="train"), None, "config.mode"),
+    (dict(data__max_words=100), None, "config.data.max_words"),  # > context length 77
+    (dict(train__warmup_fraction=1.5), None, "config.train.warmup_fraction"),
+    (dict(mesh__data=3), 8, "config.mesh"),
+    (dict(adapter__reduction_dim=0), None, "config.adapter.reduction_dim"),
+])
+def test_impossible_values_fail_naming_the_field(fields, num_devices, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        common.validate(_config(**fields), num_devices=num_devices)
+
+
+def test_unknown_field_fails_naming_it():
+    c = common.base_config()
+    c.train.unlock()
+    c.train.learning_rate = 1e-4
+    with pytest.raises(ValueError, match=r"config\.train\.learning_rate"):
+        common.validate(c)
+    c = common.base_config()
+    c.extra.anything = 1  # the free-form section is not checked
+    common.validate(c)
+
+
+def test_baselines_are_config_changes_only():
+    c = common.base_config()
+    assert common.adapter_config(c).share_dim == 16
+    c.adapter.share_dim = 0  # uni-modal ablation
+    assert common.adapter_config(c).share_dim == 0
+    c.method = "full"
+    assert common.adapter_config(c) is None
+    c.method, c.mode = "zero_shot", "eval"
+    common.validate(c)
+    assert common.adapter_config(c) is None
+
+
+def test_main_rejects_unknown_override_and_bad_value():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "cma_jax.main", "--config=configs/msrvtt.py:vit_b16", *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+    p = run("--config.train.learning_rate=1", "--workdir=/tmp/unused")
+    assert p.returncode != 0 and "unknown config field config.train.learning_rate" in p.stderr
+    p = run("--config.adapter.share_dim=700", "--workdir=/tmp/unused")
+    assert p.returncode != 0 and "config.adapter.share_dim: d_s must be in [0, 512]" in p.stderr

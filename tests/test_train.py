@@ -1,0 +1,165 @@
+"""Training: only adapters learn, frozen weights stay bit-identical, resume is exact, accumulation is right."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from cma_jax import checkpoint as ckpt_lib
+from cma_jax import partition
+from cma_jax import train as train_lib
+from cma_jax.models.adapter import AdapterParam
+from tiny import SyntheticBatches, tiny_config
+
+
+def _flat(state):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _frozen(model):
+    return _flat(nnx.state(model, nnx.All(nnx.Param, nnx.Not(AdapterParam))))
+
+
+def _adapters(model):
+    return _flat(nnx.state(model, AdapterParam))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """4 steps of adapter training (checkpoints at 2 and 4)."""
+    config = tiny_config()
+    workdir = str(tmp_path_factory.mktemp("run"))
+    model, history = train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+    return config, workdir, model, history
+
+
+def test_frozen_weights_bit_identical_and_adapters_learn(trained):
+    config, _, model, history = trained
+    init = train_lib.build_model(config)  # same seed -> the starting point of the run
+    before, after = _frozen(init), _frozen(model)
+    assert before.keys() == after.keys() and len(before) > 20
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
+    a0, a1 = _adapters(init), _adapters(model)
+    changed = [k for k in a0 if not np.array_equal(a0[k], a1[k])]
+    assert len(changed) == len(a0)  # every adapter tensor moved
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert all(np.isfinite(h["loss"]) and h["step_time"] > 0 and h["examples_per_s"] > 0 for h in history)
+    # warmup (1 step) then cosine: lr(0)=0, lr(1)=peak
+    np.testing.assert_allclose([h["lr"] for h in history][:2], [0.0, config.train.lr], rtol=1e-6)
+
+
+def test_logit_scale_frozen_unless_configured():
+    config = tiny_config()
+    model = train_lib.build_model(config)
+    _, params, _, frozen = partition.split(model, config)
+    assert "logit_scale" not in jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params)[0])
+    config.model.train_logit_scale = True
+    _, params, _, _ = partition.split(model, config)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert sum("logit_scale" in p for p in paths) == 1
+    assert partition.count(params) == partition.count(nnx.state(model, AdapterParam)) + 1
+
+
+def test_weight_decay_skips_biases():
+    config = tiny_config()
+    model = train_lib.build_model(config)
+    _, params, _, _ = partition.split(model, config)
+    mask = _flat(partition.decay_mask(params))
+    assert all(v == ("kernel" in k) for k, v in mask.items()), mask
+
+
+def test_adapter_step_computes_no_backbone_weight_gradients():
+    """Compiled FLOPs: the adapter step must be far cheaper than the full fine-tuning step."""
+    flops = {}
+    for method in ("cma", "full"):
+        config = tiny_config()
+        config.method = method
+        model = train_lib.build_model(config)
+        graphdef, params, rngs, frozen = partition.split(model, config)
+        tx, lr = partition.make_optimizer(config, params, 10)
+        step = jax.jit(train_lib.make_train_step(graphdef, tx, lr, 1))
+        state = {"params": params, "opt_state": tx.init(params), "rngs": rngs, "step": jnp.int32(0)}
+        batch = SyntheticBatches(config).global_batch(0)
+        cost = step.lower(state, frozen, batch).compile().cost_analysis()
+        flops[method] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    # no weight gradients: ~2/3 of full fine-tuning's forward+backward (the tiny model has
+    # relatively more non-matmul work, so allow up to 0.8)
+    assert flops["cma"] < 0.8 * flops["full"], flops
+
+
+def test_full_finetuning_trains_backbone_but_not_logit_scale(tmp_path):
+    config = tiny_config(num_steps=2, save_every_steps=10)
+    config.method = "full"
+    config.train.backbone_lr = 1e-3
+    model, _ = train_lib.train(config, str(tmp_path), train_iter=SyntheticBatches(config))
+    init = train_lib.build_model(config)
+    before, after = _frozen(init), _frozen(model)
+    moved = [k for k in before if not np.array_equal(before[k], after[k])]
+    assert len(moved) == len(before) - 1 and not any("logit_scale" in k for k in moved)
+    assert not _adapters(model)  # no adapters in the full fine-tuning baseline
+
+
+def test_grad_accumulation_averages_micro_batch_gradients():
+    config = tiny_config(grad_accum_steps=2, grad_clip=0.0)
+    model = train_lib.build_model(config)
+    graphdef, params, rngs, frozen = partition.split(model, config)
+    tx = optax.sgd(1.0)  # new params = params - averaged gradient
+    step = jax.jit(train_lib.make_train_step(graphdef, tx, lambda s: 1.0, 2))
+    state = {"params": params, "opt_state": tx.init(params), "rngs": rngs, "step": jnp.int32(0)}
+    batch = SyntheticBatches(config).global_batch(0)
+    new, metrics = step(state, frozen, batch)
+
+    def loss(p, mb):
+        return nnx.merge(graphdef, p, rngs, frozen)(mb)
+
+    micro = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
+    losses, grads = zip(*[jax.jit(jax.value_and_grad(loss))(params, mb) for mb in micro])
+    expected = jax.tree.map(lambda p, g0, g1: p - (g0 + g1) / 2, params, *grads)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+    for k, v in _flat(expected).items():
+        np.testing.assert_allclose(_flat(new["params"])[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_killed_run_resumes_to_the_same_parameters(trained, tmp_path, exc):
+    """Interrupt (Ctrl-C, saved at once) or crash (periodic checkpoint only) at batch 3 of 4; rerun."""
+    config, _, uninterrupted, _ = trained
+    workdir = str(tmp_path)
+    with pytest.raises(exc):
+        train_lib.train(config, workdir, train_iter=SyntheticBatches(config, fail_at=3, exc=exc))
+    saved = ckpt_lib.RunCheckpointer(workdir).latest_step()
+    assert saved == (3 if exc is KeyboardInterrupt else 2)
+    model, history = train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+    assert [h["step"] for h in history] == list(range(saved + 1, 5))
+    a, b = _adapters(uninterrupted), _adapters(model)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-7, err_msg=k)
+
+
+def test_load_adapters_for_eval_and_wrong_checkpoint_message(trained, tmp_path):
+    config, workdir, model, _ = trained
+    fresh = train_lib.build_model(config)
+    assert ckpt_lib.load_adapters(workdir, fresh) == 4
+    a, b = _adapters(model), _adapters(fresh)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    other = tiny_config()
+    other.adapter.reduction_dim = 2
+    with pytest.raises(ValueError, match="adapter.reduction_dim: checkpoint 4, config 2"):
+        ckpt_lib.load_adapters(workdir, train_lib.build_model(other))
+    with pytest.raises(ValueError, match="reduction_dim"):  # resuming a run with another r
+        train_lib.train(other, workdir, train_iter=SyntheticBatches(other))
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
+    config = tiny_config(num_steps=2, save_every_steps=10)
+    config.model.dtype = "bfloat16"
+    model, history = train_lib.train(config, str(tmp_path), train_iter=SyntheticBatches(config))
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype("float32")}
+    init = train_lib.build_model(config)
+    before, after = _frozen(init), _frozen(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)

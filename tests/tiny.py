@@ -1,0 +1,103 @@
+"""A tiny training setup shared by the training / sharding / checkpoint / multi-host tests.
+
+`tiny_config()` is a full config (configs/common.py) for a 2-layer width-32 CLIP on 32x32 frames;
+`SyntheticBatches` is a deterministic in-memory iterator of per-process batches with the grain-like
+get_state/set_state protocol (batch i depends only on (seed, i)).
+"""
+
+import numpy as np
+
+from configs import common
+
+TINY_CLIP = dict(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=32, vision_patch_size=8,
+                 context_length=8, vocab_size=64, text_width=32, text_heads=2, text_layers=2)
+
+
+def tiny_config(**train):
+    c = common.base_config()
+    c.mode = "train"
+    for k, v in TINY_CLIP.items():
+        c.model.clip[k] = v
+    c.adapter.reduction_dim = 4
+    c.adapter.share_dim = 8
+    c.data.num_frames = 2
+    c.data.max_words = 8
+    c.train.batch_size = 8
+    c.train.num_steps = 4
+    c.train.lr = 1e-2
+    c.train.warmup_fraction = 0.25
+    c.train.log_every_steps = 1
+    c.train.save_every_steps = 2
+    c.train.progress_bar = False
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+class SyntheticBatches:
+    """Global batch i = f(seed, i); this process yields its rows (process p of n: rows p*B/n ...)."""
+
+    def __init__(self, config, seed=0, process_index=0, process_count=1, fail_at=None, exc=KeyboardInterrupt):
+        self.b = config.train.batch_size
+        self.t = config.data.num_frames
+        self.l = config.data.max_words
+        self.res = config.model.clip.image_resolution
+        self.vocab = config.model.clip.vocab_size
+        self.seed, self.p, self.n = seed, process_index, process_count
+        self.i = 0
+        self.fail_at, self.exc = fail_at, exc  # raise exc when batch `fail_at` is requested
+
+    def global_batch(self, i):
+        rng = np.random.default_rng((self.seed, i))
+        ids = rng.integers(1, self.vocab - 1, (self.b, self.l)).astype(np.int32)
+        ids[:, -1] = self.vocab - 1  # end-of-text: the largest id
+        return {
+            "frames": rng.integers(0, 256, (self.b, self.t, self.res, self.res, 3), dtype=np.uint8),
+            "frame_mask": np.ones((self.b, self.t), bool),
+            "text_ids": ids,
+            "text_mask": np.ones((self.b, self.l), np.int32),
+        }
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.fail_at is not None and self.i == self.fail_at:
+            raise self.exc("simulated interruption")
+        g = self.global_batch(self.i)
+        self.i += 1
+        k = self.b // self.n
+        return {key: v[self.p * k:(self.p + 1) * k] for key, v in g.items()}
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, state):
+        self.i = state["i"]
+
+
+def get_config(arg=None):
+    """`--config=tests/tiny.py`: the tiny config run through cma_jax.main with the synthetic batches."""
+    c = tiny_config(save_every_steps=2)
+    c.entry = "tiny:train_synthetic"
+    return c
+
+
+def train_synthetic(config, workdir):
+    """config.entry for cma_jax.main: train on SyntheticBatches (this process's rows); save the adapters."""
+    import json
+    import os
+
+    import jax
+    from flax import nnx
+
+    from cma_jax import train as train_lib
+    from cma_jax.models.adapter import AdapterParam
+
+    it = SyntheticBatches(config, process_index=jax.process_index(), process_count=jax.process_count())
+    model, history = train_lib.train(config, workdir, train_iter=it)
+    flat = {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, AdapterParam))[0]}
+    np.savez(os.path.join(workdir, f"adapters_process{jax.process_index()}.npz"), **flat)
+    with open(os.path.join(workdir, f"history_process{jax.process_index()}.json"), "w") as f:
+        json.dump(history, f)
