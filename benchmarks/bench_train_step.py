@@ -30,7 +30,7 @@ from flax import nnx  # noqa: E402
 from cma_jax import checkpoint as ckpt_lib  # noqa: E402
 from cma_jax import partition  # noqa: E402
 from cma_jax import train as train_lib  # noqa: E402
-from configs import common  # noqa: E402
+from cma_jax import config as config_lib  # noqa: E402
 
 
 def _mb(n: float) -> str:
@@ -51,12 +51,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
 
-    config = common.base_config()
+    config = config_lib.base_config()
     config.model.preset, config.model.dtype = args.preset, args.dtype
     config.train.batch_size = args.videos
     config.data.num_frames, config.data.max_words = args.frames, args.words
-    common.validate(config)
-    clip_cfg = common.clip_config(config)
+    config_lib.validate(config)
+    clip_cfg = config_lib.clip_config(config)
     model = train_lib.build_model(config)  # random init; same model for both methods
     rng = np.random.default_rng(0)
     ids = rng.integers(1, clip_cfg.vocab_size - 1, (args.videos, args.words)).astype(np.int32)

@@ -209,7 +209,7 @@ def pretrain(config, workdir: str, data_dir: str) -> tuple[str, dict]:
     """Pre-train the small CLIP (or reuse it) -> (backbone checkpoint path, summary)."""
     from cma_jax import convert, evaluate
     from cma_jax.models.adapter import AdapterParam
-    from configs import common
+    from cma_jax import config as config_lib
 
     backbone = os.path.join(workdir, "backbone")
     run_dir = os.path.join(workdir, "pretrain")
@@ -223,7 +223,7 @@ def pretrain(config, workdir: str, data_dir: str) -> tuple[str, dict]:
     t0 = time.time()
     model, history = _train(cfg, run_dir)
     tree = nnx.to_pure_dict(nnx.state(model.clip, nnx.All(nnx.Param, nnx.Not(AdapterParam))))
-    convert.save_backbone(backbone, common.clip_config(cfg), jax.device_get(tree),
+    convert.save_backbone(backbone, config_lib.clip_config(cfg), jax.device_get(tree),
                           tokenizer_files=(cfg.data.tokenizer,), overwrite=True)
     # How well it does on its own task (pretrain val): the backbone is a working CLIP.
     val = evaluate.evaluate_from_config(stage_config(config, "pretrain_eval", data_dir), run_dir, model=model)

@@ -246,56 +246,6 @@ def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict],
 
 
 # ----------------------------------------------------------------------------- from a config
-def limit_videos(batches: Iterable[dict], max_videos: int) -> Iterable[dict]:
-    """Keep only videos (and captions of videos) with index < max_videos by marking the rest invalid.
-
-    On a single process the iteration also stops at the first batch past the limit (eval batches come
-    in video order); with several processes every process keeps its batch count (multi-host jit).
-    """
-    single = jax.process_count() == 1
-    for b in batches:
-        b = dict(b)
-        valid = np.asarray(b["valid"], bool)
-        index = np.asarray(b["video_index"])
-        if single and valid.any() and index[valid].min() >= max_videos:
-            return
-        b["valid"] = valid & (index < max_videos)
-        yield b
-
-
-def tokenizer_spec(config) -> str:
-    """config.data.tokenizer, where 'clip' (or '') means the backbone checkpoint's tokenizer/ folder."""
-    from cma_jax import convert
-    spec = config.data.tokenizer
-    if spec in ("", "clip"):
-        found = convert.tokenizer_dir(config.backbone_checkpoint) if config.backbone_checkpoint else None
-        if found is None:
-            raise ValueError(f"config.data.tokenizer={spec!r} means the backbone's tokenizer/ folder, but "
-                             f"config.backbone_checkpoint={config.backbone_checkpoint!r} has none; set "
-                             "config.data.tokenizer to a tokenizer folder or bpe_simple_vocab_16e6.txt.gz")
-        return found
-    return spec
-
-
-def eval_batches_from_config(config):
-    """(text batches, video batches) of this process for config.data.eval_split (cma_jax.data.pipeline)."""
-    from cma_jax.data import pipeline
-    n = jax.process_count()
-    if config.eval.batch_size % n:
-        raise ValueError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
-                         f"{n} processes")
-    d = config.data
-    b = pipeline.eval_batches(d.name, d.eval_split, d.data_dir or None, tokenizer_spec(config),
-                              num_frames=d.num_frames, max_words=d.max_words,
-                              batch_size_per_process=config.eval.batch_size // n,
-                              process_index=jax.process_index(), process_count=n, workers=d.workers,
-                              builder_config=d.builder_config or None)
-    texts, videos = b.texts, b.videos
-    if config.eval.max_videos > 0:
-        texts, videos = limit_videos(texts, config.eval.max_videos), limit_videos(videos, config.eval.max_videos)
-    return texts, videos
-
-
 def evaluate_from_config(config, workdir: str, model=None, *, mesh: Mesh | None = None, step: int | None = None,
                          writer=None) -> dict:
     """Evaluate on config.data.eval_split; results to `workdir` (what `main.py` runs for mode=eval).
@@ -322,7 +272,9 @@ def evaluate_from_config(config, workdir: str, model=None, *, mesh: Mesh | None 
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(workdir)
     try:
-        texts, videos = eval_batches_from_config(config)
+        from cma_jax.data import pipeline
+        batches = pipeline.eval_batches_from_config(config)
+        texts, videos = batches.texts, batches.videos
         return evaluate(model, texts, videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
                         workdir=workdir, writer=writer, step=step, mesh=mesh, name=config.data.eval_split)
     finally:

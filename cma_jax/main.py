@@ -13,14 +13,8 @@ import logging as py_logging
 import os
 import sys
 
-# configs/ lives next to the package in the source tree; make `configs.common` importable from
-# any working directory before the config file is loaded during flag parsing.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msrvtt.py or configs/msrvtt.py:vit_b16.",
                                 lock_config=True)
@@ -62,8 +56,8 @@ def run(config, workdir: str):
     """Validate and run the config (what `main` does after flag parsing and distributed init)."""
     import jax
 
-    from configs import common
-    common.validate(config, num_devices=jax.device_count())
+    from cma_jax import config as config_lib
+    config_lib.validate(config, num_devices=jax.device_count())
     logging.info("process %d/%d, %d devices (%s); workdir %s", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform, workdir)
     if config.entry:
@@ -75,8 +69,8 @@ def run(config, workdir: str):
 
 def check_overrides(argv) -> None:
     """Fail early, naming the field, on `--config.<field>=` overrides that no config has."""
-    from configs import common
-    base = common.base_config()
+    from cma_jax import config as config_lib
+    base = config_lib.base_config()
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue
@@ -87,7 +81,7 @@ def check_overrides(argv) -> None:
                 break
             if not hasattr(node, "keys") or key not in node:
                 sys.exit(f"unknown config field config.{'.'.join(path[:i + 1])} in {arg!r} "
-                         "(fields are defined in configs/common.py)")
+                         "(fields are defined in cma_jax/config.py)")
             node = node[key]
 
 

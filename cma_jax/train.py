@@ -31,7 +31,7 @@ from cma_jax import checkpoint as ckpt_lib
 from cma_jax import partition
 from cma_jax import sharding as shd
 from cma_jax.models.retrieval import RetrievalModel
-from configs import common
+from cma_jax import config as config_lib
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ def build_model(config, backbone=None) -> RetrievalModel:
     the random init (tests / benchmarks); an nnx module (RetrievalModel or CLIP) or a CLIP pure dict
     whose backbone weights are copied (adapters are always freshly initialised from config.seed).
     """
-    clip_cfg = common.clip_config(config)
-    model = RetrievalModel(clip_cfg, common.adapter_config(config), head=config.model.head, tau=config.model.tau,
+    clip_cfg = config_lib.clip_config(config)
+    model = RetrievalModel(clip_cfg, config_lib.adapter_config(config), head=config.model.head, tau=config.model.tau,
                            rngs=nnx.Rngs(config.seed))
     if backbone is None and config.backbone_checkpoint:
         from cma_jax import convert
@@ -196,7 +196,7 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     The returned model holds the trained parameters; history is one dict per step run here
     (step, loss, lr, grad_norm, step_time, examples_per_s).
     """
-    common.validate(config, num_devices=jax.device_count())
+    config_lib.validate(config, num_devices=jax.device_count())
     if config.method == "zero_shot":
         raise ValueError("config.method=zero_shot has nothing to train; use config.mode=eval")
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
@@ -302,7 +302,7 @@ def train_and_evaluate(config, workdir: str):
     """
     from cma_jax import evaluate
 
-    common.validate(config, num_devices=jax.device_count())
+    config_lib.validate(config, num_devices=jax.device_count())
     mesh = shd.make_mesh(config)
     model, step = None, None
     if config.mode in ("train", "train_and_eval"):

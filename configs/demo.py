@@ -14,7 +14,7 @@ The demo's own knobs live in `config.extra`:
 The hyper-parameters were chosen on the val split and the training curves, never on test.
 """
 
-from configs import common
+from cma_jax import config as config_lib
 from cma_jax.data.builders import synthetic
 
 
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
     if arg not in (None, "", "quick"):
         raise ValueError(f"configs/demo.py: unknown variant {arg!r}; expected '' or 'quick'")
     quick = arg == "quick"
-    c = common.base_config()
+    c = config_lib.base_config()
     c.entry = "cma_jax.demo:run"
     c.mode = "train_and_eval"
     c.method = "cma"

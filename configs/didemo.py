@@ -1,23 +1,10 @@
-"""DiDeMo, paragraph-to-video: the paper's settings (r=8, d_s=8).
+"""DiDeMo, paragraph-to-video retrieval (a video's descriptions joined).
 
-Usage: `--config=configs/didemo.py` or `--config=configs/didemo.py:vit_b16` for another backbone preset;
-any field can be overridden with `--config.<field>=<value>` (see configs/common.py).
-Baselines: `--config.method=full` (CLIP4Clip full fine-tuning), `--config.method=zero_shot
---config.mode=eval`, uni-modal adapters `--config.adapter.share_dim=0`.
+`--config=configs/didemo.py[:vit_b16]`; the paper's settings, see `cma_jax.config.dataset_config`.
 """
 
-from configs import common
+from cma_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-    """The didemo config; `arg` is the backbone preset (default vit_b32)."""
-    config = common.base_config()
-    config.model.preset = arg or "vit_b32"
-    config.data.name = "didemo"
-    config.data.eval_split = "test"
-    config.data.num_frames = 64
-    config.data.max_words = 64
-    config.train.epochs = 5
-    config.adapter.reduction_dim = 8
-    config.adapter.share_dim = 8
-    return config
+    return config_lib.dataset_config("didemo", arg, reduction_dim=8, share_dim=8, num_frames=64, max_words=64)

@@ -5,8 +5,8 @@ Devices: the suite runs with ONE CPU device (no XLA_FLAGS here). Tests that need
 XLA_FLAGS=--xla_force_host_platform_device_count=N set before jax is imported; see
 tests/test_sharding.py and tests/test_multihost.py.
 
-The repository root is put on sys.path so that `configs/` (next to the package, not installed)
-imports as `configs.common`, as it does for `python -m cma_jax.main` run from the root.
+The repository root is put on sys.path so that the config files in `configs/` (next to the
+package, not installed) import as `configs.msrvtt` etc.
 """
 
 import os

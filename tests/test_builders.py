@@ -9,7 +9,6 @@ import json
 import math
 import pickle
 
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 

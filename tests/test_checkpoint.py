@@ -3,19 +3,14 @@
 import os
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from cma_jax import checkpoint as ckpt_lib
 from cma_jax import partition
-from cma_jax.models import clip as clip_lib
-from cma_jax.models.adapter import AdapterConfig
 from cma_jax.models.retrieval import RetrievalModel
-from configs import common
+from cma_jax import config as config_lib
 
 
 def _run_state(model, config, seed=0):
@@ -35,8 +30,8 @@ def _dir_bytes(path):
 
 
 def test_vit_b32_run_checkpoint_is_small_and_holds_no_backbone(tmp_path):
-    config = common.base_config()  # MSR-VTT: ViT-B/32, r=8, d_s=16
-    model = nnx.eval_shape(lambda: RetrievalModel(common.clip_config(config), common.adapter_config(config),
+    config = config_lib.base_config()  # MSR-VTT: ViT-B/32, r=8, d_s=16
+    model = nnx.eval_shape(lambda: RetrievalModel(config_lib.clip_config(config), config_lib.adapter_config(config),
                                                   rngs=nnx.Rngs(0)))
     state = _run_state(model, config)
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path))
@@ -51,12 +46,12 @@ def test_vit_b32_run_checkpoint_is_small_and_holds_no_backbone(tmp_path):
 
 @pytest.fixture
 def tiny():
-    config = common.base_config()
+    config = config_lib.base_config()
     for k, v in dict(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=32, vision_patch_size=8,
                      context_length=8, vocab_size=64, text_width=32, text_heads=2, text_layers=2).items():
         config.model.clip[k] = v
     config.adapter.reduction_dim, config.adapter.share_dim = 4, 8
-    model = RetrievalModel(common.clip_config(config), common.adapter_config(config), rngs=nnx.Rngs(0))
+    model = RetrievalModel(config_lib.clip_config(config), config_lib.adapter_config(config), rngs=nnx.Rngs(0))
     return config, model
 
 
@@ -112,12 +107,12 @@ def test_restore_into_other_architecture_names_the_difference(tmp_path, tiny):
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path))
     ckpt.save(1, _run_state(model, config), {"next_batch": 1}, ckpt_lib.run_meta(model, config), force=True)
     ckpt.wait()
-    other = common.base_config()
+    other = config_lib.base_config()
     for k, v in config.model.clip.items():
         other.model.clip[k] = v
     other.model.clip.vision_layers = 3
     other.adapter.reduction_dim, other.adapter.share_dim = 4, 4
-    model2 = RetrievalModel(common.clip_config(other), common.adapter_config(other), rngs=nnx.Rngs(0))
+    model2 = RetrievalModel(config_lib.clip_config(other), config_lib.adapter_config(other), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError) as e:
         ckpt.restore(1, ckpt_lib.abstract(_run_state(model2, other)), ckpt_lib.run_meta(model2, other))
     assert "clip.vision_layers: checkpoint 2, config 3" in str(e.value)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import common
+from cma_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = {  # dataset: (r, d_s, frames, words, epochs)
@@ -19,7 +19,7 @@ PAPER = {  # dataset: (r, d_s, frames, words, epochs)
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_dataset_configs_have_the_papers_settings(name):
     config = importlib.import_module(f"configs.{name}").get_config()
-    common.validate(config, num_devices=8)
+    config_lib.validate(config, num_devices=8)
     r, ds, frames, words, epochs = PAPER[name]
     assert (config.adapter.reduction_dim, config.adapter.share_dim) == (r, ds)
     assert (config.data.num_frames, config.data.max_words, config.train.epochs) == (frames, words, epochs)
@@ -30,15 +30,23 @@ def test_dataset_configs_have_the_papers_settings(name):
     assert not config.model.train_logit_scale
 
 
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_dataset_configs_name_splits_their_builder_writes(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    builder = importlib.import_module(f"cma_jax.data.builders.{name}")
+    splits = getattr(builder, "SPLITS", ("train", "test"))  # msrvtt writes train (9k/7k) and test (1k-A)
+    assert config.data.train_split in splits and config.data.eval_split in splits
+
+
 def test_backbone_preset_is_the_config_arg():
     from configs import msrvtt
     config = msrvtt.get_config("vit_l14")
-    assert common.clip_config(config).vision_width == 1024
-    common.validate(config)
+    assert config_lib.clip_config(config).vision_width == 1024
+    config_lib.validate(config)
 
 
 def _config(**fields):
-    c = common.base_config()
+    c = config_lib.base_config()
     for dotted, value in fields.items():
         *parents, last = dotted.split("__")
         node = c
@@ -65,30 +73,30 @@ def _config(**fields):
 ])
 def test_impossible_values_fail_naming_the_field(fields, num_devices, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        common.validate(_config(**fields), num_devices=num_devices)
+        config_lib.validate(_config(**fields), num_devices=num_devices)
 
 
 def test_unknown_field_fails_naming_it():
-    c = common.base_config()
+    c = config_lib.base_config()
     c.train.unlock()
     c.train.learning_rate = 1e-4
     with pytest.raises(ValueError, match=r"config\.train\.learning_rate"):
-        common.validate(c)
-    c = common.base_config()
+        config_lib.validate(c)
+    c = config_lib.base_config()
     c.extra.anything = 1  # the free-form section is not checked
-    common.validate(c)
+    config_lib.validate(c)
 
 
 def test_baselines_are_config_changes_only():
-    c = common.base_config()
-    assert common.adapter_config(c).share_dim == 16
+    c = config_lib.base_config()
+    assert config_lib.adapter_config(c).share_dim == 16
     c.adapter.share_dim = 0  # uni-modal ablation
-    assert common.adapter_config(c).share_dim == 0
+    assert config_lib.adapter_config(c).share_dim == 0
     c.method = "full"
-    assert common.adapter_config(c) is None
+    assert config_lib.adapter_config(c) is None
     c.method, c.mode = "zero_shot", "eval"
-    common.validate(c)
-    assert common.adapter_config(c) is None
+    config_lib.validate(c)
+    assert config_lib.adapter_config(c) is None
 
 
 def test_main_rejects_unknown_override_and_bad_value():

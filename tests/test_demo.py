@@ -3,24 +3,23 @@
 import json
 import os
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from cma_jax import demo, train
 from cma_jax.data.builders.synthetic import Synthetic
-from configs import common
+from cma_jax import config as config_lib
 from configs import demo as demo_config
 
 
 @pytest.mark.parametrize("arg", ["", "quick"])
 def test_stage_configs_are_valid_and_differ_as_intended(arg):
     config = demo_config.get_config(arg)
-    common.validate(config, num_devices=1)
+    config_lib.validate(config, num_devices=1)
     stages = {s: demo.stage_config(config, s, "/data", "/bb") for s in
               ("pretrain", "pretrain_eval", "zero_shot", "uni", "cma", "full")}
     for s, c in stages.items():
-        common.validate(c, num_devices=1)
+        config_lib.validate(c, num_devices=1)
         assert c.entry == "" and c.data.data_dir == "/data"
         assert c.data.tokenizer == os.path.join("/data", demo.VOCAB_FILE)
     pre = stages["pretrain"]

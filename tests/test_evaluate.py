@@ -170,7 +170,7 @@ def eval_setup(tmp_path_factory):
     from cma_jax.data.builders import REGISTRY
     from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
     from cma_jax.models.adapter import AdapterParam
-    from configs import common
+    from cma_jax import config as config_lib
 
     class TinyEval(VideoTextBuilder, skip_registration=True):
         name = DATASET
@@ -192,10 +192,10 @@ def eval_setup(tmp_path_factory):
     tree = nnx.to_pure_dict(nnx.state(model.clip, nnx.All(nnx.Param, nnx.Not(AdapterParam))))
     convert.save_backbone(str(root / "backbone"), TINY, tree)
 
-    c = common.base_config()
+    c = config_lib.base_config()
     c.mode, c.method = "eval", "zero_shot"
     c.backbone_checkpoint = str(root / "backbone")
-    for f in common.CLIP_FIELDS:
+    for f in config_lib.CLIP_FIELDS:
         c.model.clip[f] = getattr(TINY, f)
     c.model.tau = 0.5
     c.data.name, c.data.data_dir, c.data.eval_split = DATASET, str(root / "data"), "test"

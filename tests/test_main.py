@@ -1,6 +1,5 @@
 """End to end through cma_jax.main.run: grain pipeline -> train -> checkpoint -> evaluate; then mode=eval."""
 
-import json
 import os
 
 import numpy as np

@@ -226,11 +226,11 @@ def test_steps_per_epoch_and_max_videos(data_dir):
 
 
 def test_from_config_splits_the_global_batch(data_dir, tmp_path):
-    from configs import common
+    from cma_jax import config as config_lib
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(WORDS))
-    config = common.base_config()
+    config = config_lib.base_config()
     config.data.name, config.data.data_dir, config.data.tokenizer = NAME, data_dir, str(vocab)
     config.data.num_frames, config.data.max_words, config.data.eval_split = 3, 6, "test"
     config.train.batch_size, config.eval.batch_size, config.seed = 4, 6, 5

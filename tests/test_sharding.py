@@ -14,7 +14,7 @@ from flax import nnx
 from cma_jax import sharding as shd
 from cma_jax import train as train_lib
 from cma_jax.models.adapter import AdapterParam
-from configs import common
+from cma_jax import config as config_lib
 from tiny import SyntheticBatches, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def test_param_spec_rule():
 
 
 def test_mesh_shape_resolution_and_errors():
-    c = common.base_config()
+    c = config_lib.base_config()
     c.mesh.fsdp = 2
     assert shd.mesh_shape(c, 8) == (4, 2, 1)
     c.mesh.data = 3

@@ -1,20 +1,20 @@
 """A tiny training setup shared by the training / sharding / checkpoint / multi-host tests.
 
-`tiny_config()` is a full config (configs/common.py) for a 2-layer width-32 CLIP on 32x32 frames;
+`tiny_config()` is a full config (cma_jax/config.py) for a 2-layer width-32 CLIP on 32x32 frames;
 `SyntheticBatches` is a deterministic in-memory iterator of per-process batches with the grain-like
 get_state/set_state protocol (batch i depends only on (seed, i)).
 """
 
 import numpy as np
 
-from configs import common
+from cma_jax import config as config_lib
 
 TINY_CLIP = dict(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=32, vision_patch_size=8,
                  context_length=8, vocab_size=64, text_width=32, text_heads=2, text_layers=2)
 
 
 def tiny_config(**train):
-    c = common.base_config()
+    c = config_lib.base_config()
     c.mode = "train"
     for k, v in TINY_CLIP.items():
         c.model.clip[k] = v

@@ -33,7 +33,7 @@ API (the trainer and the evaluator call these once per process):
 
     train_iterator_from_config(config, process_index=None, process_count=None) -> TrainIterator
     eval_batches_from_config(config, process_index=None, process_count=None) -> EvalBatches
-        The same from a run config (configs/common.py): config.data.*, config.seed, the global
+        The same from a run config (cma_jax/config.py): config.data.*, config.seed, the global
         config.train.batch_size / config.eval.batch_size split over the processes (jax's by default).
         config.data.tokenizer 'clip' = the backbone checkpoint's tokenizer/ folder.
 
@@ -286,13 +286,13 @@ def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int,
                        video_ids=tuple(source.video_ids[:num_videos]), text_video_index=pairs[:, 0].copy())
 
 
-# --- from a run config (configs/common.py) ----------------------------------------------------------
+# --- from a run config (cma_jax/config.py) ----------------------------------------------------------
 
 
 def tokenizer_spec(config) -> str:
-    """config.data.tokenizer, where 'clip' means the backbone checkpoint's tokenizer/ folder."""
+    """config.data.tokenizer, where 'clip' (or '') means the backbone checkpoint's tokenizer/ folder."""
     spec = config.data.tokenizer
-    if spec != "clip":
+    if spec not in ("", "clip"):
         return spec
     from cma_jax import convert  # pylint: disable=import-outside-toplevel
 

@@ -105,6 +105,25 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def dataset_config(name: str, preset: str | None, *, reduction_dim: int, share_dim: int, num_frames: int = 12,
+                   max_words: int = 32, epochs: int = 5) -> ml_collections.ConfigDict:
+    """A benchmark preset with the paper's settings: `base_config()` plus what differs per dataset.
+
+    `preset` is the backbone (the config file's `:arg`, default vit_b32). Baselines need config
+    fields only: `--config.method=full` (CLIP4Clip full fine-tuning), `--config.method=zero_shot
+    --config.mode=eval`, uni-modal adapters `--config.adapter.share_dim=0`.
+    """
+    config = base_config()
+    config.model.preset = preset or "vit_b32"
+    config.data.name = name
+    config.data.num_frames = num_frames
+    config.data.max_words = max_words
+    config.train.epochs = epochs
+    config.adapter.reduction_dim = reduction_dim
+    config.adapter.share_dim = share_dim
+    return config
+
+
 def clip_config(config):
     """The CLIPConfig the config describes (preset + overrides + dtype)."""
     from cma_jax.models import clip as clip_lib
