@@ -149,20 +149,12 @@ def _param_counts(model, cfg) -> dict:
             "trainable_percent": 100.0 * trainable / total}
 
 
-def _compact_history(history: list[dict]) -> list[dict]:
-    return [{"step": int(h["step"]), "loss": float(h["loss"]), "step_time": float(h["step_time"])} for h in history]
-
-
 def _train(cfg, workdir: str):
-    """cma_jax.train.train, keeping every call's per-step history in WORKDIR/history.json."""
+    """cma_jax.train.train -> (model, the run's whole per-step history, resumes included)."""
     from cma_jax import train
-    model, history = train.train(cfg, workdir)
-    path = os.path.join(workdir, "history.json")
-    old = _read_json(path) if os.path.exists(path) else []
-    steps = {h["step"] for h in history}
-    merged = sorted([h for h in old if h["step"] not in steps] + _compact_history(history), key=lambda h: h["step"])
-    _write_json(path, merged)
-    return model, merged
+    model, _ = train.train(cfg, workdir)
+    history = [{k: h[k] for k in ("step", "loss", "step_time")} for h in train.read_history(workdir)]
+    return model, history
 
 
 # Fields that do not change a stage's result (paths move with the workdir; logging, I/O).

@@ -17,6 +17,7 @@ when launched again with the same command and workdir.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -151,17 +152,41 @@ def _restore_iterator(it, state):
 
 
 # ----------------------------------------------------------------------------- loop
+HISTORY_FILE = "history.jsonl"
+
+
+def read_history(workdir: str) -> list[dict]:
+    """Every step logged in `workdir` across runs and resumes (a re-run step keeps its last record)."""
+    path = os.path.join(workdir, HISTORY_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = {}
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                records[rec["step"]] = rec
+    return [records[k] for k in sorted(records)]
+
+
 class _Logger:
-    """Log lines, TensorBoard scalars (process 0) and the per-step history."""
+    """Log lines, TensorBoard scalars, and the per-step history (process 0).
+
+    Each step's record is also appended to WORKDIR/history.jsonl as it happens, so the curve of a
+    run that was interrupted and resumed is complete (`read_history`); skipped for remote workdirs,
+    where TensorBoard's event files are the record.
+    """
 
     def __init__(self, workdir, config, num_steps, start):
         self.history = []
         self.every = config.train.log_every_steps
         self.examples = config.train.batch_size
-        self.writer = None
+        self.writer = self.file = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+            if "://" not in workdir:
+                self.file = open(os.path.join(workdir, HISTORY_FILE), "a")
         self.bar = None
         if config.train.progress_bar and jax.process_index() == 0:
             from tqdm.auto import tqdm
@@ -171,6 +196,9 @@ class _Logger:
         m = {k: float(v) for k, v in metrics.items()}
         rec = {"step": step, **m, "step_time": seconds, "examples_per_s": self.examples / max(seconds, 1e-9)}
         self.history.append(rec)
+        if self.file is not None:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
         if self.writer is not None:
             for k in ("loss", "lr", "grad_norm", "step_time", "examples_per_s"):
                 self.writer.add_scalar(f"train/{k}", rec[k], step)
@@ -186,6 +214,8 @@ class _Logger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):

@@ -125,8 +125,10 @@ def test_quick_demo_end_to_end_interrupt_resume_reuse(tmp_path, monkeypatch):
     demo.run(config, workdir)
     first = _check_results(workdir, config)
     assert os.path.getmtime(uni_row) == uni_mtime
-    cma_steps = [h["step"] for h in json.load(open(os.path.join(workdir, "runs", "cma", "history.json")))]
-    assert cma_steps == list(range(8, config.train.num_steps + 1))
+    # The curve is whole: steps 1-7 from the interrupted run, 8 on from the resumed one.
+    cma_steps = [h["step"] for h in train.read_history(os.path.join(workdir, "runs", "cma"))]
+    assert cma_steps == list(range(1, config.train.num_steps + 1))
+    assert json.load(open(os.path.join(workdir, "runs", "cma", "demo_row.json")))["history"][0]["step"] == 1
 
     # Run 3: everything is done: nothing trains, the table is rebuilt from the saved rows.
     def no_training(*a, **k):

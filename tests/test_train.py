@@ -134,6 +134,10 @@ def test_killed_run_resumes_to_the_same_parameters(trained, tmp_path, exc):
     assert saved == (3 if exc is KeyboardInterrupt else 2)
     model, history = train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
     assert [h["step"] for h in history] == list(range(saved + 1, 5))
+    # The workdir's history spans both runs, with the steps re-run after the checkpoint taken from the rerun.
+    whole = train_lib.read_history(workdir)
+    assert [h["step"] for h in whole] == [1, 2, 3, 4]
+    assert [h["loss"] for h in whole[saved:]] == [h["loss"] for h in history]
     a, b = _adapters(uninterrupted), _adapters(model)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-7, err_msg=k)
