@@ -363,6 +363,16 @@ def find_video(index: dict[str, str], video_id: str, *alternatives: str) -> str 
     return None
 
 
+
+def entries_from_lists(manual_dir: epath.Path, split_lists: dict[str, str],
+                       captions: dict[str, tuple[str, ...]]) -> dict[str, list[Entry]]:
+    """{split: [Entry]} for splits given as files of video ids (one a line), captions by video id."""
+    videos = index_videos(manual_dir)
+    return {
+        split: [Entry(v, captions.get(v, ()), find_video(videos, v)) for v in read_list(manual_dir / f)]
+        for split, f in split_lists.items()
+    }
+
 # --- TF-free building ----------------------------------------------------------------------
 
 

@@ -37,11 +37,4 @@ manual_dir/
             v: tuple(" ".join(t) if isinstance(t, (list, tuple)) else str(t).strip() for t in caps)
             for v, caps in raw.items()
         }
-        videos = base.index_videos(manual_dir)
-        return {
-            split: [
-                base.Entry(v, captions.get(v, ()), base.find_video(videos, v))
-                for v in base.read_list(manual_dir / f)
-            ]
-            for split, f in SPLITS.items()
-        }
+        return base.entries_from_lists(manual_dir, SPLITS, captions)

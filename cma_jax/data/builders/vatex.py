@@ -35,11 +35,4 @@ manual_dir/
                         f"got keys {sorted(item)}"
                     )
                 captions[item["videoID"]] = tuple(c.strip() for c in item["enCap"])
-        videos = base.index_videos(manual_dir)
-        return {
-            split: [
-                base.Entry(v, captions.get(v, ()), base.find_video(videos, v))
-                for v in base.read_list(manual_dir / f)
-            ]
-            for split, f in SPLITS.items()
-        }
+        return base.entries_from_lists(manual_dir, SPLITS, captions)
