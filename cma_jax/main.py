@@ -92,7 +92,13 @@ def main(argv):
         handler.addFilter(_QuietOrbax())
     init_distributed()
     config = FLAGS.config
-    run(config, FLAGS.workdir or default_workdir(config))
+    try:
+        run(config, FLAGS.workdir or default_workdir(config))
+    except (ValueError, OSError) as e:
+        # Bad input (config value, missing or wrong file/checkpoint/dataset): one clear line, exit 1.
+        # The traceback stays available at --verbosity=1.
+        logging.debug("traceback", exc_info=True)
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
