@@ -140,6 +140,12 @@ class Retriever:
     def __init__(self, model: RetrievalModel, tokenizer, *, num_frames: int = 12, max_words: int = 32,
                  fps: float = 1.0, batch_size: int = 16, step: int | None = None):
         from cma_jax.data.tokenizer import load_tokenizer
+        for key, value, low in (("batch_size", batch_size, 1), ("num_frames", num_frames, 1),
+                                ("max_words", max_words, 2)):
+            if value < low:
+                raise ValueError(f"{key} must be >= {low}, got {value!r}")
+        if not fps > 0:
+            raise ValueError(f"fps must be > 0, got {fps!r}")
         self.model = model
         self.tokenizer = load_tokenizer(tokenizer)
         # Captions are cut to the text tower's context (CLIP4Clip's max_words 32 < 77 anyway).
@@ -173,8 +179,8 @@ class Retriever:
         for s in range(0, len(x), b):
             chunk = x[s:s + b]
             pad = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), 0)]) if len(chunk) < b else chunk
-            x = jnp.asarray(pad) if self._batch_sharding is None else jax.device_put(pad, self._batch_sharding)
-            out.append(np.asarray(fn(self._state, x))[: len(chunk)])
+            dev = jnp.asarray(pad) if self._batch_sharding is None else jax.device_put(pad, self._batch_sharding)
+            out.append(np.asarray(fn(self._state, dev))[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:

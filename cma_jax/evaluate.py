@@ -14,6 +14,7 @@ T 64; meanP needs ~4 MB), so ActivityNet's ~5k x 5k is 25 such tiles, one at a t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -77,34 +79,48 @@ def _split_eval(model):
     return nnx.split(view)
 
 
+# Module-level with the graphdef static: periodic evaluation of the same model during training hits
+# jit's cache instead of recompiling (a model of another shape has another graphdef).
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(graphdef, state, ids):
+    return nnx.merge(graphdef, state).encode_text(ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_frames(graphdef, state, frames):
+    return nnx.merge(graphdef, state).encode_frames(frames)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _similarity_tile(graphdef, state, text, frames, mask):
+    return nnx.merge(graphdef, state).similarity(text, frames, mask)
+
+
 # ----------------------------------------------------------------------------- encoding
 def encode_eval_set(model, text_batches: Iterable[dict], video_batches: Iterable[dict],
-                    mesh: Mesh | None = None):
+                    mesh: Mesh | None = None, num_batches: tuple[int, int] | None = None):
     """Encode every caption and video once; padding rows (valid=False) dropped.
 
     Returns (text_emb [Nt, D], text_video_index [Nt], frame_emb [Nv, T, D], frame_mask [Nv, T]) as
     numpy on every process, videos ordered by their `video_index` (which must be 0..Nv-1, each once).
+    `num_batches` (text, video batch counts, when the iterables have no len) sizes process 0's
+    progress bars.
     """
+    num_text_batches, num_video_batches = num_batches or (None, None)
     graphdef, state = _split_eval(model)
     state = _state_on_mesh(state, mesh)
 
-    @jax.jit
-    def enc_text(state, ids):
-        return nnx.merge(graphdef, state).encode_text(ids)
-
-    @jax.jit
-    def enc_video(state, frames):
-        return nnx.merge(graphdef, state).encode_frames(frames)
-
-    def run(batches, fn, key, extra):
+    def run(batches, fn, key, extra, desc, total):
         outs = []
         keys = (key, "video_index", "valid") + extra
-        for b in batches:
+        bar = tqdm.tqdm(batches, desc=desc, total=total, unit="batch", leave=False,
+                        disable=jax.process_index() != 0)
+        for b in bar:
             missing = [k for k in keys if k not in b]
             if missing:
                 raise KeyError(f"eval batch is missing {missing}; expected keys {keys}")
             arrays = {k: _global(b[k], mesh) for k in keys}
-            arrays["emb"] = fn(state, arrays.pop(key))
+            arrays["emb"] = fn(graphdef, state, arrays.pop(key))
             outs.append(arrays)  # device arrays: dispatch of the next batch overlaps this one
         if not outs:
             raise ValueError(f"no eval batches with {key!r} were given")
@@ -112,8 +128,8 @@ def encode_eval_set(model, text_batches: Iterable[dict], video_batches: Iterable
         keep = host.pop("valid").astype(bool)
         return {k: v[keep] for k, v in host.items()}
 
-    texts = run(text_batches, enc_text, "text_ids", ())
-    videos = run(video_batches, enc_video, "frames", ("frame_mask",))
+    texts = run(text_batches, _encode_text, "text_ids", (), "encoding captions", num_text_batches)
+    videos = run(video_batches, _encode_frames, "frames", ("frame_mask",), "encoding videos", num_video_batches)
 
     vidx = videos["video_index"].astype(np.int64)
     nv = len(vidx)
@@ -148,10 +164,6 @@ def block_similarity(model, text_emb: np.ndarray, frame_emb: np.ndarray, frame_m
     bt = -(-min(block_size, max(nt, 1)) // ds) * ds
     bv = min(block_size, max(nv, 1))
 
-    @jax.jit
-    def tile(state, t, f, m):
-        return nnx.merge(graphdef, state).similarity(t, f, m)
-
     def pad(x, n):  # repeat the last row: padded rows stay valid inputs (no all-masked videos)
         return np.pad(x, [(0, n - len(x))] + [(0, 0)] * (x.ndim - 1), mode="edge")
 
@@ -166,7 +178,7 @@ def block_similarity(model, text_emb: np.ndarray, frame_emb: np.ndarray, frame_m
     for j in range(0, nv, bv):
         f = put_v(pad(frame_emb[j:j + bv], bv))
         m = put_v(pad(frame_mask[j:j + bv], bv))
-        cols.append([tile(state, t, f, m) for t in t_tiles])
+        cols.append([_similarity_tile(graphdef, state, t, f, m) for t in t_tiles])
     out = np.concatenate([np.concatenate([_to_host(x) for x in col], axis=0)[:nt] for col in cols], axis=1)
     return out[:, :nv]
 
@@ -212,15 +224,18 @@ def _write_scalars(writer, results: dict, name: str, step: int | None):
 # ----------------------------------------------------------------------------- entry points
 def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict], *, block_size: int = 1024,
              dsl: bool = False, dsl_temp: float = 1.0, workdir: str | None = None, writer=None,
-             step: int | None = None, mesh: Mesh | None = None, name: str = "test") -> dict:
+             step: int | None = None, mesh: Mesh | None = None, name: str = "test",
+             num_batches: tuple[int, int] | None = None) -> dict:
     """Text->video and video->text retrieval metrics of `model` on one evaluation set.
 
     Batches follow the eval batch contract (`video_index`, `valid`). The head and tau are the
     model's. With `dsl`, dual-softmax re-scored metrics are added under 'dsl'. Files (process 0
     only): `eval_{name}[_step{N}].json` + `.md` in `workdir`; TensorBoard scalars to `writer`.
+    `num_batches` = (text, video) batch counts for the progress bars.
     """
     t0 = time.time()
-    text_emb, text_idx, frame_emb, frame_mask = encode_eval_set(model, text_batches, video_batches, mesh)
+    text_emb, text_idx, frame_emb, frame_mask = encode_eval_set(model, text_batches, video_batches, mesh,
+                                                                 num_batches)
     t1 = time.time()
     sim = block_similarity(model, text_emb, frame_emb, frame_mask, block_size, mesh)
     t2 = time.time()
@@ -276,7 +291,8 @@ def evaluate_from_config(config, workdir: str, model=None, *, mesh: Mesh | None 
         batches = pipeline.eval_batches_from_config(config)
         texts, videos = batches.texts, batches.videos
         return evaluate(model, texts, videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
-                        workdir=workdir, writer=writer, step=step, mesh=mesh, name=config.data.eval_split)
+                        workdir=workdir, writer=writer, step=step, mesh=mesh, name=config.data.eval_split,
+                        num_batches=(batches.num_text_batches, batches.num_video_batches))
     finally:
         if own_writer:
             writer.close()

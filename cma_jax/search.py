@@ -15,7 +15,7 @@ because the text-conditioned head weighs each video's frames by the query.
 * Unreadable videos are reported, recorded in the manifest and skipped (`--retry_failed` retries).
 * The model that builds the index is fingerprinted (CLIP config, adapter config, sha256 of the
   weights); querying or extending an index with any other model is refused with a message.
-* `query` / `report` default to the backbone, adapters and tokenizer the index was built with.
+* `query` / `report` default to the backbone, adapters, tokenizer and dtype the index was built with.
 * Encoding is data-parallel over all local devices when there are several.
 """
 
@@ -214,6 +214,8 @@ def search(retriever, index: dict, texts: list[str], k: int = 5, block_size: int
     """Top-k videos per text: [[{'rank', 'video', 'score'}, ...], ...], score = cosine of the model's head."""
     if not texts:
         raise ValueError("no query texts given")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     sim = retriever.similarity(retriever.encode_text(texts), index["frame_emb"], index["frame_mask"], block_size)
     k = min(k, sim.shape[1])
     out = []
@@ -229,11 +231,14 @@ def _thumbnails(path: str, count: int, fps: float, height: int) -> list[str]:
     from cma_jax.data.pipeline import sample_frame_indices
     from cma_jax.data.video import iter_sampled_frames
 
-    frames = list(iter_sampled_frames(path, fps))
+    def small(im):
+        return im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height))
+
+    # Shrunk as decoded: an hour of full-HD frames at 1 fps would not fit in memory.
+    frames = [small(im) for im in iter_sampled_frames(path, fps)]
     out = []
     for i in sample_frame_indices(len(frames), count):
-        im = frames[i].convert("RGB")
-        im = im.resize((max(1, round(im.width * height / im.height)), height))
+        im = frames[i]
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=80)
         out.append(base64.b64encode(buf.getvalue()).decode())
@@ -301,11 +306,12 @@ def _retriever(args, manifest: dict | None):
     settings = (manifest or {}).get("settings", {})
     num_frames = getattr(args, "num_frames", None) or settings.get("num_frames", 12)
     fps = getattr(args, "fps", None) or settings.get("fps", 1.0)
+    dtype = args.dtype or source.get("dtype")  # part of the fingerprint, so it defaults to the index's too
     r = api.load(backbone, adapters or None, tokenizer=tokenizer, head=args.head, tau=args.tau,
                  num_frames=num_frames, max_words=args.max_words, fps=fps, batch_size=args.batch_size,
-                 dtype=args.dtype)
+                 dtype=dtype)
     src = {"backbone": os.path.abspath(backbone), "adapters": os.path.abspath(adapters) if adapters else None,
-           "tokenizer": os.path.abspath(tokenizer) if isinstance(tokenizer, str) else None}
+           "tokenizer": os.path.abspath(tokenizer) if isinstance(tokenizer, str) else None, "dtype": dtype}
     return r, src
 
 
@@ -331,7 +337,8 @@ def main(argv=None) -> int:
     model.add_argument("--tau", type=float, default=5.0, help="text-conditioned head temperature")
     model.add_argument("--max_words", type=int, default=32)
     model.add_argument("--batch_size", type=int, default=16, help="videos / texts per encode batch")
-    model.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the backbone's)")
+    model.add_argument("--dtype", choices=("float32", "bfloat16"),
+                       help="compute dtype (default: the index's, else the backbone's)")
 
     ix = sub.add_parser("index", parents=[model], help="encode a folder of videos into an index (resumable)")
     ix.add_argument("video_dir")

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import pickle
+import time
 
 import pytest
 import tensorflow_datasets as tfds
@@ -159,6 +160,38 @@ def test_cli_builds_and_reports_layout_errors(msrvtt, tmp_path, capsys):
         cli.main(["msvd", f"--manual_dir={tmp_path}", f"--data_dir={tmp_path}"])
 
 
+def test_cli_expands_a_home_relative_data_dir(msrvtt, tmp_path, monkeypatch, capsys):
+    """`--data_dir=~/...` (as the README writes it) reaches us unexpanded: the shell expands no `~`
+    after `=`. It must land in the home folder, not in a folder named '~'."""
+    from cma_jax.data.builders import __main__ as cli  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cli.main(["msrvtt", f"--manual_dir={msrvtt[0]}", "--data_dir=~/tfds", "--config=7k-32px", "--workers=1"])
+    assert f"written to {tmp_path}/home/tfds/msrvtt/7k-32px/1.0.0" in capsys.readouterr().out
+    assert not (tmp_path / "~").exists()
+    assert len(builders.open_source("msrvtt", "train", "~/tfds", "7k-32px")) == 2
+
+
+def test_unreadable_annotation_files_are_named(tmp_path):
+    from cma_jax.data.builders import __main__ as cli  # pylint: disable=import-outside-toplevel
+
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for name in ("train_data.json", "val_data.json", "test_data.json"):
+        (manual / name).write_text("[]")
+    (manual / "val_data.json").write_text('[{"video": "a.mov", "description": "x"')  # cut off
+    with pytest.raises(SystemExit, match=r"val_data.json: not valid JSON"):
+        cli.main(["didemo", f"--manual_dir={manual}", f"--data_dir={tmp_path / 'data'}"])
+    msvd = tmp_path / "msvd"
+    msvd.mkdir()
+    for name in ("train_list.txt", "val_list.txt", "test_list.txt"):
+        (msvd / name).write_text("a\n")
+    (msvd / "raw-captions.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(SystemExit, match=r"raw-captions.pkl: cannot read the pickle"):
+        cli.main(["msvd", f"--manual_dir={msvd}", f"--data_dir={tmp_path / 'data'}"])
+
+
 @pytest.mark.slow
 def test_a_crashing_decoder_costs_only_its_video(tmp_path, monkeypatch):
     manual = tmp_path / "manual"
@@ -183,6 +216,23 @@ def test_a_crashing_decoder_costs_only_its_video(tmp_path, monkeypatch):
     assert src.video_ids == [v for v in ids if v != "video3"]
     assert [(s["video_id"], "crashed" in s["reason"]) for s in src.skipped] == [("video3", True)]
     check_pairing(recs, durations)
+
+
+@pytest.mark.slow
+def test_a_decoder_crash_while_the_writer_is_busy_costs_only_its_video(tmp_path):
+    """The pool can break while the build writes a record (the generator is suspended): the next
+    submission then fails at once, and that must not stop the build either."""
+    # No files: every load is a quick 'missing video file' error, except v7, whose worker dies.
+    entries = [base.Entry(f"v{i}", ("c",), str(tmp_path / f"v{i}{'_crash' if i == 7 else ''}.mp4"))
+               for i in range(12)]  # more than the 4 * workers look-ahead: some are submitted later
+    got = []
+    for entry, result in base._load_all(vf.crashing_loader, entries, workers=2):
+        got.append((entry.video_id, str(result)))
+        if len(got) == 1:
+            time.sleep(3)  # writing the first record: v7's worker dies meanwhile
+    assert [v for v, _ in got] == [e.video_id for e in entries]
+    assert "crashed" in got[7][1]
+    assert all("missing video file" in r for v, r in got if v != "v7")
 
 
 # --- MSVD ---------------------------------------------------------------------------------

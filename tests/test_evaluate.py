@@ -284,3 +284,30 @@ def test_two_processes_gather_embeddings(tmp_path):
         line = next(x for x in out.stdout.splitlines() if x.startswith(f"[{i}] RESULT {i} "))
         got = json.loads(line.split(f"RESULT {i} ", 1)[1])
         assert got == {"ok": True, "num_texts": 10, "num_videos": 6}, line
+
+
+def test_repeated_evaluation_does_not_recompile(capsys):
+    """Periodic evaluation during training reuses the compiled encoders and similarity tiles;
+    process 0 shows a progress bar while encoding."""
+    import jax
+
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        model = tiny_model()
+        tb, vb, _ = make_batches()
+        first = ev.evaluate(model, tb, vb, block_size=4)
+        assert compiles, "the first evaluation compiles its encoders"
+        err = capsys.readouterr().err
+        assert "encoding captions" in err and "0/3" in err and "encoding videos" in err and "0/2" in err
+        compiles.clear()
+        second = ev.evaluate(model, tb, vb, block_size=4)
+        assert compiles == []
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert second["metrics"] == first["metrics"]

@@ -187,3 +187,65 @@ def test_api_loads_a_run_checkpoint(trained, tmp_path):
     assert r.fingerprint == api.fingerprint(t["model"])  # the very same weights
     with pytest.raises(FileNotFoundError, match="no finished checkpoint|neither"):
         api.load(t["backbone"], str(tmp_path / "nothing"), tokenizer=t["vocab"])
+
+
+def test_retriever_encodes_more_items_than_one_batch(trained):
+    """Inputs longer than batch_size are encoded batch by batch, each row its own embedding."""
+    t = trained
+    small = api.Retriever(t["model"], t["vocab"], num_frames=2, max_words=8, batch_size=2)
+    texts = [caption(c) for c in COLOURS]  # 5 texts = 2 full batches + 1 padded
+    emb = small.encode_text(texts)
+    whole = api.Retriever(t["model"], t["vocab"], num_frames=2, max_words=8, batch_size=8).encode_text(texts)
+    assert emb.shape == (5, CFG.embed_dim)
+    np.testing.assert_allclose(emb, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_query_defaults_to_the_dtype_the_index_was_built_with(trained, tmp_path, capsys):
+    t = trained
+    index_dir = tmp_path / "index"
+    assert search.main(index_args(t, index_dir, "--adapters", t["adapters"], "--dtype", "bfloat16")) == 0
+    capsys.readouterr()
+    assert search.main(["query", str(index_dir), caption("red"), "-k", "1", "--json"]) == 0, capsys.readouterr().err
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["hits"][0]["video"] == "red.mp4"
+    # An explicit other dtype is still refused: the fingerprint holds the compute dtype.
+    assert search.main(["query", str(index_dir), "red", "--dtype", "float32"]) == 2
+    assert "clip.dtype: index 'bfloat16', model 'float32'" in capsys.readouterr().err
+
+
+def test_k_below_one_is_refused():
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        search.search(None, {}, ["a red video"], k=0)
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("num_frames", 0), ("fps", 0.0), ("max_words", 1)])
+def test_retriever_settings_are_checked(trained, field, value):
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        api.Retriever(trained["model"], trained["vocab"], **{field: value})
+
+
+def test_report_thumbnails_do_not_hold_every_full_size_frame(monkeypatch):
+    """A long video's frames are shrunk as they are decoded: the report never holds them all."""
+    import base64
+    import io
+    import weakref
+
+    from PIL import Image
+
+    from cma_jax.data import video
+
+    live, peak = [0], [0]
+
+    def frames(path, fps):
+        for i in range(30):
+            im = Image.new("RGB", (640, 360), (8 * i, 0, 0))
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(im, lambda: live.__setitem__(0, live[0] - 1))
+            yield im
+
+    monkeypatch.setattr(video, "iter_sampled_frames", frames)
+    thumbs = search._thumbnails("long.mp4", 3, 1.0, 45)
+    assert len(thumbs) == 3 and peak[0] <= 2, peak[0]
+    first = Image.open(io.BytesIO(base64.b64decode(thumbs[0])))
+    assert first.size == (80, 45)

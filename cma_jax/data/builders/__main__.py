@@ -32,7 +32,8 @@ def main(argv=None) -> None:
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not args.manual_dir:
         parser.error(f"{args.name} needs --manual_dir:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+        manual_dir = os.path.expanduser(args.manual_dir) if args.manual_dir else None
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except (base.ManualDirLayoutError, base.NoVideosDecodedError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     for split in builder.info.splits:

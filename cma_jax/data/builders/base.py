@@ -252,7 +252,14 @@ def _submit(pool, loader, entry: Entry) -> concurrent.futures.Future:
         done.set_result(None)
         return done
     # Only cma_jax.data.video travels: the workers never import TFDS.
-    return pool.submit(video.load_or_error, loader, entry.source, entry.video_id)
+    try:
+        return pool.submit(video.load_or_error, loader, entry.source, entry.video_id)
+    except concurrent.futures.process.BrokenProcessPool as e:
+        # A worker died since the last result (e.g. while the build wrote a record): fail this future
+        # like the ones in flight, so `_load_all` retries it in isolation instead of stopping.
+        failed = concurrent.futures.Future()
+        failed.set_exception(e)
+        return failed
 
 
 def _load_all(loader, entries: list[Entry], workers: int) -> Iterator[tuple[Entry, Any]]:
@@ -305,8 +312,12 @@ def _load_isolated(loader, entry: Entry, ctx):
 
 
 def read_json(path: epath.PathLike) -> Any:
+    """The parsed JSON file; ValueError naming the file if it is not JSON (a cut-off download)."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_list(path: epath.PathLike) -> list[str]:
@@ -496,7 +507,8 @@ def get_builder(name: str, data_dir: epath.PathLike, builder_config=None, **kwar
         # By name: TFDS rejects a copy of a predefined config object, which is what unpickling the
         # builder (grain worker processes) would pass back.
         config = config.name
-    return cls(data_dir=os.fspath(data_dir), config=config, **kwargs)
+    # expanduser: `--data_dir=~/...` reaches us unexpanded (no shell expands `~` after `=`).
+    return cls(data_dir=os.path.expanduser(os.fspath(data_dir)), config=config, **kwargs)
 
 
 def open_source(name: str, split: str, data_dir: epath.PathLike, builder_config=None) -> VideoTextSource:

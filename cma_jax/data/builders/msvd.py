@@ -27,7 +27,11 @@ manual_dir/
 
     def _split_entries(self, manual_dir: epath.Path):
         with open(manual_dir / "raw-captions.pkl", "rb") as f:
-            raw = pickle.load(f)
+            try:
+                raw = pickle.load(f)
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+                raise ValueError(f"{manual_dir / 'raw-captions.pkl'}: cannot read the pickle "
+                                 f"({type(e).__name__}: {e}); expected CLIP4Clip's MSVD raw-captions.pkl") from None
         if not isinstance(raw, dict):
             raise ValueError(
                 f"{manual_dir / 'raw-captions.pkl'}: expected a dict video id -> list "
