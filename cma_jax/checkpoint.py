@@ -121,7 +121,9 @@ class RunCheckpointer:
     """Saves and restores run checkpoints in WORKDIR/checkpoints (keeps the last `keep`)."""
 
     def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
-        directory = os.path.abspath(checkpoint_dir(workdir))
+        directory = checkpoint_dir(workdir)
+        if "://" not in directory:  # gs:// etc. stay URLs (abspath would make them 'CWD/gs:/...')
+            directory = os.path.abspath(directory)
         self.directory = directory
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(directory, options=options)
@@ -182,7 +184,7 @@ def load_adapters(path: str, model, step: int | None = None) -> int | None:
     if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isdir(checkpoint_dir(path)):
         return _load_converted_adapters(path, model)
     directory = checkpoint_dir(path)
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():  # local or gs://
         raise FileNotFoundError(f"{path}: no run checkpoint here (expected {directory}/<step>/)")
     ckpt = RunCheckpointer(directory, read_only=True)
     step = ckpt.latest_step() if step is None else step

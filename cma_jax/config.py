@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
     c.model.head = "text_conditioned"  # text_conditioned (the paper's) | meanp
     c.model.tau = 5.0  # temperature of the text-conditioned frame weights
-    c.model.train_logit_scale = False  # frozen with the backbone, as in the original
+    c.model.train_logit_scale = False  # frozen with the backbone, as in the original; if trained, <= log(100)
 
     c.adapter = ml_collections.ConfigDict()
     c.adapter.reduction_dim = 8  # r

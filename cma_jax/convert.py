@@ -6,7 +6,8 @@ Sources (the architecture is inferred from tensor shapes):
     HF names are first renamed to OpenAI names (`HF_TOP`, `HF_BLOCK`), then share the OpenAI table.
   * The original Cross-Modal-Adapter repo: a CLIP4Clip state dict (`clip.` + OpenAI names) with the
     adapters stacked per tower, index 2i = attention adapter of layer i, 2i+1 = MLP adapter,
-    PyTorch Linear layout [out, in] (`CMA_KEYS`).
+    PyTorch Linear layout [out, in] (`CMA_KEYS`); its training checkpoints (`ckpt_epoch<N>.pth`:
+    the state dict under 'model', beside optimizer state and args) are unwrapped.
 
 Our trees are nested "pure dicts" of numpy arrays keyed like `nnx.state(CLIP(...))` (list indices are
 ints): `backbone` holds every `nnx.Param` that is not an `AdapterParam`, `adapters` the AdapterParams.
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from cma_jax.models.adapter import AdapterConfig, AdapterParam
@@ -257,11 +259,17 @@ def _read_torch_file(path: str) -> dict[str, np.ndarray]:
     except RuntimeError:
         pass
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        # The original repo's training checkpoints also pickle its argparse args (plain values).
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: cannot read it as a PyTorch checkpoint (TorchScript archive or "
                               f"torch.save'd state dict): {first_line}") from e
+    for wrapper in ("model", "state_dict"):  # {'model': sd, 'optimizer': ..., 'epoch': ..., 'args': ...}
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+            break
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise CheckpointError(f"{path}: expected a state dict (str -> tensor), got {type(sd).__name__}")
     return _as_numpy(sd)
@@ -606,9 +614,15 @@ def _save_tree_dir(path: str, meta: dict[str, dict], tree: dict, files=(), overw
     _atomic_write(path, write, overwrite)
 
 
+def _folder(path: str):
+    """A checkpoint folder to read: local (made absolute) or a URL such as gs://bucket/ckpt, kept as is."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def _load_tree_dir(path: str, abstract: dict | None) -> dict:
-    params = os.path.join(os.path.abspath(path), PARAMS_DIR)
-    if not os.path.isdir(params):
+    params = _folder(path) / PARAMS_DIR
+    if not params.is_dir():
         raise CheckpointError(f"{path}: not a cma_jax checkpoint folder (no {PARAMS_DIR}/ inside)")
     with ocp.StandardCheckpointer() as ckptr:
         if abstract is None:
@@ -621,11 +635,10 @@ def _load_tree_dir(path: str, abstract: dict | None) -> dict:
 
 
 def _read_json(path: str, name: str) -> dict:
-    file = os.path.join(path, name)
-    if not os.path.isfile(file):
+    file = _folder(path) / name
+    if not file.is_file():
         raise CheckpointError(f"{path}: not a cma_jax checkpoint folder (no {name} inside)")
-    with open(file) as f:
-        return json.load(f)
+    return json.loads(file.read_text())
 
 
 def save_backbone(path: str, clip_cfg: CLIPConfig, state: dict, tokenizer_files=(), overwrite: bool = False):

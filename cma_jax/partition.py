@@ -2,9 +2,10 @@
 
 The split is a filter on variable *types*: `AdapterParam` for the Cross-Modal Adapter (method=cma),
 every `nnx.Param` for full fine-tuning (method=full). `logit_scale` stays frozen unless
-`config.model.train_logit_scale`; it is the one parameter picked by its path, as it has no type of
-its own. Random-number state (adapter dropout) is split out separately so it can be carried
-through the jitted step.
+`config.model.train_logit_scale` (then clipped at log(100) after each update, see
+`cma_jax.train`); it is the one parameter picked by its path, as it has no type of its own.
+Random-number state (adapter dropout) is split out separately so it can be carried through the
+jitted step.
 """
 
 from __future__ import annotations

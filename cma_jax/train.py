@@ -24,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from etils import epath
 from flax import nnx
@@ -105,12 +106,23 @@ def make_train_step(graphdef, tx, lr_fn, grad_accum_steps: int, micro_sharding=N
                                                   jax.tree.map(micro, batch))
             loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "rngs": rngs,
-               "step": state["step"] + 1}
+        new = {"params": _clamp_logit_scale(optax.apply_updates(params, updates)), "opt_state": opt_state,
+               "rngs": rngs, "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
         return new, metrics
 
     return step
+
+
+MAX_LOGIT_SCALE = float(np.log(100.0))
+
+
+def _clamp_logit_scale(params):
+    """A trained logit_scale is clipped at log(100) after every update, as CLIP and the original do."""
+    def clamp(path, x):
+        named = "logit_scale" in [getattr(p, "key", None) for p in path]
+        return jnp.minimum(x, MAX_LOGIT_SCALE) if named else x
+    return jax.tree_util.tree_map_with_path(clamp, params)
 
 
 def compile_step(step_fn, mesh, state_shardings, frozen_shardings):
@@ -275,11 +287,15 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
                            mesh, state_sh, frozen_sh)
 
     logger = _Logger(workdir, config, num_steps, start)
-    step, before = start, None
+    # The iterator state that goes with a model at each step: at an interrupt the state's own step
+    # (done before or after the interrupted wait) picks the matching one (_save_on_interrupt).
+    step, data_at = start, {}
     try:
         while step < num_steps:
-            before = _iterator_state(train_iter, step)
-            batch = shd.global_batch(next(train_iter), mesh)
+            data_at = {step: _iterator_state(train_iter, step)}
+            local = next(train_iter)
+            data_at[step + 1] = _iterator_state(train_iter, step + 1)
+            batch = shd.global_batch(local, mesh)
             t0 = time.perf_counter()
             state, metrics = step_fn(state, frozen, batch)
             metrics = jax.device_get(metrics)  # waits for the step: honest step times
@@ -291,7 +307,7 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
                     and step < num_steps:
                 eval_fn(nnx.merge(graphdef, state["params"], state["rngs"], frozen), step)
     except KeyboardInterrupt:
-        _save_on_interrupt(ckpt, state, before, train_iter, step, meta)
+        _save_on_interrupt(ckpt, state, data_at, train_iter, meta)
         raise
     finally:
         ckpt.wait()
@@ -302,8 +318,12 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     return nnx.merge(graphdef, state["params"], state["rngs"], frozen), logger.history
 
 
-def _save_on_interrupt(ckpt, state, before, train_iter, step, meta):
-    """Best effort: save the last consistent (state, iterator) pair unless it is already saved."""
+def _save_on_interrupt(ckpt, state, data_at, train_iter, meta):
+    """Best effort: save the last consistent (state, iterator) pair unless it is already saved.
+
+    `data_at[s]` is the iterator state that goes with a model at step s for the step the loop was
+    in; the interrupt may come before or after that step's update, so the state's own step decides.
+    """
     try:
         done = int(jax.device_get(state["step"]))
     except RuntimeError:  # the interrupted call had already donated the state: periodic saves remain
@@ -311,7 +331,7 @@ def _save_on_interrupt(ckpt, state, before, train_iter, step, meta):
         return
     if done == ckpt.latest_step() or done == 0:
         return
-    data_state = _iterator_state(train_iter, done) if done == step else before
+    data_state = data_at.get(done, _iterator_state(train_iter, done))
     ckpt.save(done, state, data_state, meta, force=True)
     log.warning("interrupted: saved step %d to %s", done, ckpt.directory)
 

@@ -6,8 +6,9 @@
 Each process gets `--coordinator_address=localhost:<port> --num_processes=N --process_id=i`
 appended (cma_jax.main joins the job with them; CPU processes use gloo collectives), and, with
 --devices_per_process, that many simulated CPU devices. Output lines are prefixed with [i]. If a
-process fails, the others are stopped and the launcher exits with its status. --dry_run prints the
-commands instead.
+process fails, the others are stopped and the launcher exits with its status. On Ctrl-C the processes
+(which get the interrupt too) are given --grace_s seconds to save their last step. --dry_run prints
+the commands instead.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--devices_per_process", type=int, default=0, help="simulated CPU devices per process (0: default)")
     p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--grace_s", type=float, default=120.0,
+                   help="after Ctrl-C, seconds the processes get to save before they are stopped")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every process runs")
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -92,8 +95,17 @@ def main(argv=None) -> int:
                     for j in remaining:
                         procs[j].terminate()
     except KeyboardInterrupt:
+        # Ctrl-C reached every process (they share our process group) and each saves its last step:
+        # let them finish (a second Ctrl-C or the grace period stops them).
+        print(f"[launch] interrupted: waiting up to {args.grace_s}s for the processes to save", file=sys.stderr)
+        try:
+            for proc in procs:
+                proc.wait(timeout=args.grace_s)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            pass
         for proc in procs:
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
         status = 130
     for proc in procs:
         proc.wait()

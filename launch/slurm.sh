@@ -6,8 +6,10 @@
 #   launch/slurm.sh --nodes=2 --gpus_per_node=8 [--per=gpu|node] [--partition=P] [--time=24:00:00] \
 #       [--account=A] [--venv=.venv] -- --config=configs/msrvtt.py --workdir=/shared/runs/msrvtt
 #
-#   --per=gpu   one process per GPU (default; each task sees one GPU)
-#   --per=node  one process per node driving all its GPUs
+#   --per=gpu   one process per GPU (default): every task sees the node's GPUs and JAX's SLURM
+#               auto-detection makes task i of a node drive GPU i (so no --gpus-per-task=1)
+#   --per=node  one process per node driving all its GPUs (JAX_LOCAL_DEVICE_IDS lists them, as
+#               the auto-detection would otherwise give the process GPU 0 only)
 #   --dry_run   print the batch script instead of submitting it
 # Everything after -- goes to `python -m cma_jax.main`. The workdir must be on a shared filesystem.
 set -euo pipefail
@@ -38,11 +40,13 @@ done
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || { echo "slurm.sh: --nodes must be a positive integer" >&2; exit 2; }
 [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || { echo "slurm.sh: --gpus_per_node must be a positive integer" >&2; exit 2; }
 
+devices=""
 case "$per" in
   gpu) tasks="#SBATCH --ntasks-per-node=${gpus}
-#SBATCH --gpus-per-task=1" ;;
-  node) tasks="#SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=${gpus}" ;;
+  node) tasks="#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=${gpus}"
+    devices="export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))"$'\n' ;;
   *) echo "slurm.sh: --per must be gpu or node (got '${per}')" >&2; exit 2 ;;
 esac
 extra=""
@@ -58,7 +62,7 @@ ${tasks}
 ${extra}set -euo pipefail
 cd $(printf '%q' "$root")
 source $(printf '%q' "$venv")/bin/activate
-srun python -m cma_jax.main --distributed $(printf '%q ' "$@")"
+${devices}srun python -m cma_jax.main --distributed $(printf '%q ' "$@")"
 
 if [[ $dry_run -eq 1 ]]; then
   echo "$script"

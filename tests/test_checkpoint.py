@@ -119,3 +119,17 @@ def test_restore_into_other_architecture_names_the_difference(tmp_path, tiny):
     assert "adapter.share_dim: checkpoint 8, config 4" in str(e.value)
     with pytest.raises(FileNotFoundError, match="no run checkpoint"):
         ckpt_lib.load_adapters(str(tmp_path / "nowhere"), model)
+
+
+def test_remote_workdir_is_kept_as_a_url(monkeypatch):
+    """A gs:// workdir (the TPU pod launcher requires one) must not become a local 'CWD/gs:/...' path."""
+    seen = []
+
+    class Manager:  # stands in for Orbax's manager: no bucket to reach in tests
+        def __init__(self, directory, options=None):
+            seen.append(str(directory))
+
+    monkeypatch.setattr(ckpt_lib.ocp, "CheckpointManager", Manager)
+    assert ckpt_lib.RunCheckpointer("gs://bucket/runs/msrvtt").directory == "gs://bucket/runs/msrvtt/checkpoints"
+    assert seen == ["gs://bucket/runs/msrvtt/checkpoints"]
+    assert ckpt_lib.RunCheckpointer("rel/run").directory == os.path.abspath("rel/run/checkpoints")

@@ -120,6 +120,21 @@ def test_cma_round_trip_through_files(tmp_path):
     assert_same({k: v.numpy() for k, v in back.items()}, sd)
 
 
+def test_original_repo_training_checkpoint_is_unwrapped(tmp_path):
+    """The original train.py saves {'model': state dict, 'optimizer', 'scheduler', 'epoch', 'args': Namespace}."""
+    import argparse
+    sd = cma_state_dict(8)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()},
+                "optimizer": {"state": {0: {"step": 3, "next_m": torch.zeros(2)}},
+                              "param_groups": [{"lr": 1e-5, "weight_decay": 0.2, "params": [0]}]},
+                "scheduler": None, "epoch": 4,
+                "args": argparse.Namespace(lr=1e-5, adapter_share_dim=8, output_dir="/runs/x", init_model=None)},
+               tmp_path / "ckpt_epoch5.pth")
+    conv = convert.convert_checkpoint(str(tmp_path / "ckpt_epoch5.pth"))
+    assert conv.adapter_config == AdapterConfig(reduction_dim=R, share_dim=8)
+    assert_same(convert.to_cma(conv.adapters, conv.clip_config, conv.backbone), sd)
+
+
 def test_openai_half_precision_is_read_as_float32(tmp_path):
     sd = {k[len("clip."):]: v for k, v in cma_state_dict(8).items() if k[len("clip."):] not in convert.CMA_KEYS}
     torch.save({k: torch.from_numpy(v).half() for k, v in sd.items()}, tmp_path / "half.pt")
@@ -225,6 +240,22 @@ def test_failed_save_leaves_nothing(tmp_path, converted):
     with pytest.raises(FileNotFoundError):
         convert.save_backbone(str(path), converted.clip_config, converted.backbone, [str(tmp_path / "nope.json")])
     assert os.listdir(tmp_path) == []
+
+
+def test_load_backbone_from_a_bucket_url(tmp_path, converted, monkeypatch):
+    """`config.backbone_checkpoint=gs://...` (the pod launcher's example) is read as a URL, not 'CWD/gs:/...'."""
+    convert.save_backbone(str(tmp_path / "ckpt"), converted.clip_config, converted.backbone)
+    real = convert.epath
+
+    class Bucket:  # epath with gs://bucket served from tmp_path (no network in tests)
+        @staticmethod
+        def Path(p):
+            return real.Path(os.fspath(p).replace("gs://bucket", str(tmp_path)))
+
+    monkeypatch.setattr(convert, "epath", Bucket)
+    cfg, state = convert.load_backbone("gs://bucket/ckpt")
+    assert cfg == converted.clip_config
+    np.testing.assert_array_equal(np.asarray(state["visual"]["proj"]), converted.backbone["visual"]["proj"])
 
 
 def test_load_backbone_of_something_else_fails(tmp_path):

@@ -84,7 +84,10 @@ def test_tpu_pod_dry_run_runs_the_same_command_on_every_worker():
     assert bad.returncode == 2 and "gs://" in bad.stderr
 
 
-@pytest.mark.parametrize("per, tasks", [("gpu", "--ntasks-per-node=4\n#SBATCH --gpus-per-task=1"),
+# jax's SLURM auto-detection makes task i of a node drive the node's GPU i (local_device_ids =
+# [SLURM_LOCALID]): per=gpu tasks must all see the node's GPUs (not --gpus-per-task=1, where task i>0
+# sees one GPU numbered 0: invalid device ordinal), and per=node must name every GPU itself.
+@pytest.mark.parametrize("per, tasks", [("gpu", "--ntasks-per-node=4\n#SBATCH --gpus-per-node=4"),
                                         ("node", "--ntasks-per-node=1\n#SBATCH --gpus-per-node=4")])
 def test_slurm_dry_run_prints_the_batch_script(per, tasks):
     p = _sh(os.path.join(ROOT, "launch", "slurm.sh"), "--nodes=2", "--gpus_per_node=4", f"--per={per}",
@@ -94,6 +97,28 @@ def test_slurm_dry_run_prints_the_batch_script(per, tasks):
     assert "#SBATCH --nodes=2\n#SBATCH " + tasks in script and "#SBATCH --partition=a100" in script
     assert script.strip().endswith("srun python -m cma_jax.main --distributed --config=configs/msrvtt.py "
                                    "--workdir=/shared/runs/x")
+    assert "--gpus-per-task" not in script
+    assert ("export JAX_LOCAL_DEVICE_IDS=0,1,2,3\n" in script) == (per == "node")
     assert _sh("-n", "-c", script).returncode == 0  # the generated script itself parses
     bad = _sh(os.path.join(ROOT, "launch", "slurm.sh"), "--per=socket", "--dry_run", "--", "--config=x")
     assert bad.returncode == 2 and "--per must be gpu or node" in bad.stderr
+
+
+def test_local_launcher_ctrl_c_lets_processes_save(tmp_path):
+    """Ctrl-C reaches every process (one process group): the launcher must wait for their interrupt saves."""
+    import signal
+    import time
+    child = ("import sys, time\n"
+             "try:\n    time.sleep(60)\n"
+             "except KeyboardInterrupt:\n"
+             "    time.sleep(1.5)  # the save-on-interrupt\n"
+             f"    open({str(tmp_path)!r} + '/saved_' + sys.argv[-1].split('=')[1], 'w').close()\n"
+             "    raise SystemExit(130)\n")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2", "--",
+                             sys.executable, "-c", child], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)  # both processes started
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, _ = proc.communicate(timeout=60)
+    assert sorted(os.listdir(tmp_path)) == ["saved_0", "saved_1"], out
+    assert proc.returncode == 130

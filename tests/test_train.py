@@ -167,3 +167,49 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     init = train_lib.build_model(config)
     before, after = _frozen(init), _frozen(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_interrupt_while_waiting_for_a_step_saves_the_matching_iterator_state(trained, tmp_path, monkeypatch):
+    """Ctrl-C in the blocking wait for step 3's metrics: step 3 is done, so its batch must not be re-run."""
+    config, _, uninterrupted, _ = trained
+    workdir = str(tmp_path)
+    real, calls = jax.device_get, []
+
+    def device_get(x):
+        if isinstance(x, dict) and "loss" in x:  # the train loop's wait for one step's metrics
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return real(x)
+
+    monkeypatch.setattr(jax, "device_get", device_get)
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+    monkeypatch.setattr(jax, "device_get", real)
+    assert ckpt_lib.RunCheckpointer(workdir).latest_step() == 3
+    it = SyntheticBatches(config)
+    model, history = train_lib.train(config, workdir, train_iter=it)
+    assert [h["step"] for h in history] == [4] and it.i == 4  # batch 3 (0-based) trained once, as step 4
+    a, b = _adapters(uninterrupted), _adapters(model)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-7, err_msg=k)
+
+
+def test_trained_logit_scale_is_clamped_at_log_100():
+    """As CLIP / the original train.py: after each update, logit_scale <= log(100)."""
+    config = tiny_config()
+    config.model.train_logit_scale = True
+    model = train_lib.build_model(config)
+    model.clip.logit_scale[...] = jnp.float32(4.5)
+    graphdef, params, rngs, frozen = partition.split(model, config)
+    plus_one = optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                            lambda g, s, p=None: (jax.tree.map(jnp.ones_like, g), s))
+    step = jax.jit(train_lib.make_train_step(graphdef, plus_one, lambda s: 1.0, 1))
+    state = {"params": params, "opt_state": plus_one.init(params), "rngs": rngs, "step": jnp.int32(0)}
+    new, _ = step(state, frozen, SyntheticBatches(config).global_batch(0))
+    flat = _flat(new["params"])
+    scale = [v for k, v in flat.items() if "logit_scale" in k]
+    np.testing.assert_allclose(scale, [np.log(100.0)], rtol=1e-6)
+    before = _flat(params)
+    others = [k for k in flat if "logit_scale" not in k]
+    assert others and all(np.allclose(flat[k], before[k] + 1) for k in others)  # nothing else is clamped
