@@ -294,9 +294,11 @@ def test_repeated_evaluation_does_not_recompile(capsys):
     compiles = []
 
     def listener(event, duration, **kw):
-        if event.endswith("backend_compile_duration"):
+        # A jit cache miss either compiles or reads the persistent compilation cache (conftest).
+        if event.endswith(("backend_compile_duration", "cache_retrieval_time_sec")):
             compiles.append(event)
 
+    jax.clear_caches()  # earlier tests may have compiled the same encoders in this process
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         model = tiny_model()
