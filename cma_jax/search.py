@@ -35,7 +35,6 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT = "cma_jax.search/1"
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
 
 
 class IndexMismatchError(ValueError):
@@ -120,15 +119,16 @@ def _indexed_names(index_dir: str, manifest: dict) -> set[str]:
     return done
 
 
-def list_videos(video_dir: str, extensions=VIDEO_EXTENSIONS) -> list[str]:
+def list_videos(video_dir: str) -> list[str]:
     """Video files under `video_dir` (recursive), as sorted paths relative to it."""
+    from cma_jax.data.video import VIDEO_EXTENSIONS
     if not os.path.isdir(video_dir):
         raise FileNotFoundError(f"video folder {video_dir} does not exist")
     found = []
     for root, dirs, files in os.walk(video_dir):
         dirs.sort()
         for name in files:
-            if name.lower().endswith(tuple(extensions)):
+            if name.lower().endswith(VIDEO_EXTENSIONS):
                 found.append(os.path.relpath(os.path.join(root, name), video_dir))
     return sorted(found)
 

@@ -22,6 +22,10 @@ from PIL import Image
 
 _log = logging.getLogger(__name__)
 
+# File extensions taken for videos when a folder is scanned (dataset builds, search indexes).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".3gp", ".3g2", ".mpg", ".mpeg", ".wmv",
+                    ".flv", ".ogv")
+
 
 class VideoDecodeError(Exception):
     """A video that is missing, empty, corrupt or has no decodable video frame."""

@@ -55,21 +55,6 @@ from etils import epath
 
 from cma_jax.data import video
 
-VIDEO_EXTENSIONS = (
-    ".mp4",
-    ".avi",
-    ".mkv",
-    ".webm",
-    ".mov",
-    ".m4v",
-    ".3gp",
-    ".3g2",
-    ".mpg",
-    ".mpeg",
-    ".wmv",
-    ".flv",
-    ".ogv",
-)
 _KEY_SPACE = 2**128  # TFDS hashes keys to 128 bits; with shuffling disabled the key is used as is.
 
 
@@ -350,14 +335,14 @@ def index_videos(root: epath.PathLike) -> dict[str, str]:
     index: dict[str, str] = {}
     for dirpath, _, files in os.walk(os.fspath(root)):
         for f in sorted(files):
-            if not f.lower().endswith(VIDEO_EXTENSIONS):
+            if not f.lower().endswith(video.VIDEO_EXTENSIONS):
                 continue
             path = os.path.join(dirpath, f)
             name = f
             while True:
                 index.setdefault(name, path)
                 stem, ext = os.path.splitext(name)
-                if not ext or ext.lower() not in VIDEO_EXTENSIONS:
+                if not ext or ext.lower() not in video.VIDEO_EXTENSIONS:
                     break
                 name = stem
     return index
@@ -369,7 +354,7 @@ def find_video(index: dict[str, str], video_id: str, *alternatives: str) -> str 
         if key in index:
             return index[key]
         stem, ext = os.path.splitext(key)
-        if ext.lower() in VIDEO_EXTENSIONS and stem in index:
+        if ext.lower() in video.VIDEO_EXTENSIONS and stem in index:
             return index[stem]
     return None
 
