@@ -76,15 +76,7 @@ def build_model(backbone: str | None = None, adapters: str | None = None, *, hea
     model = RetrievalModel(clip_config, adapter_cfg, head=head, tau=tau, rngs=nnx.Rngs(seed))
     if state is not None:
         convert.apply_state(model, state)
-    step = None
-    if adapters and _is_converted(adapters):
-        made_for, _, tree = convert.load_adapters(adapters)  # the adapter shape was taken from it above
-        f32 = lambda c: dataclasses.replace(c, dtype="float32")  # noqa: E731
-        if f32(made_for) != f32(clip_config):
-            raise ValueError(f"adapters {adapters} were made for {made_for}, but the backbone is {clip_config}")
-        convert.apply_state(model, tree)
-    elif adapters:
-        step = ckpt_lib.load_adapters(adapters, model)
+    step = ckpt_lib.load_adapters(adapters, model) if adapters else None  # run checkpoint or converted folder
     return model, step
 
 

@@ -178,10 +178,10 @@ def load_adapters(path: str, model, step: int | None = None) -> int | None:
     loaded). Updates the model in place; returns the checkpoint step (None for converted adapters).
     Raises ValueError with the differences when the checkpoint was made for another model.
     """
-    from cma_jax import partition
+    from cma_jax import convert, partition
 
     path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isdir(checkpoint_dir(path)):
+    if os.path.isfile(os.path.join(path, convert.ADAPTER_CONFIG_FILE)) and not os.path.isdir(checkpoint_dir(path)):
         return _load_converted_adapters(path, model)
     directory = checkpoint_dir(path)
     if not epath.Path(directory).is_dir():  # local or gs://
