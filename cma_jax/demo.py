@@ -29,6 +29,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from cma_jax.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 METHODS = {  # table row name, in the paper's terms
@@ -119,10 +121,7 @@ def _read_json(path: str):
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2))
 
 
 def _dir_bytes(path: str) -> int:
@@ -322,10 +321,8 @@ def plot_curves(pretrain_history: list[dict], rows: list[dict], path: str) -> No
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def r1_ceiling(config, data_dir: str) -> float:

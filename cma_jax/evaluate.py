@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cma_jax import metrics as metrics_lib
+from cma_jax.files import write_atomic
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -202,11 +203,8 @@ def write_reports(results: dict, workdir: str, name: str, step: int | None) -> t
     table = (f"# Retrieval: {name}" + (f", step {step}" if step is not None else "") + "\n\n"
              f"{results['num_texts']} captions x {results['num_videos']} videos, head {results['head']}.\n\n"
              + metrics_lib.markdown_table(rows))
-    for path, text in ((stem + ".json", json.dumps(results, indent=2)), (stem + ".md", table)):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    write_atomic(stem + ".json", json.dumps(results, indent=2))
+    write_atomic(stem + ".md", table)
     return stem + ".json", stem + ".md"
 
 

@@ -33,6 +33,8 @@ import sys
 
 import numpy as np
 
+from cma_jax.files import write_atomic
+
 MANIFEST = "manifest.json"
 FORMAT = "cma_jax.search/1"
 
@@ -42,15 +44,8 @@ class IndexMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------- index files
-def _write_atomic(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _save_manifest(index_dir: str, manifest: dict) -> None:
-    _write_atomic(os.path.join(index_dir, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    write_atomic(os.path.join(index_dir, MANIFEST), json.dumps(manifest, indent=1))
 
 
 def read_manifest(index_dir: str) -> dict | None:
@@ -196,7 +191,7 @@ def build_index(retriever, video_dir: str, index_dir: str, *, shard_size: int = 
             if names:
                 emb = retriever.encode_clips(np.stack(frames))
                 file = f"shard_{len(manifest['shards']):05d}.npz"
-                _write_atomic(os.path.join(index_dir, file), lambda f: np.savez(
+                write_atomic(os.path.join(index_dir, file), lambda f: np.savez(
                     f, frame_emb=emb.astype(np.float16), frame_mask=np.stack(masks), videos=np.array(names)))
                 manifest["shards"].append({"file": file, "count": len(names)})
             _save_manifest(index_dir, manifest)  # the shard is only "done" once recorded here
@@ -390,7 +385,7 @@ def main(argv=None) -> int:
                         print(f"  {h['rank']:>3}. {h['score']:+.4f}  {h['video']}")
             return 0
         page = render_report(results, texts, index, thumbs=args.thumbs, fps=index["manifest"]["settings"]["fps"])
-        _write_atomic(args.out, lambda f: f.write(page.encode()))
+        write_atomic(args.out, page)
         print(f"report with {len(texts)} queries x {args.k} hits -> {args.out}")
         return 0
     except (IndexMismatchError, FileNotFoundError, ValueError) as e:
