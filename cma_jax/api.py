@@ -117,13 +117,10 @@ def fit_frames(frames: np.ndarray, resolution: int) -> np.ndarray:
 
 def sample_clip(frames: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
     """[N, R, R, 3] -> (frames [T, R, R, 3] zero-padded, mask [T]) with the eval pipeline's sampling."""
-    from cma_jax.data.pipeline import sample_frame_indices
+    from cma_jax.data.pipeline import pad_clip, sample_frame_indices
     if len(frames) == 0:
         raise ValueError("a video needs at least one frame")
-    chosen = frames[sample_frame_indices(len(frames), num_frames)]
-    out = np.zeros((num_frames,) + frames.shape[1:], np.uint8)
-    out[: len(chosen)] = chosen
-    return out, np.arange(num_frames) < len(chosen)
+    return pad_clip(frames[sample_frame_indices(len(frames), num_frames)], num_frames)
 
 
 class Retriever:

@@ -68,11 +68,14 @@ def load_clip(jpegs: list[bytes], num_frames: int) -> tuple[np.ndarray, np.ndarr
     if not jpegs:
         raise ValueError("a record holds no frames (builders store at least one); rebuild the dataset")
     chosen = [video.decode_jpeg(jpegs[i]) for i in sample_frame_indices(len(jpegs), num_frames)]
-    frames = np.zeros((num_frames, *chosen[0].shape), np.uint8)
-    frames[: len(chosen)] = np.stack(chosen)
-    mask = np.zeros((num_frames,), bool)
-    mask[: len(chosen)] = True
-    return frames, mask
+    return pad_clip(np.stack(chosen), num_frames)
+
+
+def pad_clip(chosen: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n <= T, H, W, 3] -> (frames [T,H,W,3] uint8 zero-padded, frame_mask [T] bool)."""
+    frames = np.zeros((num_frames, *chosen.shape[1:]), np.uint8)
+    frames[: len(chosen)] = chosen
+    return frames, np.arange(num_frames) < len(chosen)
 
 
 def train_pairs(num_captions: np.ndarray) -> np.ndarray:
