@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Sequence
 
@@ -26,32 +25,8 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from cma_jax.models.adapter import AdapterConfig
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.models.retrieval import RetrievalModel
-
-
-def _adapter_config_of(path: str) -> AdapterConfig | None:
-    """The adapter shape a run checkpoint / converted adapter folder was made with (None: method=full)."""
-    from cma_jax import checkpoint as ckpt_lib
-    from cma_jax import convert
-
-    path = os.fspath(path)
-    if _is_converted(path):
-        with open(os.path.join(path, convert.ADAPTER_CONFIG_FILE)) as f:
-            return AdapterConfig(**json.load(f))
-    directory = ckpt_lib.checkpoint_dir(path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"adapters {path}: neither a run workdir / checkpoints folder nor an adapter "
-                                f"folder written by cma_jax.convert ({convert.ADAPTER_CONFIG_FILE} missing)")
-    import orbax.checkpoint as ocp
-    ckpt = ckpt_lib.RunCheckpointer(directory, read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"adapters {path}: {directory} contains no finished checkpoint")
-    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    ckpt.close()
-    return AdapterConfig(**meta["adapter"]) if meta.get("adapter") else None
 
 
 def build_model(backbone: str | None = None, adapters: str | None = None, *, head: str = "text_conditioned",
@@ -72,18 +47,12 @@ def build_model(backbone: str | None = None, adapters: str | None = None, *, hea
         raise ValueError("build_model needs a backbone checkpoint folder or a clip_config")
     if dtype is not None:
         clip_config = dataclasses.replace(clip_config, dtype=dtype)
-    adapter_cfg = _adapter_config_of(adapters) if adapters else None
+    adapter_cfg = ckpt_lib.saved_adapter_config(adapters) if adapters else None
     model = RetrievalModel(clip_config, adapter_cfg, head=head, tau=tau, rngs=nnx.Rngs(seed))
     if state is not None:
         convert.apply_state(model, state)
     step = ckpt_lib.load_adapters(adapters, model) if adapters else None  # run checkpoint or converted folder
     return model, step
-
-
-def _is_converted(path: str) -> bool:
-    """An adapter folder written by cma_jax.convert (vs a run workdir / checkpoints folder)."""
-    from cma_jax import convert
-    return os.path.isfile(os.path.join(os.fspath(path), convert.ADAPTER_CONFIG_FILE))
 
 
 def params_hash(model) -> str:

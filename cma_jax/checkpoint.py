@@ -23,6 +23,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from cma_jax.models.adapter import AdapterConfig
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -178,19 +180,11 @@ def load_adapters(path: str, model, step: int | None = None) -> int | None:
     loaded). Updates the model in place; returns the checkpoint step (None for converted adapters).
     Raises ValueError with the differences when the checkpoint was made for another model.
     """
-    from cma_jax import convert, partition
+    from cma_jax import partition
 
-    path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, convert.ADAPTER_CONFIG_FILE)) and not os.path.isdir(checkpoint_dir(path)):
+    if _is_converted(path):
         return _load_converted_adapters(path, model)
-    directory = checkpoint_dir(path)
-    if not epath.Path(directory).is_dir():  # local or gs://
-        raise FileNotFoundError(f"{path}: no run checkpoint here (expected {directory}/<step>/)")
-    ckpt = RunCheckpointer(directory, read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory}: contains no finished checkpoint")
-    saved = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    ckpt, directory, step, saved = _open_run(path, step)
     # The two config fields partition.trainable_filter reads, as the saving run had them.
     cfg = ml_collections.ConfigDict({"method": saved.get("method"),
                                      "model": {"train_logit_scale": saved.get("train_logit_scale", False)}})
@@ -201,6 +195,39 @@ def load_adapters(path: str, model, step: int | None = None) -> int | None:
     nnx.update(model, restored)
     ckpt.close()
     return step
+
+
+def saved_adapter_config(path: str) -> AdapterConfig | None:
+    """The adapter shape of a run checkpoint or converted adapter folder (None: trained without adapters)."""
+    from cma_jax import convert
+
+    if _is_converted(path):
+        return convert.load_adapters(path)[1]
+    ckpt, _, _, saved = _open_run(path)
+    ckpt.close()
+    return AdapterConfig(**saved["adapter"]) if saved.get("adapter") else None
+
+
+def _is_converted(path: str) -> bool:
+    """An adapter folder written by cma_jax.convert (and not a run workdir)."""
+    from cma_jax import convert
+
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, convert.ADAPTER_CONFIG_FILE)) and not os.path.isdir(checkpoint_dir(path))
+
+
+def _open_run(path: str, step: int | None = None):
+    """(read-only checkpointer, its directory, step (default latest), that step's metadata) of a run."""
+    directory = checkpoint_dir(os.fspath(path))
+    if not epath.Path(directory).is_dir():  # local or gs://
+        raise FileNotFoundError(f"{path}: no run checkpoint here (expected {directory}/<step>/), and neither "
+                                "an adapter folder written by cma_jax.convert")
+    ckpt = RunCheckpointer(directory, read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: contains no finished checkpoint")
+    saved = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return ckpt, directory, step, saved
 
 
 def _load_converted_adapters(path: str, model) -> None:
