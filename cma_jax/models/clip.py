@@ -31,6 +31,14 @@ class CLIPConfig:
     text_layers: int = 12
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
 
+    # Fields that say how to compute, not what the weights are: ignored by `same_architecture`.
+    COMPUTE_FIELDS = ("dtype",)
+
+    def same_architecture(self, other: "CLIPConfig") -> bool:
+        """True when `other` describes the same weights (compute settings such as dtype may differ)."""
+        keep = {f.name for f in dataclasses.fields(self)} - set(self.COMPUTE_FIELDS)
+        return all(getattr(self, f) == getattr(other, f) for f in keep)
+
     @property
     def vision_heads(self) -> int:
         return self.vision_width // 64 if self.vision_width >= 64 else 1
