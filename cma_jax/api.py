@@ -5,8 +5,10 @@
     f, m = r.encode_videos(["a.mp4", frames_array])                  # [M, T, D], [M, T]
     s = r.similarity(t, f, m)                                        # [N, M] cosine (the model's head)
 
-`adapters` may be a run workdir / its checkpoints/ folder (cma_jax.checkpoint) or an adapter folder
-written by cma_jax.convert; without it the model is the zero-shot backbone. Videos are decoded with
+`backbone` is anything `config.backbone` accepts (a converted folder, `ViT-B/32`, a Hugging Face repo
+id, a .pt file; see cma_jax.backbones). `adapters` may be a run workdir / its checkpoints/ folder or an
+adapter folder written by cma_jax.convert; without it the model is the zero-shot backbone. Frames and
+words per video / caption default to what the adapters were trained with. Videos are decoded with
 cma_jax.data.video (frames at `fps`, shorter side resized + centre crop) and sampled to T frames as
 the eval pipeline does (CLIP4Clip's uniform sampling).
 """
@@ -22,37 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from cma_jax import checkpoint, sharding
+from cma_jax.data.pipeline import pad_clip, sample_frame_indices
+from cma_jax.data.tokenizer import load_tokenizer
+from cma_jax.evaluate import block_similarity
+from cma_jax.models import load as load_lib
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.models.retrieval import RetrievalModel
-
-
-def build_model(backbone: str | None = None, adapters: str | None = None, *, head: str = "text_conditioned",
-                tau: float = 5.0, dtype: str | None = None, clip_config: CLIPConfig | None = None,
-                seed: int = 0) -> tuple[RetrievalModel, int | None]:
-    """(model, checkpoint step) from a converted backbone folder and optional adapters.
-
-    `backbone=None` builds a randomly initialised `clip_config` (tests). The adapter shape is read
-    from the adapter checkpoint, so only the paths are needed.
-    """
-    from cma_jax import checkpoint as ckpt_lib
-    from cma_jax import convert
-
-    state = None
-    if backbone is not None:
-        clip_config, state = convert.load_backbone(backbone)
-    elif clip_config is None:
-        raise ValueError("build_model needs a backbone checkpoint folder or a clip_config")
-    if dtype is not None:
-        clip_config = dataclasses.replace(clip_config, dtype=dtype)
-    adapter_cfg = ckpt_lib.saved_adapter_config(adapters) if adapters else None
-    model = RetrievalModel(clip_config, adapter_cfg, head=head, tau=tau, rngs=nnx.Rngs(seed))
-    if state is not None:
-        convert.apply_state(model, state)
-    step = ckpt_lib.load_adapters(adapters, model) if adapters else None  # run checkpoint or converted folder
-    return model, step
 
 
 def params_hash(model) -> str:
@@ -74,7 +54,7 @@ def fingerprint(model) -> dict:
 
 def fit_frames(frames: np.ndarray, resolution: int) -> np.ndarray:
     """[N, H, W, 3] uint8 -> [N, R, R, 3]: shorter side to R and centre crop (CLIP's geometry)."""
-    from cma_jax.data import video
+    from cma_jax.data import video  # PyAV, a heavy import: only when frames are resized here
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"video frames must be uint8 [N, H, W, 3], got shape {frames.shape}")
@@ -86,7 +66,6 @@ def fit_frames(frames: np.ndarray, resolution: int) -> np.ndarray:
 
 def sample_clip(frames: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
     """[N, R, R, 3] -> (frames [T, R, R, 3] zero-padded, mask [T]) with the eval pipeline's sampling."""
-    from cma_jax.data.pipeline import pad_clip, sample_frame_indices
     if len(frames) == 0:
         raise ValueError("a video needs at least one frame")
     return pad_clip(frames[sample_frame_indices(len(frames), num_frames)], num_frames)
@@ -97,7 +76,6 @@ class Retriever:
 
     def __init__(self, model: RetrievalModel, tokenizer, *, num_frames: int = 12, max_words: int = 32,
                  fps: float = 1.0, batch_size: int = 16, step: int | None = None):
-        from cma_jax.data.tokenizer import load_tokenizer
         for key, value, low in (("batch_size", batch_size, 1), ("num_frames", num_frames, 1),
                                 ("max_words", max_words, 2)):
             if value < low:
@@ -113,13 +91,12 @@ class Retriever:
         self.resolution = model.clip.config.image_resolution
         graphdef, self._state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
         # Data parallel over this process's devices: batches split over them, weights replicated.
-        devices = jax.local_devices()
+        mesh = sharding.local_data_mesh()
         self._batch_sharding = None
-        if len(devices) > 1:
-            mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
-            self._batch_sharding = NamedSharding(mesh, P("data"))
-            self._state = jax.device_put(self._state, NamedSharding(mesh, P()))
-            batch_size = -(-batch_size // len(devices)) * len(devices)
+        if mesh is not None:
+            self._batch_sharding = sharding.batch_sharding(mesh)
+            self._state = sharding.place_on_mesh(self._state, mesh)
+            batch_size = -(-batch_size // mesh.size) * mesh.size
         self.batch_size = batch_size
         self._enc_text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
         self._enc_frames = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_frames(x))
@@ -151,7 +128,7 @@ class Retriever:
 
     def load_video(self, video) -> tuple[np.ndarray, np.ndarray]:
         """A path (decoded at `fps`) or frames [N, H, W, 3] -> (frames [T, R, R, 3], mask [T])."""
-        from cma_jax.data import video as video_lib
+        from cma_jax.data import video as video_lib  # PyAV, a heavy import: only when decoding
         if isinstance(video, (str, os.PathLike)):
             frames = video_lib.decode_video(video, fps=self.fps, resolution=self.resolution)
         else:
@@ -171,23 +148,29 @@ class Retriever:
 
     def similarity(self, text_emb, frame_emb, frame_mask, block_size: int = 1024) -> np.ndarray:
         """Cosine similarity [N, M] with the model's head, computed block-wise on device."""
-        from cma_jax.evaluate import block_similarity
         logits = block_similarity(self.model, np.asarray(text_emb, np.float32), np.asarray(frame_emb, np.float32),
                                   np.asarray(frame_mask, bool), block_size)
         return logits / float(np.exp(np.asarray(self.model.clip.logit_scale[...])))
 
 
 def load(backbone: str | None, adapters: str | None = None, *, tokenizer=None, head: str = "text_conditioned",
-         tau: float = 5.0, num_frames: int = 12, max_words: int = 32, fps: float = 1.0, batch_size: int = 16,
-         dtype: str | None = None, clip_config: CLIPConfig | None = None, seed: int = 0) -> Retriever:
-    """A Retriever from a backbone folder (its tokenizer/ unless `tokenizer` is given) + optional adapters."""
-    from cma_jax import convert
+         tau: float = 5.0, num_frames: int | None = None, max_words: int | None = None, fps: float | None = None,
+         batch_size: int = 16, dtype: str | None = None, clip_config: CLIPConfig | None = None,
+         seed: int = 0) -> Retriever:
+    """A Retriever from a backbone (its tokenizer unless `tokenizer` is given) + optional adapters.
+
+    `backbone=None` builds a randomly initialised `clip_config` (tests). num_frames / max_words / fps
+    default to what the adapters were trained with (recorded in their checkpoint), else 12 / 32 / 1.
+    """
+    folder = load_lib.resolve_backbone(backbone) if backbone is not None else None
     if tokenizer is None:
-        tokenizer = convert.tokenizer_dir(backbone) if backbone else None
+        tokenizer = checkpoint.tokenizer_dir(folder) if folder else None
         if tokenizer is None:
             raise ValueError(f"no tokenizer: backbone {backbone} has no tokenizer/ folder; pass a tokenizer "
                              "(Hugging Face CLIP tokenizer folder, bpe_simple_vocab_16e6.txt.gz or word list)")
-    model, step = build_model(backbone, adapters, head=head, tau=tau, dtype=dtype, clip_config=clip_config,
-                              seed=seed)
-    return Retriever(model, tokenizer, num_frames=num_frames, max_words=max_words, fps=fps,
+    trained = (checkpoint.saved_data_config(adapters) if adapters else None) or {}
+    model, step = load_lib.build_model(clip_config, head=head, tau=tau, backbone=folder, adapters=adapters,
+                                       dtype=dtype, seed=seed)
+    return Retriever(model, tokenizer, num_frames=num_frames or trained.get("num_frames", 12),
+                     max_words=max_words or trained.get("max_words", 32), fps=fps or trained.get("fps", 1.0),
                      batch_size=batch_size, step=step)

@@ -1,14 +1,20 @@
-"""Run checkpoints (Orbax): trainable params, optimizer state, RNG state, data-iterator state, meta.
+"""Every Orbax format of the project: backbone folders, run checkpoints, adapter folders.
 
-A run checkpoint never holds the frozen backbone: for method=cma `params` is the adapter tree only
-(for method=full it is every weight, which is that baseline's point). Layout, one folder per step:
-
-    WORKDIR/checkpoints/<step>/{params, opt_state, rngs, data, meta}
+* Backbone folder (converted once, read-only, shared by every dataset):
+      BACKBONE/{clip_config.json, params/ (Orbax, dotted keys), tokenizer/}
+* Run checkpoint: trainable params, optimizer state, RNG state, data-iterator state, meta. It never
+  holds the frozen backbone: for method=cma `params` is the adapter tree only (for method=full it is
+  every weight, which is that baseline's point). One folder per step:
+      WORKDIR/checkpoints/<step>/{params, opt_state, rngs, data, meta}
+* Adapter folder (adapters converted from the original repo): the run layout with params + meta only,
+      ADAPTERS/checkpoints/0/{params, meta}
+  so that loading trained parameters has one path (`load_adapters`) whatever made them.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a save that is
 interrupted never replaces or corrupts the previous checkpoint; the manager keeps the last N.
 `data` holds each process's iterator state (`process_<i>-of-<n>.json`); `meta` records the
-architecture, adapter shape and method so that restoring into another model fails with a message.
+architecture, adapter shape, method and data settings so that restoring into another model fails
+with a message, and evaluation / search default to what the model was trained with.
 """
 
 from __future__ import annotations
@@ -16,14 +22,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
-import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from cma_jax.models.adapter import AdapterConfig
+from cma_jax import optim
+from cma_jax.errors import CheckpointError
+from cma_jax.files import write_dir_atomic
+from cma_jax.models.adapter import AdapterConfig, AdapterParam
+from cma_jax.models.clip import CLIPConfig
+from cma_jax.trees import flatten, unflatten
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -82,16 +94,26 @@ def decode_iterator_state(state):
 
 
 # ----------------------------------------------------------------------------- meta
-def run_meta(model, config) -> dict:
-    """What a run checkpoint must match to be restored into `model`."""
+DATA_FIELDS = ("num_frames", "fps", "max_words")  # what encoding a video / caption needs to match training
+
+
+def run_meta(model, method: str, train_logit_scale: bool = False, data=None) -> dict:
+    """What a run checkpoint must match to be restored into `model`; `data` (config.data) is recorded
+    so that evaluation and search can default to the frames and words the model was trained with."""
     clip = model.clip
     adapter = clip.adapter_config
     return {
-        "clip": dataclasses.asdict(dataclasses.replace(clip.config, dtype="float32")),
+        "clip": _arch(clip.config),
         "adapter": dataclasses.asdict(adapter) if adapter is not None else None,
-        "method": config.method,
-        "train_logit_scale": bool(config.model.train_logit_scale),
+        "method": method,
+        "train_logit_scale": bool(train_logit_scale),
+        "data": {k: data[k] for k in DATA_FIELDS} if data is not None else None,
     }
+
+
+def _arch(cfg: CLIPConfig) -> dict:
+    """The CLIPConfig fields that describe the weights (not how to compute with them)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CLIPConfig.COMPUTE_FIELDS}
 
 
 def _check_meta(saved: dict, wanted: dict, where: str) -> None:
@@ -110,7 +132,7 @@ def _check_meta(saved: dict, wanted: dict, where: str) -> None:
         raise ValueError(f"run checkpoint {where} does not match this model/config:\n  " + "\n  ".join(diffs))
 
 
-# ----------------------------------------------------------------------------- manager
+# ----------------------------------------------------------------------------- run checkpoints
 def checkpoint_dir(path: str) -> str:
     """A workdir or its checkpoints/ folder -> the checkpoints/ folder."""
     path = os.fspath(path)
@@ -133,28 +155,33 @@ class RunCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_state, meta: dict, force: bool = False) -> bool:
-        """Save `state` ({params, opt_state, rngs}), the iterator state (JSON value) and meta."""
-        items = dict(params=ocp.args.StandardSave(state["params"]),
-                     opt_state=ocp.args.StandardSave(state["opt_state"]),
+    def save(self, step: int, state: optim.TrainState, data_state, meta: dict, force: bool = False) -> bool:
+        """Save the train state's params, opt_state and rngs, the iterator state (JSON value) and meta."""
+        parts = state.checkpointed()
+        items = dict(params=ocp.args.StandardSave(parts["params"]),
+                     opt_state=ocp.args.StandardSave(parts["opt_state"]),
                      data=DataStateSave(encode_iterator_state(data_state)),
                      meta=ocp.args.JsonSave(meta))
-        if jax.tree.leaves(state["rngs"]):
-            items["rngs"] = ocp.args.StandardSave(state["rngs"])
+        if jax.tree.leaves(parts["rngs"]):
+            items["rngs"] = ocp.args.StandardSave(parts["rngs"])
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state: dict, meta: dict):
-        """-> (state, data_state); `abstract_state` gives structure, shapes and shardings."""
-        saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        _check_meta(saved_meta, meta, f"{self.directory}/{step}")
-        items = dict(params=ocp.args.StandardRestore(abstract_state["params"]),
-                     opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+    def read_meta(self, step: int) -> dict:
+        """The metadata of one step (reads only that JSON item)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: optim.TrainState, meta: dict):
+        """-> (train state at `step`, data_state); `abstract_state` gives structure, shapes and shardings."""
+        _check_meta(self.read_meta(step), meta, f"{self.directory}/{step}")
+        parts = abstract_state.checkpointed()
+        items = dict(params=ocp.args.StandardRestore(parts["params"]),
+                     opt_state=ocp.args.StandardRestore(parts["opt_state"]),
                      data=DataStateRestore())
-        if jax.tree.leaves(abstract_state["rngs"]):
-            items["rngs"] = ocp.args.StandardRestore(abstract_state["rngs"])
+        if jax.tree.leaves(parts["rngs"]):
+            items["rngs"] = ocp.args.StandardRestore(parts["rngs"])
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        state = {"params": out["params"], "opt_state": out["opt_state"],
-                 "rngs": out["rngs"] if "rngs" in items else abstract_state["rngs"]}
+        state = abstract_state.replace(params=out["params"], opt_state=out["opt_state"],
+                                       rngs=out["rngs"] if "rngs" in items else parts["rngs"])
         return state, decode_iterator_state(out["data"])
 
     def wait(self):
@@ -171,72 +198,147 @@ def abstract(tree, shardings=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-# ----------------------------------------------------------------------------- loading for eval / search
-def load_adapters(path: str, model, step: int | None = None) -> int | None:
-    """Load the trained parameters of a run checkpoint (or a `convert.save_adapters` folder) into `model`.
-
-    `path`: a workdir, its checkpoints/ folder, or an adapter folder written by cma_jax.convert.
-    `model`: a RetrievalModel built with the same architecture / adapter shape (its backbone already
-    loaded). Updates the model in place; returns the checkpoint step (None for converted adapters).
-    Raises ValueError with the differences when the checkpoint was made for another model.
-    """
-    from cma_jax import partition
-
-    if _is_converted(path):
-        return _load_converted_adapters(path, model)
-    ckpt, directory, step, saved = _open_run(path, step)
-    # The two config fields partition.trainable_filter reads, as the saving run had them.
-    cfg = ml_collections.ConfigDict({"method": saved.get("method"),
-                                     "model": {"train_logit_scale": saved.get("train_logit_scale", False)}})
-    _check_meta(saved, run_meta(model, cfg), f"{directory}/{step}")
-    params = nnx.state(model, partition.trainable_filter(cfg))
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(params))))["params"]
-    nnx.update(model, restored)
-    ckpt.close()
-    return step
-
-
-def saved_adapter_config(path: str) -> AdapterConfig | None:
-    """The adapter shape of a run checkpoint or converted adapter folder (None: trained without adapters)."""
-    from cma_jax import convert
-
-    if _is_converted(path):
-        return convert.load_adapters(path)[1]
-    ckpt, _, _, saved = _open_run(path)
-    ckpt.close()
-    return AdapterConfig(**saved["adapter"]) if saved.get("adapter") else None
-
-
-def _is_converted(path: str) -> bool:
-    """An adapter folder written by cma_jax.convert (and not a run workdir)."""
-    from cma_jax import convert
-
-    path = os.fspath(path)
-    return os.path.isfile(os.path.join(path, convert.ADAPTER_CONFIG_FILE)) and not os.path.isdir(checkpoint_dir(path))
-
-
+# ----------------------------------------------------------------------------- trained parameters
 def _open_run(path: str, step: int | None = None):
-    """(read-only checkpointer, its directory, step (default latest), that step's metadata) of a run."""
-    directory = checkpoint_dir(os.fspath(path))
+    """(read-only checkpointer, step (default latest), that step's metadata) of a run or adapter folder."""
+    path = os.fspath(path)
+    directory = checkpoint_dir(path)
     if not epath.Path(directory).is_dir():  # local or gs://
+        if os.path.isfile(os.path.join(path, LEGACY_ADAPTER_CONFIG)):
+            raise CheckpointError(f"{path}: an adapter folder written by an older cma_jax; convert the original "
+                                  "checkpoint again (python -m cma_jax.convert import SRC BACKBONE --adapters_out DIR)")
         raise FileNotFoundError(f"{path}: no run checkpoint here (expected {directory}/<step>/), and neither "
                                 "an adapter folder written by cma_jax.convert")
     ckpt = RunCheckpointer(directory, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:
+        ckpt.close()
         raise FileNotFoundError(f"{directory}: contains no finished checkpoint")
-    saved = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return ckpt, directory, step, saved
+    return ckpt, step, ckpt.read_meta(step)
 
 
-def _load_converted_adapters(path: str, model) -> None:
-    from cma_jax import convert
+def load_adapters(path: str, model, step: int | None = None) -> int:
+    """Load the trained parameters of a run checkpoint or adapter folder into `model` -> its step.
 
-    clip_cfg, adapter_cfg, tree = convert.load_adapters(path)
-    have_clip = dataclasses.replace(model.clip.config, dtype="float32")
-    if dataclasses.replace(clip_cfg, dtype="float32") != have_clip or adapter_cfg != model.clip.adapter_config:
-        raise ValueError(f"adapters in {path} were made for {clip_cfg} / {adapter_cfg}, "
-                         f"but the model is {have_clip} / {model.clip.adapter_config}")
-    convert.apply_state(model, tree)
-    return None
+    `path`: a workdir, its checkpoints/ folder, or an adapter folder (`save_adapters`). `model`: a
+    RetrievalModel of the same architecture / adapter shape (its backbone already loaded); updated in
+    place. Raises ValueError with the differences when the checkpoint was made for another model.
+    """
+    ckpt, step, saved = _open_run(path, step)
+    try:
+        method, train_ls = saved.get("method"), saved.get("train_logit_scale", False)
+        _check_meta(saved, run_meta(model, method, train_ls), f"{ckpt.directory}/{step}")
+        params = nnx.state(model, optim.trainable_filter(method, train_ls))
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract(params))))["params"]
+    finally:
+        ckpt.close()
+    nnx.update(model, restored)
+    return step
+
+
+def saved_meta(path: str) -> dict:
+    """The metadata of the latest checkpoint of a run or adapter folder (reads only that JSON)."""
+    ckpt, _, saved = _open_run(path)
+    ckpt.close()
+    return saved
+
+
+def saved_adapter_config(path: str) -> AdapterConfig | None:
+    """The adapter shape of a run checkpoint or adapter folder (None: trained without adapters)."""
+    saved = saved_meta(path)
+    return AdapterConfig(**saved["adapter"]) if saved.get("adapter") else None
+
+
+def saved_data_config(path: str) -> dict | None:
+    """{num_frames, fps, max_words} the run was trained with; None when not recorded."""
+    return saved_meta(path).get("data")
+
+
+def save_adapters(path: str, model, overwrite: bool = False) -> None:
+    """Save `model`'s AdapterParams as an adapter folder (the run layout, step 0), atomically."""
+    if model.clip.adapter_config is None:
+        raise ValueError("the model has no adapters to save")
+    meta = run_meta(model, "cma")
+    params = nnx.state(model, optim.trainable_filter("cma"))
+
+    def write(tmp: str):
+        ckpt = RunCheckpointer(tmp)
+        ckpt.manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                     meta=ocp.args.JsonSave(meta)), force=True)
+        ckpt.wait()
+        ckpt.close()
+
+    write_dir_atomic(path, write, overwrite)
+
+
+# ----------------------------------------------------------------------------- backbone folders
+CONFIG_FILE = "clip_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+LEGACY_ADAPTER_CONFIG = "adapter_config.json"  # adapter folders of cma_jax before the run layout
+
+
+def _folder(path: str):
+    """A checkpoint folder to read: local (made absolute) or a URL such as gs://bucket/ckpt, kept as is."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def save_backbone(path: str, clip_cfg: CLIPConfig, state: dict, tokenizer_files=(), overwrite: bool = False):
+    """Save a backbone pure dict as a read-only Orbax checkpoint folder, atomically.
+
+    Layout: `clip_config.json`, `params/` (Orbax), `tokenizer/` (when tokenizer files are given).
+    Refuses to replace an existing `path` unless `overwrite`.
+    """
+    def write(tmp: str):
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(_arch(clip_cfg), f, indent=2, sort_keys=True)
+        if tokenizer_files:
+            os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
+            for file in tokenizer_files:
+                shutil.copy2(file, os.path.join(tmp, TOKENIZER_DIR, os.path.basename(file)))
+        flat = {k: np.asarray(v, np.float32) for k, v in flatten(state).items()}
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), flat)
+        for root, _, names in os.walk(tmp):  # read-only: a run never writes a backbone
+            for n in names:
+                os.chmod(os.path.join(root, n), 0o444)
+
+    write_dir_atomic(path, write, overwrite)
+
+
+def load_backbone_config(path: str) -> CLIPConfig:
+    """The architecture of a backbone folder (reads only its clip_config.json)."""
+    file = _folder(path) / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not a cma_jax backbone folder (no {CONFIG_FILE} inside); convert "
+                              "weights with `python -m cma_jax.convert import SRC OUT`")
+    try:
+        return CLIPConfig(**json.loads(file.read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: not a valid CLIP config ({e})") from None
+
+
+def load_backbone(path: str, abstract_state: dict | None = None) -> tuple[CLIPConfig, dict]:
+    """-> (CLIPConfig, backbone pure dict). Pass `abstract_state` (a pure dict of
+    jax.ShapeDtypeStruct with shardings) to restore straight into sharded arrays."""
+    cfg = load_backbone_config(path)
+    params = _folder(path) / PARAMS_DIR
+    if not params.is_dir():
+        raise CheckpointError(f"{path}: not a cma_jax backbone folder (no {PARAMS_DIR}/ inside)")
+    with ocp.StandardCheckpointer() as ckptr:
+        if abstract_state is None:
+            meta = ckptr.metadata(params).item_metadata
+            abstract_flat = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in meta.items()}
+        else:
+            abstract_flat = flatten(abstract_state)
+        flat = ckptr.restore(params, abstract_flat)
+    return cfg, unflatten(flat)
+
+
+def tokenizer_dir(path: str) -> str | None:
+    """The tokenizer files saved beside a backbone, or None when the source had none."""
+    d = os.path.join(path, TOKENIZER_DIR)
+    return d if os.path.isdir(d) else None

@@ -4,6 +4,10 @@ Dataset configs (`configs/msrvtt.py`, ...) start from `base_config()` and change
 field that is not created here is an error (`validate`). The free-form `extra` section is the only
 exception: file-specific knobs (e.g. the demo's) go there and are not checked.
 
+`validate` runs once, at the entry point. The model's own dataclasses (CLIPConfig, AdapterConfig)
+check their fields; this layer builds them and prefixes their messages with the config path, so the
+allowed values are defined once, beside the code that uses them.
+
 Conventions:
   * `model.clip.*` are `None` (= take the value from `model.preset`) or an int override.
   * `train.num_steps = 0` means `train.epochs` passes over the training pairs.
@@ -13,19 +17,27 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 
 import ml_collections
 from ml_collections import config_dict
 
+from cma_jax.models import clip as clip_lib
+from cma_jax.models.adapter import AdapterConfig
+from cma_jax.models.retrieval import HEADS
+from cma_jax.sharding import mesh_shape
+
 MODES = ("train", "eval", "train_and_eval")
 METHODS = ("cma", "full", "zero_shot")
-HEADS = ("meanp", "text_conditioned")
-DTYPES = ("float32", "bfloat16")
-ACTIVATIONS = ("quick_gelu", "gelu", "relu")
 SCHEDULES = ("cosine", "constant")
-# CLIPConfig fields that a config may override (dtype is model.dtype).
+# CLIPConfig fields that a config may override (compute settings are model.dtype / model.remat).
 CLIP_FIELDS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
                "context_length", "vocab_size", "text_width", "text_heads", "text_layers")
+# OpenAI's published checkpoint of each preset: the default `backbone` of the dataset configs.
+PRESET_BACKBONES = {"vit_b32": "ViT-B/32", "vit_b16": "ViT-B/16", "vit_l14": "ViT-L/14",
+                    "vit_l14_336": "ViT-L/14@336px"}
+RENAMED = {"backbone_checkpoint": "backbone"}  # old field -> new field
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,11 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mode = "train_and_eval"  # train | eval | train_and_eval
     c.method = "cma"  # cma (adapters only train) | full (all weights train) | zero_shot (no adapters, eval)
     c.seed = 0
-    # 'module:function' run as function(config, workdir) by cma_jax.main instead of the standard
-    # train / eval (e.g. the demo's orchestration); '' = cma_jax.train.train_and_evaluate.
-    c.entry = ""
-    # Converted, read-only Orbax backbone (cma_jax.convert). '' = random init (tests/benchmarks only).
-    c.backbone_checkpoint = ""
+    # The pre-trained CLIP: a name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px: OpenAI's weights,
+    # downloaded once and cached), a Hugging Face repo id (openai/clip-vit-base-patch32[@revision]), a
+    # .pt URL or file, a Hugging Face folder, a converted folder, or 'random' (tests/benchmarks only).
+    # '' is an error: adapters never train on a random CLIP by accident. See cma_jax.backbones.
+    c.backbone = ""
     # For mode=eval: a run checkpoint (workdir or its checkpoints/ dir) to take adapters from;
     # '' = the workdir's latest run checkpoint.
     c.adapter_checkpoint = ""
@@ -47,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = "vit_b32"  # vit_b32 | vit_b16 | vit_l14 | vit_l14_336
     c.model.clip = ml_collections.ConfigDict({f: config_dict.placeholder(int) for f in CLIP_FIELDS})
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    c.model.remat = "none"  # rematerialisation of each transformer block (CLIPConfig.remat)
     c.model.head = "text_conditioned"  # text_conditioned (the paper's) | meanp
     c.model.tau = 5.0  # temperature of the text-conditioned frame weights
     c.model.train_logit_scale = False  # frozen with the backbone, as in the original; if trained, <= log(100)
@@ -67,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_frames = 12  # T
     c.data.max_words = 32  # L
     c.data.fps = 1
-    c.data.tokenizer = "clip"  # path to a CLIP BPE vocab or a kind understood by data.tokenizer
+    c.data.tokenizer = ""  # '' = the backbone's tokenizer; or a BPE file / HF tokenizer folder / word list
     c.data.workers = 0  # grain worker processes (0 = in-process)
 
     c.train = ml_collections.ConfigDict()
@@ -115,6 +128,9 @@ def dataset_config(name: str, preset: str | None, *, reduction_dim: int, share_d
     """
     config = base_config()
     config.model.preset = preset or "vit_b32"
+    if config.model.preset not in PRESET_BACKBONES:
+        raise ValueError(f"unknown backbone preset {config.model.preset!r}; expected one of {sorted(PRESET_BACKBONES)}")
+    config.backbone = PRESET_BACKBONES[config.model.preset]
     config.data.name = name
     config.data.num_frames = num_frames
     config.data.max_words = max_words
@@ -124,22 +140,36 @@ def dataset_config(name: str, preset: str | None, *, reduction_dim: int, share_d
     return config
 
 
-def clip_config(config):
-    """The CLIPConfig the config describes (preset + overrides + dtype)."""
-    from cma_jax.models import clip as clip_lib
+def clip_config(config) -> clip_lib.CLIPConfig:
+    """The CLIPConfig the config describes (preset + overrides + compute settings)."""
     overrides = {f: config.model.clip[f] for f in CLIP_FIELDS if config.model.clip[f] is not None}
+    compute = {f: config.model[f] for f in clip_lib.CLIPConfig.COMPUTE_FIELDS if f in config.model}
     try:
-        return clip_lib.preset(config.model.preset, dtype=config.model.dtype, **overrides)
+        return clip_lib.preset(config.model.preset, **compute, **overrides)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"config.model: {e}") from None
+        paths = {**{f: f"model.{f}" for f in compute}, **{f: f"model.clip.{f}" for f in overrides}}
+        raise _named(e, paths, "model") from None
 
 
-def adapter_config(config):
+def adapter_config(config) -> AdapterConfig | None:
     """The AdapterConfig for method=cma; None (no adapters) for full fine-tuning and zero-shot."""
-    from cma_jax.models.adapter import AdapterConfig
-    if config.method != "cma":
-        return None
-    return AdapterConfig(**{f.name: config.adapter[f.name] for f in dataclasses.fields(AdapterConfig)})
+    return _adapter(config) if config.method == "cma" else None
+
+
+def _adapter(config) -> AdapterConfig:
+    names = [f.name for f in dataclasses.fields(AdapterConfig)]
+    try:
+        return AdapterConfig(**{f: config.adapter[f] for f in names})
+    except (ValueError, TypeError) as e:
+        raise _named(e, {f: f"adapter.{f}" for f in names}, "adapter") from None
+
+
+def _named(error: Exception, paths: dict[str, str], section: str) -> ValueError:
+    """A model dataclass's own message, prefixed with the config path of the field it names."""
+    msg = str(error)
+    named = [f for f in paths if f in msg]
+    where = paths[max(named, key=len)] if named else section
+    return ValueError(f"config.{where}: {msg}")
 
 
 def _unknown_fields(cfg, ref, prefix=""):
@@ -156,37 +186,50 @@ def _unknown_fields(cfg, ref, prefix=""):
     return bad
 
 
+def _suggest(name: str) -> str:
+    """' (renamed to config.x)' / ' (did you mean config.x?)' for an unknown dotted field name, or ''."""
+    if name in RENAMED:
+        return f" (renamed to config.{RENAMED[name]})"
+    known = _field_names(base_config())
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean config.{close[0]}?)" if close else ""
+
+
+def _field_names(cfg, prefix="") -> list[str]:
+    out = []
+    for key in cfg.keys():
+        if isinstance(cfg[key], ml_collections.ConfigDict) and key != "extra":
+            out += _field_names(cfg[key], prefix + key + ".")
+        else:
+            out.append(prefix + key)
+    return out
+
+
 def validate(config, num_devices: int | None = None) -> None:
-    """Raise ValueError naming the field for unknown fields or impossible values."""
+    """Raise ValueError naming the field for unknown fields or impossible values (once, at the entry point)."""
     bad = _unknown_fields(config, base_config())
     if bad:
-        raise ValueError(f"unknown config field(s): {', '.join('config.' + b for b in bad)}")
+        raise ValueError("unknown config field(s): " + ", ".join(f"config.{b}{_suggest(b)}" for b in bad))
 
     def check(ok, field, msg):
         if not ok:
             raise ValueError(f"config.{field}: {msg}")
 
-    check(not config.entry or ":" in config.entry, "entry", f"expected 'module:function', got {config.entry!r}")
     check(config.mode in MODES, "mode", f"expected one of {MODES}, got {config.mode!r}")
     check(config.method in METHODS, "method", f"expected one of {METHODS}, got {config.method!r}")
     check(not (config.method == "zero_shot" and config.mode != "eval"), "mode",
           f"method=zero_shot has nothing to train; use mode=eval (got mode={config.mode!r})")
     check(config.model.head in HEADS, "model.head", f"expected one of {HEADS}, got {config.model.head!r}")
-    check(config.model.dtype in DTYPES, "model.dtype", f"expected one of {DTYPES}, got {config.model.dtype!r}")
     check(config.model.tau > 0, "model.tau", f"must be > 0, got {config.model.tau}")
     for f in CLIP_FIELDS:
         v = config.model.clip[f]
         check(v is None or (isinstance(v, int) and v >= 1), f"model.clip.{f}", f"must be a positive int, got {v!r}")
-    clip = clip_config(config)
-
-    a = config.adapter
-    check(a.reduction_dim >= 1, "adapter.reduction_dim", f"r must be >= 1, got {a.reduction_dim}")
-    narrow = min(clip.vision_width, clip.text_width)
-    check(0 <= a.share_dim <= narrow, "adapter.share_dim",
-          f"d_s must be in [0, {narrow}] (the narrower tower width), got {a.share_dim}")
-    check(a.activation in ACTIVATIONS, "adapter.activation", f"expected one of {ACTIVATIONS}, got {a.activation!r}")
-    check(0.0 <= a.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {a.dropout}")
-    check(a.init_std >= 0, "adapter.init_std", f"must be >= 0, got {a.init_std}")
+    clip = clip_config(config)  # CLIPConfig checks its own fields (dtype, remat, ...)
+    try:
+        clip_lib.check_adapter_fits(clip, _adapter(config))  # AdapterConfig checks its own fields
+    except ValueError as e:
+        raise ValueError(f"config.adapter.share_dim: {e}") from None
+    check(config.adapter.init_std >= 0, "adapter.init_std", f"must be >= 0, got {config.adapter.init_std}")
 
     d = config.data
     check(d.num_frames >= 1, "data.num_frames", f"must be >= 1, got {d.num_frames}")
@@ -199,8 +242,9 @@ def validate(config, num_devices: int | None = None) -> None:
     check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     check(t.epochs > 0 or t.num_steps > 0, "train.epochs", "train.epochs or train.num_steps must be > 0")
     check(t.num_steps >= 0, "train.num_steps", f"must be >= 0, got {t.num_steps}")
-    check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    check(t.backbone_lr >= 0, "train.backbone_lr", f"must be >= 0, got {t.backbone_lr}")
+    check(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be finite and > 0, got {t.lr}")
+    check(math.isfinite(t.backbone_lr) and t.backbone_lr >= 0, "train.backbone_lr",
+          f"must be finite and >= 0, got {t.backbone_lr}")
     check(0 <= t.b1 < 1, "train.b1", f"must be in [0, 1), got {t.b1}")
     check(0 <= t.b2 < 1, "train.b2", f"must be in [0, 1), got {t.b2}")
     check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
@@ -219,7 +263,6 @@ def validate(config, num_devices: int | None = None) -> None:
     check(config.eval.block_size >= 1, "eval.block_size", f"must be >= 1, got {config.eval.block_size}")
 
     if num_devices is not None:
-        from cma_jax.sharding import mesh_shape
         dp, fsdp, mp = mesh_shape(config, num_devices)
         micro = t.batch_size // t.grad_accum_steps
         check(micro % (dp * fsdp) == 0, "train.batch_size",

@@ -26,54 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from tensorboardX import SummaryWriter
 
 from cma_jax import metrics as metrics_lib
+from cma_jax import sharding
+from cma_jax.data import pipeline
 from cma_jax.files import write_atomic
+from cma_jax.models import load
 
-BATCH_AXES = ("data", "fsdp")
-
-
-# ----------------------------------------------------------------------------- device helpers
-def _data_axes(mesh: Mesh) -> tuple[str, ...]:
-    return tuple(a for a in mesh.axis_names if a in BATCH_AXES)
-
-
-def _data_size(mesh: Mesh | None) -> int:
-    if mesh is None:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in _data_axes(mesh)]))
-
-
-def _to_host(x) -> np.ndarray:
-    """A (possibly multi-host sharded) jax array -> the full numpy array on every process."""
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def _global(local: np.ndarray, mesh: Mesh | None):
-    """Per-process rows -> a global array sharded over the data axes (or as is without a mesh)."""
-    if mesh is None:
-        return jnp.asarray(local)
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(_data_axes(mesh))), np.asarray(local))
-
-
-def _state_on_mesh(state, mesh: Mesh | None):
-    """Leaves not yet on `mesh` (e.g. a freshly built model) are replicated onto it; sharded leaves stay."""
-    if mesh is None:
-        return state
-    rep = NamedSharding(mesh, P())
-
-    def place(x):
-        s = getattr(x, "sharding", None)
-        if isinstance(s, NamedSharding) and s.mesh == mesh:
-            return x
-        return jax.device_put(x, rep)
-    return jax.tree.map(place, state)
-
-
+# ----------------------------------------------------------------------------- jitted model calls
 def _split_eval(model):
     """(graphdef, state) of the model with dropout switched off, parameters shared, not copied."""
     view = nnx.view(model, deterministic=True, raise_if_not_found=False)
@@ -109,7 +71,7 @@ def encode_eval_set(model, text_batches: Iterable[dict], video_batches: Iterable
     """
     num_text_batches, num_video_batches = num_batches or (None, None)
     graphdef, state = _split_eval(model)
-    state = _state_on_mesh(state, mesh)
+    state = sharding.place_on_mesh(state, mesh)
 
     def run(batches, fn, key, extra, desc, total):
         outs = []
@@ -120,12 +82,12 @@ def encode_eval_set(model, text_batches: Iterable[dict], video_batches: Iterable
             missing = [k for k in keys if k not in b]
             if missing:
                 raise KeyError(f"eval batch is missing {missing}; expected keys {keys}")
-            arrays = {k: _global(b[k], mesh) for k in keys}
+            arrays = {k: sharding.global_array(b[k], mesh) for k in keys}
             arrays["emb"] = fn(graphdef, state, arrays.pop(key))
             outs.append(arrays)  # device arrays: dispatch of the next batch overlaps this one
         if not outs:
             raise ValueError(f"no eval batches with {key!r} were given")
-        host = {k: np.concatenate([_to_host(o[k]) for o in outs]) for k in outs[0]}
+        host = {k: np.concatenate([sharding.to_host(o[k]) for o in outs]) for k in outs[0]}
         keep = host.pop("valid").astype(bool)
         return {k: v[keep] for k, v in host.items()}
 
@@ -159,9 +121,9 @@ def block_similarity(model, text_emb: np.ndarray, frame_emb: np.ndarray, frame_m
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     graphdef, state = _split_eval(model)
-    state = _state_on_mesh(state, mesh)
+    state = sharding.place_on_mesh(state, mesh)
     nt, nv = len(text_emb), len(frame_emb)
-    ds = _data_size(mesh)
+    ds = sharding.data_size(mesh)
     bt = -(-min(block_size, max(nt, 1)) // ds) * ds
     bv = min(block_size, max(nv, 1))
 
@@ -171,7 +133,7 @@ def block_similarity(model, text_emb: np.ndarray, frame_emb: np.ndarray, frame_m
     if mesh is None:
         put_t = put_v = jnp.asarray
     else:
-        rows, rep = NamedSharding(mesh, P(_data_axes(mesh))), NamedSharding(mesh, P())
+        rows, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
         put_t = lambda x: jax.device_put(x, rows)  # noqa: E731
         put_v = lambda x: jax.device_put(x, rep)  # noqa: E731
     t_tiles = [put_t(pad(text_emb[i:i + bt], bt)) for i in range(0, nt, bt)]
@@ -180,7 +142,7 @@ def block_similarity(model, text_emb: np.ndarray, frame_emb: np.ndarray, frame_m
         f = put_v(pad(frame_emb[j:j + bv], bv))
         m = put_v(pad(frame_mask[j:j + bv], bv))
         cols.append([_similarity_tile(graphdef, state, t, f, m) for t in t_tiles])
-    out = np.concatenate([np.concatenate([_to_host(x) for x in col], axis=0)[:nt] for col in cols], axis=1)
+    out = np.concatenate([np.concatenate([sharding.to_host(x) for x in col], axis=0)[:nt] for col in cols], axis=1)
     return out[:, :nv]
 
 
@@ -263,32 +225,24 @@ def evaluate_from_config(config, workdir: str, model=None, *, mesh: Mesh | None 
                          writer=None) -> dict:
     """Evaluate on config.data.eval_split; results to `workdir` (what `main.py` runs for mode=eval).
 
-    model=None loads one: the backbone (config.backbone_checkpoint) plus, unless method=zero_shot,
-    the trained parameters of config.adapter_checkpoint (or the workdir's latest run checkpoint).
+    model=None loads one: the backbone (config.backbone) plus, unless method=zero_shot, the trained
+    parameters of config.adapter_checkpoint (or the workdir's latest run checkpoint).
     """
-    from cma_jax import sharding
-
     if model is None:
-        from cma_jax import checkpoint as ckpt_lib
-        from cma_jax import train
-        model = train.build_model(config)
-        if config.method != "zero_shot":
-            source = config.adapter_checkpoint or workdir
-            loaded = ckpt_lib.load_adapters(source, model)
+        adapters = None if config.method == "zero_shot" else (config.adapter_checkpoint or workdir)
+        model, loaded = load.from_config(config, adapters=adapters)
+        if adapters is not None:
             step = loaded if step is None else step
-            logging.info("evaluating the trained parameters of %s (step %s)", source, loaded)
+            logging.info("evaluating the trained parameters of %s (step %s)", adapters, loaded)
         else:
-            logging.info("evaluating zero-shot (backbone %s, no adapters)", config.backbone_checkpoint or "random init")
+            logging.info("evaluating zero-shot (backbone %s, no adapters)", config.backbone)
     mesh = sharding.make_mesh(config) if mesh is None else mesh
     own_writer = writer is None and jax.process_index() == 0
     if own_writer:
-        from tensorboardX import SummaryWriter
         writer = SummaryWriter(workdir)
     try:
-        from cma_jax.data import pipeline
         batches = pipeline.eval_batches_from_config(config)
-        texts, videos = batches.texts, batches.videos
-        return evaluate(model, texts, videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
+        return evaluate(model, batches.texts, batches.videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
                         workdir=workdir, writer=writer, step=step, mesh=mesh, name=config.data.eval_split,
                         num_batches=(batches.num_text_batches, batches.num_video_batches))
     finally:

@@ -1,17 +1,47 @@
-"""Atomic local file writes: a reader (or a rerun after a crash) never sees a half-written file."""
+"""Atomic local writes: a reader (or a rerun after a crash) never sees a half-written file or folder."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import BinaryIO, Callable
 
 
 def write_atomic(path: str, data: str | bytes | Callable[[BinaryIO], None]) -> None:
     """Write `data` (text, bytes, or a function writing to a binary file) to `path` via a rename."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        if callable(data):
-            data(f)
-        else:
-            f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_dir_atomic(path: str, write: Callable[[str], None], overwrite: bool = False) -> None:
+    """Run `write(tmp_folder)` beside `path`, then rename it into place; nothing half-written remains.
+
+    Refuses to replace an existing `path` unless `overwrite` (FileExistsError naming it).
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass --overwrite / overwrite=True)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    target = os.path.join(tmp, "out")
+    try:
+        write(target)
+        if os.path.exists(path):
+            os.rename(path, os.path.join(tmp, "old"))  # kept inside tmp, removed below
+        os.rename(target, path)
+    finally:
+        for root, dirs, _ in os.walk(tmp):  # read-only files inside read-only folders still delete
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,6 @@
-"""Mesh construction, parameter and batch shardings, global batches from per-process data.
+"""Mesh construction, parameter and batch shardings, global arrays from per-process data, and back.
+
+The only place that builds meshes and places trees and batches (training, evaluation, the API).
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism whose devices also hold a slice
 of every large parameter), `model` (tensor parallelism over MLP / attention widths). The batch is
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "model")
@@ -48,9 +51,29 @@ def make_mesh(config, devices=None) -> Mesh:
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+def local_data_mesh() -> Mesh | None:
+    """A data-parallel mesh over this process's devices (None with one device): for inference."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return None
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def data_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh's axes that split the batch."""
+    return tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+
+
+def data_size(mesh: Mesh | None) -> int:
+    """How many ways the batch is split (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in data_axes(mesh)]))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis over the data-parallel axes, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, P(data_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -85,11 +108,38 @@ def shard_tree(tree, shardings):
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
+def place_on_mesh(tree, mesh: Mesh | None):
+    """Leaves not yet on `mesh` (e.g. a freshly built model) are replicated onto it; sharded leaves stay."""
+    if mesh is None:
+        return tree
+    rep = replicated(mesh)
+
+    def place(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return x
+        return jax.device_put(x, rep)
+    return jax.tree.map(place, tree)
+
+
+def global_array(local: np.ndarray, mesh: Mesh | None):
+    """This process's rows -> a global array split over the data axes (a plain device array without a mesh)."""
+    if mesh is None:
+        return jax.numpy.asarray(local)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(local))
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) jax array -> the full numpy array on every process."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Per-process numpy batch -> global jax arrays sharded over the data axes.
 
     Each process passes its own rows (global batch / process count); the global batch is their
     concatenation in process order.
     """
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    return {k: global_array(v, mesh) for k, v in local_batch.items()}

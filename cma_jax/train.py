@@ -16,7 +16,6 @@ when launched again with the same command and workdir.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -24,52 +23,28 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from etils import epath
 from flax import nnx
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 from cma_jax import checkpoint as ckpt_lib
-from cma_jax import partition
+from cma_jax import evaluate, optim
 from cma_jax import sharding as shd
-from cma_jax.models.retrieval import RetrievalModel
-from cma_jax import config as config_lib
+from cma_jax.data import pipeline
+from cma_jax.models import load
+from cma_jax.models.summary import count
+from cma_jax.optim import TrainState
 
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- model
-def build_model(config, backbone=None) -> RetrievalModel:
-    """The model the config describes, with its backbone weights.
-
-    backbone: None -> config.backbone_checkpoint (cma_jax.convert's folder) or, when that is '',
-    the random init (tests / benchmarks); an nnx module (RetrievalModel or CLIP) or a CLIP pure dict
-    whose backbone weights are copied (adapters are always freshly initialised from config.seed).
-    """
-    clip_cfg = config_lib.clip_config(config)
-    model = RetrievalModel(clip_cfg, config_lib.adapter_config(config), head=config.model.head, tau=config.model.tau,
-                           rngs=nnx.Rngs(config.seed))
-    if backbone is None and config.backbone_checkpoint:
-        from cma_jax import convert
-        saved_cfg, backbone = convert.load_backbone(config.backbone_checkpoint)
-        if dataclasses.replace(saved_cfg, dtype="float32") != dataclasses.replace(clip_cfg, dtype="float32"):
-            raise ValueError(f"config.backbone_checkpoint {config.backbone_checkpoint} holds {saved_cfg}, "
-                             f"but config.model describes {clip_cfg}; set config.model.preset / model.clip.*")
-    if backbone is not None:
-        from cma_jax import convert
-        from cma_jax.models.adapter import AdapterParam
-        if isinstance(backbone, nnx.Module):
-            src = getattr(backbone, "clip", backbone)
-            backbone = nnx.state(src, nnx.All(nnx.Param, nnx.Not(AdapterParam))).to_pure_dict()
-        convert.apply_state(model, backbone)
-    return model
-
-
 # ----------------------------------------------------------------------------- update step
 def make_train_step(graphdef, tx, lr_fn, grad_accum_steps: int, micro_sharding=None):
-    """The pure step `(state, frozen, batch) -> (state, metrics)`.
+    """The pure step `(state: TrainState, frozen, batch) -> (state, metrics)`.
 
-    Gradients are taken w.r.t. `state['params']` only: the frozen weights enter as constants, so
+    Gradients are taken w.r.t. `state.params` only: the frozen weights enter as constants, so
     no weight gradient is ever computed for them (only the activation gradients the adapters need).
     With grad_accum_steps = k the batch is split into k micro-batches (rows i::k, so each stays
     spread over all data-parallel devices), the InfoNCE loss is taken within each micro-batch and
@@ -83,10 +58,10 @@ def make_train_step(graphdef, tx, lr_fn, grad_accum_steps: int, micro_sharding=N
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state, frozen, batch):
-        params = state["params"]
+    def step(state: TrainState, frozen, batch):
+        params = state.params
         if grad_accum_steps == 1:
-            (loss, rngs), grads = grad_fn(params, state["rngs"], frozen, batch)
+            (loss, rngs), grads = grad_fn(params, state.rngs, frozen, batch)
         else:
             k = grad_accum_steps
 
@@ -102,27 +77,16 @@ def make_train_step(graphdef, tx, lr_fn, grad_accum_steps: int, micro_sharding=N
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, g), rngs), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss, grads, rngs), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, state["rngs"]),
+            (loss, grads, rngs), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, state.rngs),
                                                   jax.tree.map(micro, batch))
             loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new = {"params": _clamp_logit_scale(optax.apply_updates(params, updates)), "opt_state": opt_state,
-               "rngs": rngs, "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        new = TrainState(params=optim.clamp_logit_scale(optax.apply_updates(params, updates)), opt_state=opt_state,
+                         rngs=rngs, step=state.step + 1)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
         return new, metrics
 
     return step
-
-
-MAX_LOGIT_SCALE = float(np.log(100.0))
-
-
-def _clamp_logit_scale(params):
-    """A trained logit_scale is clipped at log(100) after every update, as CLIP and the original do."""
-    def clamp(path, x):
-        named = "logit_scale" in [getattr(p, "key", None) for p in path]
-        return jnp.minimum(x, MAX_LOGIT_SCALE) if named else x
-    return jax.tree_util.tree_map_with_path(clamp, params)
 
 
 def compile_step(step_fn, mesh, state_shardings, frozen_shardings):
@@ -135,12 +99,6 @@ def compile_step(step_fn, mesh, state_shardings, frozen_shardings):
 
 
 # ----------------------------------------------------------------------------- data
-def default_train_iterator(config):
-    """This process's grain training iterator for config.data (cma_jax.data.pipeline)."""
-    from cma_jax.data import pipeline
-    return pipeline.train_iterator_from_config(config)
-
-
 def num_train_steps(config, train_iter) -> int:
     if config.train.num_steps > 0:
         return config.train.num_steps
@@ -195,13 +153,11 @@ class _Logger:
         self.examples = config.train.batch_size
         self.writer = self.file = None
         if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(os.path.join(workdir, "tb"))
             if "://" not in workdir:
                 self.file = open(os.path.join(workdir, HISTORY_FILE), "a")
         self.bar = None
         if config.train.progress_bar and jax.process_index() == 0:
-            from tqdm.auto import tqdm
             self.bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     def step(self, step, metrics, seconds):
@@ -233,52 +189,45 @@ class _Logger:
 def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     """Train per config in `workdir` (resuming from its last checkpoint) -> (model, history).
 
-    backbone: see `build_model`; train_iter: see the module docstring (default: config.data's
-    grain pipeline); eval_fn(model, step) is called every train.eval_every_steps (if > 0).
-    The returned model holds the trained parameters; history is one dict per step run here
-    (step, loss, lr, grad_norm, step_time, examples_per_s).
+    The config is taken as validated (cma_jax.main does it once). backbone: None -> config.backbone,
+    else a backbone folder, module or pure dict (`cma_jax.models.load.build_model`); train_iter: see
+    the module docstring (default: config.data's grain pipeline); eval_fn(model, step) is called every
+    train.eval_every_steps (if > 0). The returned model holds the trained parameters; history is one
+    dict per step run here (step, loss, lr, grad_norm, step_time, examples_per_s).
     """
-    config_lib.validate(config, num_devices=jax.device_count())
     if config.method == "zero_shot":
         raise ValueError("config.method=zero_shot has nothing to train; use config.mode=eval")
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+
+    # ------------------------------------------------------------------------- model and optimizer
     mesh = shd.make_mesh(config)
-    model = build_model(config, backbone)
-    graphdef, params, rngs, frozen = partition.split(model, config)
+    model, _ = load.from_config(config, backbone=backbone)
+    train_ls = bool(config.model.train_logit_scale)
+    graphdef, params, rngs, frozen = optim.split(model, config.method, train_ls)
     own_iter = train_iter is None
     if own_iter:
-        train_iter = default_train_iterator(config)
+        train_iter = pipeline.train_iterator_from_config(config)
     num_steps = num_train_steps(config, train_iter)
-    tx, lr_fn = partition.make_optimizer(config, params, num_steps)
-
-    # Shardings: parameters and optimizer state by the shape rule, RNG state replicated.
-    params_sh = shd.tree_shardings(params, mesh)
-    frozen_sh = shd.tree_shardings(frozen, mesh)
-    opt_sh = shd.tree_shardings(jax.eval_shape(tx.init, params), mesh)
-    rep = shd.replicated(mesh)
-    state_sh = {"params": params_sh, "opt_state": opt_sh, "rngs": jax.tree.map(lambda _: rep, rngs), "step": rep}
-    params = shd.shard_tree(params, params_sh)
-    frozen = shd.shard_tree(frozen, frozen_sh)
-    state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
-             "rngs": shd.shard_tree(rngs, state_sh["rngs"]), "step": jax.device_put(jnp.int32(0), rep)}
-
-    total = _count_total(model)
-    trainable = partition.count(params)
+    tx, lr_fn = optim.make_optimizer(config.train, params, num_steps)
+    total, trainable = count(nnx.state(model, nnx.Param)), count(params)
     log.info("parameters: %s total, %s trainable (%.3f %%), method=%s", f"{total:,}", f"{trainable:,}",
              100.0 * trainable / total, config.method)
-
-    meta = ckpt_lib.run_meta(model, config)
+    meta = ckpt_lib.run_meta(model, config.method, train_ls, data=config.data)
     del model  # its arrays are the unsharded copies; the step uses the sharded ones
-    ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        abstract = ckpt_lib.abstract({k: state[k] for k in ("params", "opt_state", "rngs")},
-                                     {k: state_sh[k] for k in ("params", "opt_state", "rngs")})
-        restored, data_state = ckpt.restore(start, abstract, meta)
-        state = {**restored, "step": jax.device_put(jnp.int32(start), rep)}
-        _restore_iterator(train_iter, data_state)
-        log.info("resumed from %s at step %d", ckpt.directory, start)
 
+    # ------------------------------------------------------------------------- shardings
+    # Parameters and optimizer state by the shape rule, RNG state and step replicated.
+    rep = shd.replicated(mesh)
+    frozen_sh = shd.tree_shardings(frozen, mesh)
+    state_sh = TrainState(params=shd.tree_shardings(params, mesh),
+                          opt_state=shd.tree_shardings(jax.eval_shape(tx.init, params), mesh),
+                          rngs=jax.tree.map(lambda _: rep, rngs), step=rep)
+    params = shd.shard_tree(params, state_sh.params)
+    frozen = shd.shard_tree(frozen, frozen_sh)
+    state = TrainState(params=params, opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
+                       rngs=shd.shard_tree(rngs, state_sh.rngs), step=jax.device_put(jnp.int32(0), rep))
+
+    # ------------------------------------------------------------------------- update step
     micro_sharding = None
     if config.train.grad_accum_steps > 1:
         micro_sharding = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
@@ -286,6 +235,16 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     step_fn = compile_step(make_train_step(graphdef, tx, lr_fn, config.train.grad_accum_steps, micro_sharding),
                            mesh, state_sh, frozen_sh)
 
+    # ------------------------------------------------------------------------- checkpoint (resume)
+    ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        restored, data_state = ckpt.restore(start, ckpt_lib.abstract(state, state_sh), meta)
+        state = restored.replace(step=jax.device_put(jnp.int32(start), rep))
+        _restore_iterator(train_iter, data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+
+    # ------------------------------------------------------------------------- loop
     logger = _Logger(workdir, config, num_steps, start)
     # The iterator state that goes with a model at each step: at an interrupt the state's own step
     # (done before or after the interrupted wait) picks the matching one (_save_on_interrupt).
@@ -305,7 +264,7 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
                 ckpt.save(step, state, _iterator_state(train_iter, step), meta, force=step == num_steps)
             if eval_fn is not None and config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
                     and step < num_steps:
-                eval_fn(nnx.merge(graphdef, state["params"], state["rngs"], frozen), step)
+                eval_fn(nnx.merge(graphdef, state.params, state.rngs, frozen), step)
     except KeyboardInterrupt:
         _save_on_interrupt(ckpt, state, data_at, train_iter, meta)
         raise
@@ -315,17 +274,17 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
         logger.close()
         if own_iter and hasattr(train_iter, "close"):
             train_iter.close()
-    return nnx.merge(graphdef, state["params"], state["rngs"], frozen), logger.history
+    return nnx.merge(graphdef, state.params, state.rngs, frozen), logger.history
 
 
-def _save_on_interrupt(ckpt, state, data_at, train_iter, meta):
+def _save_on_interrupt(ckpt, state: TrainState, data_at, train_iter, meta):
     """Best effort: save the last consistent (state, iterator) pair unless it is already saved.
 
     `data_at[s]` is the iterator state that goes with a model at step s for the step the loop was
     in; the interrupt may come before or after that step's update, so the state's own step decides.
     """
     try:
-        done = int(jax.device_get(state["step"]))
+        done = int(jax.device_get(state.step))
     except RuntimeError:  # the interrupted call had already donated the state: periodic saves remain
         log.warning("interrupted inside a step; resume will start from the last periodic checkpoint")
         return
@@ -336,12 +295,7 @@ def _save_on_interrupt(ckpt, state, data_at, train_iter, meta):
     log.warning("interrupted: saved step %d to %s", done, ckpt.directory)
 
 
-def _count_total(model) -> int:
-    from cma_jax.models.summary import count_params
-    return count_params(model)["total"]
-
-
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- train and evaluate
 def train_and_evaluate(config, workdir: str):
     """The program `python -m cma_jax.main` runs: train and/or evaluate as config.mode says.
 
@@ -350,9 +304,6 @@ def train_and_evaluate(config, workdir: str):
     parameters of config.adapter_checkpoint (default: the workdir's latest run checkpoint).
     Returns the final evaluation results (None for mode=train).
     """
-    from cma_jax import evaluate
-
-    config_lib.validate(config, num_devices=jax.device_count())
     mesh = shd.make_mesh(config)
     model, step = None, None
     if config.mode in ("train", "train_and_eval"):

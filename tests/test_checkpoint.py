@@ -8,21 +8,22 @@ import pytest
 from flax import nnx
 
 from cma_jax import checkpoint as ckpt_lib
-from cma_jax import partition
+from cma_jax import optim
+from cma_jax.models.summary import count
 from cma_jax.models.retrieval import RetrievalModel
 from cma_jax import config as config_lib
 
 
 def _run_state(model, config, seed=0):
     """A train state with real (random) values, built without materialising the frozen backbone."""
-    graphdef, params, rngs, _ = partition.split(model, config)
+    graphdef, params, rngs, _ = optim.split(model, config.method)
     keys = iter(jax.random.split(jax.random.key(seed), 1000))
     params = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape, s.dtype), params)
-    tx, _ = partition.make_optimizer(config, params, 100)
+    tx, _ = optim.make_optimizer(config.train, params, 100)
     # Adam moments as after training (random, not zeros: zeros would compress away)
     opt_state = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype) if x.ndim else x,
                              tx.init(params))
-    return {"params": params, "opt_state": opt_state, "rngs": rngs}
+    return optim.TrainState(params=params, opt_state=opt_state, rngs=rngs, step=0)
 
 
 def _dir_bytes(path):
@@ -35,10 +36,10 @@ def test_vit_b32_run_checkpoint_is_small_and_holds_no_backbone(tmp_path):
                                                   rngs=nnx.Rngs(0)))
     state = _run_state(model, config)
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path))
-    ckpt.save(7, state, {"next_batch": 7}, ckpt_lib.run_meta(model, config), force=True)
+    ckpt.save(7, state, {"next_batch": 7}, ckpt_lib.run_meta(model, config.method), force=True)
     ckpt.wait()
     size = _dir_bytes(os.path.join(tmp_path, "checkpoints", "7"))
-    n = partition.count(state["params"])
+    n = count(state.params)
     assert 3 * n * 4 <= size < 10 * 2 ** 20, (n, size)  # params + Adam mu, nu in float32; far below 10 MB
     items = {f for f in os.listdir(os.path.join(tmp_path, "checkpoints", "7")) if not f.startswith(("_", "commit"))}
     assert items == {"data", "meta", "opt_state", "params"}
@@ -57,7 +58,7 @@ def tiny():
 
 def test_keep_last_n_and_restore_roundtrip(tmp_path, tiny):
     config, model = tiny
-    meta = ckpt_lib.run_meta(model, config)
+    meta = ckpt_lib.run_meta(model, config.method)
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path), keep=2)
     states = {s: _run_state(model, config, seed=s) for s in (1, 2, 3)}
     for s, st in states.items():
@@ -74,7 +75,7 @@ def test_keep_last_n_and_restore_roundtrip(tmp_path, tiny):
 
 def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, tiny, monkeypatch):
     config, model = tiny
-    meta = ckpt_lib.run_meta(model, config)
+    meta = ckpt_lib.run_meta(model, config.method)
     good = _run_state(model, config, seed=1)
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path))
     ckpt.save(1, good, {"next_batch": 1}, meta, force=True)
@@ -105,7 +106,7 @@ def test_grain_bytes_state_roundtrip():
 def test_restore_into_other_architecture_names_the_difference(tmp_path, tiny):
     config, model = tiny
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path))
-    ckpt.save(1, _run_state(model, config), {"next_batch": 1}, ckpt_lib.run_meta(model, config), force=True)
+    ckpt.save(1, _run_state(model, config), {"next_batch": 1}, ckpt_lib.run_meta(model, config.method), force=True)
     ckpt.wait()
     other = config_lib.base_config()
     for k, v in config.model.clip.items():
@@ -114,7 +115,7 @@ def test_restore_into_other_architecture_names_the_difference(tmp_path, tiny):
     other.adapter.reduction_dim, other.adapter.share_dim = 4, 4
     model2 = RetrievalModel(config_lib.clip_config(other), config_lib.adapter_config(other), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError) as e:
-        ckpt.restore(1, ckpt_lib.abstract(_run_state(model2, other)), ckpt_lib.run_meta(model2, other))
+        ckpt.restore(1, ckpt_lib.abstract(_run_state(model2, other)), ckpt_lib.run_meta(model2, other.method))
     assert "clip.vision_layers: checkpoint 2, config 3" in str(e.value)
     assert "adapter.share_dim: checkpoint 8, config 4" in str(e.value)
     with pytest.raises(FileNotFoundError, match="no run checkpoint"):

@@ -10,7 +10,10 @@ torch = pytest.importorskip("torch")
 
 from flax import nnx  # noqa: E402
 
-from cma_jax import convert  # noqa: E402
+from cma_jax import checkpoint, convert  # noqa: E402
+from cma_jax.convert.__main__ import main as convert_main  # noqa: E402
+from cma_jax.models import load  # noqa: E402
+from cma_jax.trees import flatten  # noqa: E402
 from cma_jax.convert import CheckpointError  # noqa: E402
 from cma_jax.models.adapter import AdapterConfig, AdapterParam  # noqa: E402
 from cma_jax.models.clip import CLIP  # noqa: E402
@@ -92,8 +95,8 @@ def test_converted_adapters_land_in_the_model():
     sd = cma_state_dict(8)
     conv = convert.convert_state_dict(sd)
     model = CLIP(conv.clip_config, conv.adapter_config, rngs=nnx.Rngs(0))
-    convert.apply_state(model, conv.backbone)
-    convert.apply_state(model, conv.adapters)
+    load.apply_state(model, conv.backbone)
+    load.apply_state(model, conv.adapters)
     block = model.visual.transformer.resblocks[2]
     np.testing.assert_array_equal(block.mlp_adapter.down_kernel[...], sd["clip.visual_adapter_down_weight"][5].T)
     np.testing.assert_array_equal(block.attn_adapter.up_kernel[...], sd["clip.visual_adapter_up_unique_weight"][4].T)
@@ -193,7 +196,7 @@ def test_apply_state_rejects_a_tree_for_another_architecture():
     conv = convert.convert_state_dict(cma_state_dict(8))
     other = CLIP(dataclasses.replace(conv.clip_config, text_layers=1), None, rngs=nnx.Rngs(0))
     with pytest.raises(CheckpointError, match=r"unexpected \(12\): transformer.resblocks.1"):
-        convert.apply_state(other, conv.backbone)
+        load.apply_state(other, conv.backbone)
 
 
 # ----------------------------------------------------------------------------- backbone storage
@@ -208,73 +211,74 @@ def test_save_load_backbone_round_trip(tmp_path, converted):
     for f in tok:
         f.write_text(f.name)
     path = str(tmp_path / "backbone")
-    convert.save_backbone(path, converted.clip_config, converted.backbone, [str(f) for f in tok])
-    cfg, state = convert.load_backbone(path)
+    checkpoint.save_backbone(path, converted.clip_config, converted.backbone, [str(f) for f in tok])
+    cfg, state = checkpoint.load_backbone(path)
     assert cfg == converted.clip_config
-    a, b = convert.flatten(state), convert.flatten(converted.backbone)
+    a, b = flatten(state), flatten(converted.backbone)
     assert sorted(a) == sorted(b) and all(np.array_equal(np.asarray(a[k]), b[k]) for k in a)
-    assert sorted(os.listdir(convert.tokenizer_dir(path))) == ["merges.txt", "vocab.json"]
+    assert sorted(os.listdir(checkpoint.tokenizer_dir(path))) == ["merges.txt", "vocab.json"]
     # read-only files, no temporary folder left behind
     files = [os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns]
     assert all(os.stat(f).st_mode & 0o222 == 0 for f in files)
     assert sorted(os.listdir(tmp_path)) == ["backbone", "src"]
     # and it loads into a model
     model = CLIP(dataclasses.replace(cfg, dtype="bfloat16"), AdapterConfig(R, 8), rngs=nnx.Rngs(0))
-    convert.apply_state(model, state)
+    load.apply_state(model, state)
     np.testing.assert_array_equal(model.visual.proj[...], converted.backbone["visual"]["proj"])
 
 
 def test_save_backbone_refuses_to_overwrite(tmp_path, converted):
     path = str(tmp_path / "backbone")
-    convert.save_backbone(path, converted.clip_config, converted.backbone)
+    checkpoint.save_backbone(path, converted.clip_config, converted.backbone)
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        convert.save_backbone(path, converted.clip_config, converted.backbone)
+        checkpoint.save_backbone(path, converted.clip_config, converted.backbone)
     changed = {**converted.backbone, "logit_scale": np.float32(1.5)}
-    convert.save_backbone(path, converted.clip_config, changed, overwrite=True)
-    assert float(convert.load_backbone(path)[1]["logit_scale"]) == 1.5
+    checkpoint.save_backbone(path, converted.clip_config, changed, overwrite=True)
+    assert float(checkpoint.load_backbone(path)[1]["logit_scale"]) == 1.5
     assert os.listdir(tmp_path) == ["backbone"]
 
 
 def test_failed_save_leaves_nothing(tmp_path, converted):
     path = tmp_path / "backbone"
     with pytest.raises(FileNotFoundError):
-        convert.save_backbone(str(path), converted.clip_config, converted.backbone, [str(tmp_path / "nope.json")])
+        checkpoint.save_backbone(str(path), converted.clip_config, converted.backbone, [str(tmp_path / "nope.json")])
     assert os.listdir(tmp_path) == []
 
 
 def test_load_backbone_from_a_bucket_url(tmp_path, converted, monkeypatch):
-    """`config.backbone_checkpoint=gs://...` (the pod launcher's example) is read as a URL, not 'CWD/gs:/...'."""
-    convert.save_backbone(str(tmp_path / "ckpt"), converted.clip_config, converted.backbone)
-    real = convert.epath
+    """`config.backbone=gs://...` (the pod launcher's example) is read as a URL, not 'CWD/gs:/...'."""
+    checkpoint.save_backbone(str(tmp_path / "ckpt"), converted.clip_config, converted.backbone)
+    real = checkpoint.epath
 
     class Bucket:  # epath with gs://bucket served from tmp_path (no network in tests)
         @staticmethod
         def Path(p):
             return real.Path(os.fspath(p).replace("gs://bucket", str(tmp_path)))
 
-    monkeypatch.setattr(convert, "epath", Bucket)
-    cfg, state = convert.load_backbone("gs://bucket/ckpt")
+    monkeypatch.setattr(checkpoint, "epath", Bucket)
+    cfg, state = checkpoint.load_backbone("gs://bucket/ckpt")
     assert cfg == converted.clip_config
     np.testing.assert_array_equal(np.asarray(state["visual"]["proj"]), converted.backbone["visual"]["proj"])
 
 
 def test_load_backbone_of_something_else_fails(tmp_path):
-    with pytest.raises(CheckpointError, match="not a cma_jax checkpoint folder"):
-        convert.load_backbone(str(tmp_path))
+    with pytest.raises(CheckpointError, match="not a cma_jax backbone folder"):
+        checkpoint.load_backbone(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_import_and_export(tmp_path, capsys):
     sd = cma_state_dict(8)
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "cma.pth")
-    convert.main(["import", str(tmp_path / "cma.pth"), str(tmp_path / "bb"), "--adapters_out", str(tmp_path / "ad")])
+    convert_main(["import", str(tmp_path / "cma.pth"), str(tmp_path / "bb"), "--adapters_out", str(tmp_path / "ad")])
     out = capsys.readouterr().out
     assert "backbone" in out and "adapters" in out
-    cfg, acfg, adapters = convert.load_adapters(str(tmp_path / "ad"))
-    assert acfg == AdapterConfig(R, 8) and cfg.vision_layers == 3
+    meta = checkpoint.saved_meta(str(tmp_path / "ad"))  # the run layout: one loading path for adapters
+    assert checkpoint.saved_adapter_config(str(tmp_path / "ad")) == AdapterConfig(R, 8)
+    assert meta["clip"]["vision_layers"] == 3 and meta["method"] == "cma"
     with pytest.raises(SystemExit):
-        convert.main(["import", str(tmp_path / "cma.pth"), str(tmp_path / "bb")])
+        convert_main(["import", str(tmp_path / "cma.pth"), str(tmp_path / "bb")])
     assert "already exists; refusing to overwrite" in capsys.readouterr().err
-    convert.main(["export", str(tmp_path / "ad"), str(tmp_path / "back.pth"), "--backbone", str(tmp_path / "bb")])
+    convert_main(["export", str(tmp_path / "ad"), str(tmp_path / "back.pth"), "--backbone", str(tmp_path / "bb")])
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert_same({k: v.numpy() for k, v in back.items()}, sd)

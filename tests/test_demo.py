@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cma_jax import demo, train
+from cma_jax.data import pipeline
 from cma_jax.data.builders.synthetic import Synthetic
 from cma_jax import config as config_lib
 from configs import demo as demo_config
@@ -20,10 +21,10 @@ def test_stage_configs_are_valid_and_differ_as_intended(arg):
               ("pretrain", "pretrain_eval", "zero_shot", "uni", "cma", "full")}
     for s, c in stages.items():
         config_lib.validate(c, num_devices=1)
-        assert c.entry == "" and c.data.data_dir == "/data"
+        assert c.data.data_dir == "/data"
         assert c.data.tokenizer == os.path.join("/data", demo.VOCAB_FILE)
     pre = stages["pretrain"]
-    assert (pre.method, pre.mode, pre.backbone_checkpoint) == ("full", "train", "")  # from scratch
+    assert (pre.method, pre.mode, pre.backbone) == ("full", "train", "random")  # from scratch
     assert pre.model.train_logit_scale and pre.train.backbone_lr == pre.train.lr == config.extra.pretrain.lr
     assert pre.data.builder_config.startswith("pretrain") and pre.data.num_frames == 1
     assert stages["pretrain_eval"].mode == "eval" and stages["pretrain_eval"].data.eval_split == "val"
@@ -32,7 +33,7 @@ def test_stage_configs_are_valid_and_differ_as_intended(arg):
     assert stages["full"].method == "full" and stages["full"].train.backbone_lr == config.extra.full_lr
     for s in ("zero_shot", "uni", "cma", "full"):  # same starting point, same task, same test split
         c = stages[s]
-        assert c.backbone_checkpoint == "/bb" and c.data.builder_config == config.data.builder_config
+        assert c.backbone == "/bb" and c.data.builder_config == config.data.builder_config
         assert c.data.eval_split == "test"
 
 
@@ -103,13 +104,13 @@ def test_quick_demo_end_to_end_interrupt_resume_reuse(tmp_path, monkeypatch):
     workdir = str(tmp_path / "demo")
 
     # Run 1: Ctrl-C in the middle of the CMA training.
-    real_iterator = train.default_train_iterator
+    real_iterator = pipeline.train_iterator_from_config
 
     def interrupting(cfg):
         it = real_iterator(cfg)
         return _InterruptAfter(it, 7) if cfg.method == "cma" and cfg.adapter.share_dim > 0 else it
 
-    monkeypatch.setattr(train, "default_train_iterator", interrupting)
+    monkeypatch.setattr(pipeline, "train_iterator_from_config", interrupting)
     with pytest.raises(SystemExit, match="130"):
         demo.run(config, workdir)
     assert os.path.isdir(os.path.join(workdir, "backbone"))
@@ -121,7 +122,7 @@ def test_quick_demo_end_to_end_interrupt_resume_reuse(tmp_path, monkeypatch):
     uni_mtime = os.path.getmtime(uni_row)
 
     # Run 2: resumes CMA from step 7, reuses data, backbone and the uni-modal run.
-    monkeypatch.setattr(train, "default_train_iterator", real_iterator)
+    monkeypatch.setattr(pipeline, "train_iterator_from_config", real_iterator)
     demo.run(config, workdir)
     first = _check_results(workdir, config)
     assert os.path.getmtime(uni_row) == uni_mtime

@@ -166,7 +166,7 @@ def _clip_frames(src):
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory):
     """A built tiny split, a saved tiny backbone and a config (method zero_shot, mode eval)."""
-    from cma_jax import convert
+    from cma_jax import checkpoint
     from cma_jax.data.builders import REGISTRY
     from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
     from cma_jax.models.adapter import AdapterParam
@@ -190,11 +190,11 @@ def eval_setup(tmp_path_factory):
     vocab.write_text("\n".join(WORDS) + "\n")
     model = RetrievalModel(TINY, None, head="text_conditioned", tau=0.5, rngs=nnx.Rngs(3))
     tree = nnx.to_pure_dict(nnx.state(model.clip, nnx.All(nnx.Param, nnx.Not(AdapterParam))))
-    convert.save_backbone(str(root / "backbone"), TINY, tree)
+    checkpoint.save_backbone(str(root / "backbone"), TINY, tree)
 
     c = config_lib.base_config()
     c.mode, c.method = "eval", "zero_shot"
-    c.backbone_checkpoint = str(root / "backbone")
+    c.backbone = str(root / "backbone")
     for f in config_lib.CLIP_FIELDS:
         c.model.clip[f] = getattr(TINY, f)
     c.model.tau = 0.5

@@ -1,4 +1,4 @@
-"""Two JAX processes on localhost (CPU, gloo) through launch/local.py and cma_jax.main match one process."""
+"""Two JAX processes on localhost (CPU, gloo) through launch/local.py (and cma_jax.main's flags) match one process."""
 
 import json
 import os
@@ -35,8 +35,7 @@ def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2", "--",
-                           sys.executable, "-m", "cma_jax.main", f"--config={ROOT}/tests/tiny.py",
-                           f"--workdir={workdir}"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           sys.executable, os.path.join(ROOT, "tests", "tiny.py"), f"--workdir={workdir}"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
 

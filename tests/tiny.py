@@ -1,8 +1,12 @@
 """A tiny training setup shared by the training / sharding / checkpoint / multi-host tests.
 
-`tiny_config()` is a full config (cma_jax/config.py) for a 2-layer width-32 CLIP on 32x32 frames;
-`SyntheticBatches` is a deterministic in-memory iterator of per-process batches with the grain-like
-get_state/set_state protocol (batch i depends only on (seed, i)).
+`tiny_config()` is a full config (cma_jax/config.py) for a 2-layer width-32 CLIP on 32x32 frames
+(random backbone); `SyntheticBatches` is a deterministic in-memory iterator of per-process batches with
+the grain-like get_state/set_state protocol (batch i depends only on (seed, i)).
+
+As a program (`python tests/tiny.py --workdir=DIR [--coordinator_address ... --process_id N]`, the
+flags of cma_jax.main), it trains the tiny config on SyntheticBatches in this process's share of a
+multi-process job and saves the adapters: what the multi-host tests launch.
 """
 
 import numpy as np
@@ -16,6 +20,7 @@ TINY_CLIP = dict(embed_dim=16, image_resolution=32, vision_layers=2, vision_widt
 def tiny_config(**train):
     c = config_lib.base_config()
     c.mode = "train"
+    c.backbone = "random"
     for k, v in TINY_CLIP.items():
         c.model.clip[k] = v
     c.adapter.reduction_dim = 4
@@ -77,14 +82,12 @@ class SyntheticBatches:
 
 
 def get_config(arg=None):
-    """`--config=tests/tiny.py`: the tiny config run through cma_jax.main with the synthetic batches."""
-    c = tiny_config(save_every_steps=2)
-    c.entry = "tiny:train_synthetic"
-    return c
+    """The tiny config saving every 2 steps (what the multi-host test runs)."""
+    return tiny_config(save_every_steps=2)
 
 
 def train_synthetic(config, workdir):
-    """config.entry for cma_jax.main: train on SyntheticBatches (this process's rows); save the adapters."""
+    """Train on SyntheticBatches (this process's rows); save the adapters and history per process."""
     import json
     import os
 
@@ -101,3 +104,15 @@ def train_synthetic(config, workdir):
     np.savez(os.path.join(workdir, f"adapters_process{jax.process_index()}.npz"), **flat)
     with open(os.path.join(workdir, f"history_process{jax.process_index()}.json"), "w") as f:
         json.dump(history, f)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from cma_jax import main as main_lib  # its flags: --workdir and the multi-process ones
+
+    def _main(argv):
+        main_lib.init_distributed()
+        train_synthetic(get_config(), main_lib.FLAGS.workdir)
+
+    app.run(_main)

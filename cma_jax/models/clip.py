@@ -78,6 +78,14 @@ def preset(name: str, **overrides) -> CLIPConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
+def check_adapter_fits(cfg: CLIPConfig, adapter: AdapterConfig | None) -> None:
+    """The shared slice must fit both towers: d_s <= the narrower width (ValueError otherwise)."""
+    narrow = min(cfg.vision_width, cfg.text_width)
+    if adapter is not None and adapter.share_dim > narrow:
+        raise ValueError(f"d_s must be in [0, {narrow}]: d_s={adapter.share_dim} exceeds the narrower tower "
+                         f"width {narrow}")
+
+
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
@@ -201,11 +209,7 @@ class CLIP(nnx.Module):
     """Both towers, `logit_scale`, and (when `adapter` is given) the shared adapter bank."""
 
     def __init__(self, cfg: CLIPConfig, adapter: AdapterConfig | None = None, *, rngs: nnx.Rngs):
-        if adapter is not None:
-            narrow = min(cfg.vision_width, cfg.text_width)
-            if adapter.share_dim > narrow:
-                raise ValueError(f"adapter share_dim (d_s={adapter.share_dim}) exceeds the narrower tower "
-                                 f"width {narrow}")
+        check_adapter_fits(cfg, adapter)
         self.config = cfg
         self.adapter_config = adapter
         dtype = jnp.dtype(cfg.dtype)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
+import jax
+import numpy as np
 from flax import nnx
 
 from cma_jax.models.adapter import AdapterConfig, AdapterParam
@@ -17,9 +19,9 @@ from cma_jax.models.clip import PRESETS, preset
 from cma_jax.models.retrieval import RetrievalModel
 
 
-def _leaves(state):
-    for path, var in nnx.to_flat_state(state):
-        yield path, var.get_value()
+def count(tree) -> int:
+    """Number of scalars in a state or pytree of arrays (concrete or abstract): the one parameter counter."""
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
 def count_params(model: nnx.Module) -> dict:
@@ -27,8 +29,8 @@ def count_params(model: nnx.Module) -> dict:
 
     Works on concrete models and on `nnx.eval_shape` ones.
     """
-    total = sum(math.prod(v.shape) for _, v in _leaves(nnx.state(model, nnx.Param)))
-    adapter = sum(math.prod(v.shape) for _, v in _leaves(nnx.state(model, AdapterParam)))
+    total = count(nnx.state(model, nnx.Param))
+    adapter = count(nnx.state(model, AdapterParam))
     return {"total": total, "adapter": adapter, "percent": 100.0 * adapter / total if total else 0.0}
 
 
@@ -44,8 +46,11 @@ def main(argv=None) -> None:
     p.add_argument("--share_dim", type=int, default=16, help="shared up-projection dims d_s")
     p.add_argument("--no_adapter", action="store_true", help="count the plain CLIP")
     args = p.parse_args(argv)
-    adapter = None if args.no_adapter else AdapterConfig(args.reduction_dim, args.share_dim)
-    model = nnx.eval_shape(lambda: RetrievalModel(preset(args.preset), adapter, rngs=nnx.Rngs(0)))
+    try:
+        adapter = None if args.no_adapter else AdapterConfig(args.reduction_dim, args.share_dim)
+        model = nnx.eval_shape(lambda: RetrievalModel(preset(args.preset), adapter, rngs=nnx.Rngs(0)))
+    except ValueError as e:  # an impossible r / d_s for this preset: say which, no traceback
+        p.exit(2, f"error: {e}\n")
     label = "no adapters" if adapter is None else f"r={adapter.reduction_dim}, d_s={adapter.share_dim}"
     print(f"{args.preset}, {label}: {format_counts(count_params(model))}")
 

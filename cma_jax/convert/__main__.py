@@ -1,0 +1,85 @@
+"""python -m cma_jax.convert import SRC OUT_DIR [--adapters_out DIR] [--text_heads N] [--overwrite]
+python -m cma_jax.convert export ADAPTERS_DIR OUT.pth [--backbone DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from flax import nnx
+
+from cma_jax import checkpoint
+from cma_jax.convert.mapping import convert_checkpoint, export_adapters
+from cma_jax.errors import CheckpointError
+from cma_jax.models import load
+from cma_jax.models.adapter import AdapterConfig, AdapterParam
+from cma_jax.models.clip import CLIPConfig
+from cma_jax.models.retrieval import RetrievalModel
+
+
+def _abstract_model(clip_cfg: CLIPConfig, adapter_cfg: AdapterConfig) -> RetrievalModel:
+    """Shapes only (no memory for the backbone): a vessel for the adapters being converted."""
+    return nnx.eval_shape(lambda: RetrievalModel(clip_cfg, adapter_cfg, rngs=nnx.Rngs(0)))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cma_jax.convert", description="PyTorch CLIP / Cross-Modal-Adapter "
+                                "checkpoints <-> cma_jax backbone and adapter folders.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="PyTorch checkpoint -> read-only Orbax backbone (+ adapters)")
+    imp.add_argument("src", help="OpenAI .pt / state dict, Hugging Face CLIPModel folder, or CMA checkpoint")
+    imp.add_argument("out", help="backbone checkpoint folder to create")
+    imp.add_argument("--adapters_out", help="folder for the adapters of a Cross-Modal-Adapter checkpoint")
+    imp.add_argument("--text_heads", type=int, help="text attention heads (default: width // 64, as OpenAI)")
+    imp.add_argument("--activation", default="quick_gelu", help="adapter activation (not stored in CMA files)")
+    imp.add_argument("--overwrite", action="store_true")
+    exp = sub.add_parser("export", help="adapters (run workdir or adapter folder) -> the original repo's format")
+    exp.add_argument("adapters", help="folder written by `import --adapters_out`, or a run workdir")
+    exp.add_argument("out", help="output .pth file")
+    exp.add_argument("--backbone", help="also include this backbone's tensors (a full CLIP4Clip dict)")
+    args = p.parse_args(argv)
+    try:
+        _run(args)
+    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
+        p.exit(1, f"error: {e}\n")
+
+
+def _run(args) -> None:
+    if args.cmd == "import":
+        overrides = {"text_heads": args.text_heads} if args.text_heads else {}
+        conv = convert_checkpoint(args.src, **overrides)
+        checkpoint.save_backbone(args.out, conv.clip_config, conv.backbone, conv.tokenizer_files, args.overwrite)
+        print(f"backbone {conv.clip_config} -> {args.out}")
+        if conv.tokenizer_files:
+            print(f"tokenizer files -> {os.path.join(args.out, checkpoint.TOKENIZER_DIR)}")
+        if conv.ignored:
+            print(f"ignored {len(conv.ignored)} CLIP4Clip head tensors: {', '.join(conv.ignored)}")
+        if conv.adapters is not None:
+            acfg = dataclasses.replace(conv.adapter_config, activation=args.activation)
+            if args.adapters_out:
+                model = _abstract_model(conv.clip_config, acfg)
+                load.apply_state(model, conv.adapters)
+                checkpoint.save_adapters(args.adapters_out, model, args.overwrite)
+                print(f"adapters {acfg} -> {args.adapters_out}")
+            else:
+                print("the checkpoint has adapters; pass --adapters_out DIR to keep them")
+        return
+    meta = checkpoint.saved_meta(args.adapters)
+    if not meta.get("adapter"):
+        raise CheckpointError(f"{args.adapters}: holds no adapters (method={meta.get('method')!r})")
+    cfg = CLIPConfig(**meta["clip"])
+    model = _abstract_model(cfg, AdapterConfig(**meta["adapter"]))
+    checkpoint.load_adapters(args.adapters, model)
+    backbone = None
+    if args.backbone:
+        bcfg, backbone = checkpoint.load_backbone(args.backbone)
+        if not bcfg.same_architecture(cfg):
+            raise CheckpointError(f"{args.backbone}: its architecture {bcfg} differs from the adapters' {cfg}")
+    export_adapters(args.out, nnx.to_pure_dict(nnx.state(model, AdapterParam)), cfg, backbone)
+    print(f"adapters -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
