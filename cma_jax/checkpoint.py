@@ -21,23 +21,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 from flax import nnx
 
 from cma_jax import optim
-from cma_jax.errors import CheckpointError
+from cma_jax.errors import CheckpointError, CheckpointMismatch
 from cma_jax.files import write_dir_atomic
 from cma_jax.models.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.trees import flatten, unflatten
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/: steps that could not be restored, kept for a look
 
 
 # ----------------------------------------------------------------------------- iterator state item
@@ -95,20 +101,48 @@ def decode_iterator_state(state):
 
 # ----------------------------------------------------------------------------- meta
 DATA_FIELDS = ("num_frames", "fps", "max_words")  # what encoding a video / caption needs to match training
+# What a resumed run must share with the run that saved (the training objective and data); logging,
+# saving and evaluation knobs may change between runs.
+TRAINING_FIELDS = {
+    "train": ("batch_size", "epochs", "num_steps", "lr", "backbone_lr", "b1", "b2", "eps", "weight_decay",
+              "schedule", "warmup_fraction", "grad_clip", "grad_accum_steps"),
+    "data": ("name", "builder_config", "train_split", "num_frames", "max_words", "fps"),
+}
 
 
-def run_meta(model, method: str, train_logit_scale: bool = False, data=None) -> dict:
-    """What a run checkpoint must match to be restored into `model`; `data` (config.data) is recorded
-    so that evaluation and search can default to the frames and words the model was trained with."""
+def run_meta(model, method: str, train_logit_scale: bool = False, data=None, config=None) -> dict:
+    """What a run checkpoint must match to be restored into `model`.
+
+    `data` (config.data) is recorded so that evaluation and search default to the frames and words the
+    model was trained with; `config` (the whole run config) records the training settings that a
+    resumed run must keep (`TRAINING_FIELDS`, plus the seed).
+    """
     clip = model.clip
     adapter = clip.adapter_config
-    return {
+    meta = {
         "clip": _arch(clip.config),
         "adapter": dataclasses.asdict(adapter) if adapter is not None else None,
         "method": method,
         "train_logit_scale": bool(train_logit_scale),
         "data": {k: data[k] for k in DATA_FIELDS} if data is not None else None,
     }
+    if config is not None:
+        meta["training"] = {"seed": config.seed, **{f"{sec}.{k}": config[sec][k]
+                                                   for sec, keys in TRAINING_FIELDS.items() for k in keys}}
+    return meta
+
+
+def _check_training(saved: dict, wanted: dict, where: str) -> None:
+    """Refuse to resume a run under another training configuration, naming the fields that differ."""
+    s, w = saved.get("training"), wanted.get("training")
+    if s is None or w is None:
+        return
+    diffs = [f"config.{k}: checkpoint {s.get(k)!r}, now {w[k]!r}" for k in w if s.get(k) != w[k]]
+    if diffs:
+        raise CheckpointMismatch(
+            f"{where} was saved by a run with another training configuration:\n  " + "\n  ".join(diffs) +
+            "\n  resume with the same settings, use another --workdir, or pass "
+            "--config.train.allow_config_change=True to continue with the new ones")
 
 
 def _arch(cfg: CLIPConfig) -> dict:
@@ -129,7 +163,7 @@ def _check_meta(saved: dict, wanted: dict, where: str) -> None:
             diffs += [f"{section}.{k}: checkpoint {s.get(k)!r}, config {w[k]!r}"
                       for k in w if k not in ("dtype", "dropout", "init_std") and s.get(k) != w[k]]
     if diffs:
-        raise ValueError(f"run checkpoint {where} does not match this model/config:\n  " + "\n  ".join(diffs))
+        raise CheckpointMismatch(f"run checkpoint {where} does not match this model/config:\n  " + "\n  ".join(diffs))
 
 
 # ----------------------------------------------------------------------------- run checkpoints
@@ -149,14 +183,22 @@ class RunCheckpointer:
         if "://" not in directory:  # gs:// etc. stay URLs (abspath would make them 'CWD/gs:/...')
             directory = os.path.abspath(directory)
         self.directory = directory
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+        # The last `keep` steps, and always the one of lowest training loss: a run that slowly went bad
+        # keeps its best-known-good state even after `keep` later saves.
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(n=keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m["loss"], n=1,
+                                          keep_checkpoints_without_metrics=False)])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: optim.TrainState, data_state, meta: dict, force: bool = False) -> bool:
-        """Save the train state's params, opt_state and rngs, the iterator state (JSON value) and meta."""
+    def save(self, step: int, state: optim.TrainState, data_state, meta: dict, force: bool = False,
+             loss: float | None = None) -> bool:
+        """Save the train state's params, opt_state and rngs, the iterator state (JSON value) and meta;
+        `loss` (the mean training loss since the last save) ranks it for keeping the best one."""
         parts = state.checkpointed()
         items = dict(params=ocp.args.StandardSave(parts["params"]),
                      opt_state=ocp.args.StandardSave(parts["opt_state"]),
@@ -164,15 +206,19 @@ class RunCheckpointer:
                      meta=ocp.args.JsonSave(meta))
         if jax.tree.leaves(parts["rngs"]):
             items["rngs"] = ocp.args.StandardSave(parts["rngs"])
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        metrics = {"loss": float(loss)} if loss is not None else None
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
 
     def read_meta(self, step: int) -> dict:
         """The metadata of one step (reads only that JSON item)."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, step: int, abstract_state: optim.TrainState, meta: dict):
+    def restore(self, step: int, abstract_state: optim.TrainState, meta: dict, allow_config_change: bool = False):
         """-> (train state at `step`, data_state); `abstract_state` gives structure, shapes and shardings."""
-        _check_meta(self.read_meta(step), meta, f"{self.directory}/{step}")
+        saved = self.read_meta(step)
+        _check_meta(saved, meta, f"{self.directory}/{step}")
+        if not allow_config_change:
+            _check_training(saved, meta, f"run checkpoint {self.directory}/{step}")
         parts = abstract_state.checkpointed()
         items = dict(params=ocp.args.StandardRestore(parts["params"]),
                      opt_state=ocp.args.StandardRestore(parts["opt_state"]),
@@ -183,6 +229,55 @@ class RunCheckpointer:
         state = abstract_state.replace(params=out["params"], opt_state=out["opt_state"],
                                        rngs=out["rngs"] if "rngs" in items else parts["rngs"])
         return state, decode_iterator_state(out["data"])
+
+    def restore_latest(self, abstract_state: optim.TrainState, meta: dict, allow_config_change: bool = False):
+        """-> (state, data_state, step) of the newest step that restores, or None when there is none.
+
+        A step that cannot be read (truncated arrays, missing items, garbage metadata) is logged with
+        its reason, moved aside to checkpoints_damaged/ (never deleted) and the previous one is tried;
+        a sound checkpoint of another model or training config raises CheckpointMismatch instead.
+        When every step is damaged this raises rather than start again from step 0.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged = []
+        for step in steps:
+            try:
+                state, data_state = self.restore(step, abstract_state, meta, allow_config_change)
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means it is damaged
+                reason = _reason(e)
+                moved = self._move_aside(step)
+                damaged.append(f"step {step} ({reason})")
+                log.warning("checkpoint step %d in %s cannot be restored: %s; %s; trying the previous step",
+                            step, self.directory, reason, f"moved it to {moved}" if moved else "left in place")
+                continue
+            if damaged:
+                log.warning("resuming from step %d, the newest intact checkpoint (skipped: %s)", step, "; ".join(damaged))
+            return state, data_state, step
+        if damaged:
+            raise CheckpointError(f"{self.directory}: no checkpoint could be restored: {'; '.join(damaged)}. They "
+                                  f"were moved to {os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)}; "
+                                  "delete that folder and the run starts from step 0, or restore a backup")
+        return None
+
+    def _move_aside(self, step: int) -> str | None:
+        """Move a damaged step out of the manager's sight (process 0, local folders); its new path."""
+        if "://" in self.directory:
+            return None
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"cma_jax_damaged_{step}")
+        target = None
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+            os.makedirs(aside, exist_ok=True)
+            target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(src, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"cma_jax_damaged_{step}_moved")
+        self.manager.reload()
+        return target
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -196,6 +291,17 @@ def abstract(tree, shardings=None):
     if shardings is None:
         return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _reason(e: Exception) -> str:
+    """One line saying why a restore failed (tensorstore and Orbax errors can be kilobytes of spec)."""
+    text = " ".join(str(e).split())
+    if isinstance(e, KeyError):
+        text = f"missing item {text}"
+    elif isinstance(e, json.JSONDecodeError):
+        text = f"unreadable metadata ({text})"
+    text = text or type(e).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 # ----------------------------------------------------------------------------- trained parameters

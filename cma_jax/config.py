@@ -102,6 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.eval_every_steps = 0  # 0 = evaluate only at the end
     c.train.progress_bar = True
+    # Divergence guard: a non-finite loss or gradient norm always stops the run before that state is
+    # saved; > 0 also stops when the loss exceeds this factor times the median of the last 100 losses.
+    c.train.max_loss_ratio = 0.0
+    # Resume a workdir whose checkpoints were saved with other training settings (lr, batch, ...).
+    c.train.allow_config_change = False
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = remaining devices
@@ -258,6 +263,8 @@ def validate(config, num_devices: int | None = None) -> None:
     for f in ("log_every_steps", "save_every_steps", "keep_checkpoints"):
         check(t[f] >= 1, f"train.{f}", f"must be >= 1, got {t[f]}")
     check(t.eval_every_steps >= 0, "train.eval_every_steps", f"must be >= 0, got {t.eval_every_steps}")
+    check(t.max_loss_ratio == 0 or t.max_loss_ratio > 1, "train.max_loss_ratio",
+          f"must be 0 (off) or > 1, got {t.max_loss_ratio}")
 
     check(config.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
     check(config.eval.block_size >= 1, "eval.block_size", f"must be >= 1, got {config.eval.block_size}")

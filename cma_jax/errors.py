@@ -7,6 +7,14 @@ class CheckpointError(ValueError):
     """A checkpoint or weights file that is not one we understand, misses tensors, or is damaged."""
 
 
+class CheckpointMismatch(ValueError):
+    """A sound checkpoint made for another model or training configuration (not damage: never skipped)."""
+
+
+class TrainingDiverged(ValueError):
+    """The loss or gradient norm became non-finite (or spiked): the run stopped before saving that state."""
+
+
 def listing(source: str, missing=(), unexpected=(), bad_shapes=()) -> CheckpointError:
     """One CheckpointError listing what is missing, unexpected or of the wrong shape in `source`."""
     lines = [f"{source}: not a usable checkpoint."]

@@ -23,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from etils import epath
 from flax import nnx
@@ -30,9 +31,10 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from cma_jax import checkpoint as ckpt_lib
-from cma_jax import evaluate, optim
+from cma_jax import evaluate, lock, optim
 from cma_jax import sharding as shd
 from cma_jax.data import pipeline
+from cma_jax.errors import TrainingDiverged
 from cma_jax.models import load
 from cma_jax.models.summary import count
 from cma_jax.optim import TrainState
@@ -198,7 +200,11 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     if config.method == "zero_shot":
         raise ValueError("config.method=zero_shot has nothing to train; use config.mode=eval")
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+    with lock.workdir_lock(workdir):  # one run per workdir
+        return _train(config, workdir, backbone, train_iter, eval_fn)
 
+
+def _train(config, workdir: str, backbone, train_iter, eval_fn):
     # ------------------------------------------------------------------------- model and optimizer
     mesh = shd.make_mesh(config)
     model, _ = load.from_config(config, backbone=backbone)
@@ -212,7 +218,7 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     total, trainable = count(nnx.state(model, nnx.Param)), count(params)
     log.info("parameters: %s total, %s trainable (%.3f %%), method=%s", f"{total:,}", f"{trainable:,}",
              100.0 * trainable / total, config.method)
-    meta = ckpt_lib.run_meta(model, config.method, train_ls, data=config.data)
+    meta = ckpt_lib.run_meta(model, config.method, train_ls, data=config.data, config=config)
     del model  # its arrays are the unsharded copies; the step uses the sharded ones
 
     # ------------------------------------------------------------------------- shardings
@@ -237,9 +243,10 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
 
     # ------------------------------------------------------------------------- checkpoint (resume)
     ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        restored, data_state = ckpt.restore(start, ckpt_lib.abstract(state, state_sh), meta)
+    start = 0
+    found = ckpt.restore_latest(ckpt_lib.abstract(state, state_sh), meta, config.train.allow_config_change)
+    if found is not None:
+        restored, data_state, start = found
         state = restored.replace(step=jax.device_put(jnp.int32(start), rep))
         _restore_iterator(train_iter, data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start)
@@ -249,6 +256,7 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     # The iterator state that goes with a model at each step: at an interrupt the state's own step
     # (done before or after the interrupted wait) picks the matching one (_save_on_interrupt).
     step, data_at = start, {}
+    guard = _DivergenceGuard(config.train.max_loss_ratio)
     try:
         while step < num_steps:
             data_at = {step: _iterator_state(train_iter, step)}
@@ -260,13 +268,16 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
             metrics = jax.device_get(metrics)  # waits for the step: honest step times
             step += 1
             logger.step(step, metrics, time.perf_counter() - t0)
+            guard.check(step, metrics, ckpt.latest_step())  # before anything of this state is saved
             if step % config.train.save_every_steps == 0 or step == num_steps:
-                ckpt.save(step, state, _iterator_state(train_iter, step), meta, force=step == num_steps)
+                ckpt.save(step, state, _iterator_state(train_iter, step), meta, force=step == num_steps,
+                          loss=guard.mean_since_save())
             if eval_fn is not None and config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
                     and step < num_steps:
                 eval_fn(nnx.merge(graphdef, state.params, state.rngs, frozen), step)
     except KeyboardInterrupt:
-        _save_on_interrupt(ckpt, state, data_at, train_iter, meta)
+        if guard.healthy:
+            _save_on_interrupt(ckpt, state, data_at, train_iter, meta, guard.mean_since_save())
         raise
     finally:
         ckpt.wait()
@@ -277,7 +288,7 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     return nnx.merge(graphdef, state.params, state.rngs, frozen), logger.history
 
 
-def _save_on_interrupt(ckpt, state: TrainState, data_at, train_iter, meta):
+def _save_on_interrupt(ckpt, state: TrainState, data_at, train_iter, meta, loss):
     """Best effort: save the last consistent (state, iterator) pair unless it is already saved.
 
     `data_at[s]` is the iterator state that goes with a model at step s for the step the loop was
@@ -291,8 +302,43 @@ def _save_on_interrupt(ckpt, state: TrainState, data_at, train_iter, meta):
     if done == ckpt.latest_step() or done == 0:
         return
     data_state = data_at.get(done, _iterator_state(train_iter, done))
-    ckpt.save(done, state, data_state, meta, force=True)
+    ckpt.save(done, state, data_state, meta, force=True, loss=loss)
     log.warning("interrupted: saved step %d to %s", done, ckpt.directory)
+
+
+class _DivergenceGuard:
+    """Stops the run (TrainingDiverged) at a non-finite loss or gradient norm, or a loss spike."""
+
+    WINDOW = 100
+
+    def __init__(self, max_loss_ratio: float):
+        self.ratio = max_loss_ratio
+        self.recent, self.since_save = [], []
+        self.healthy = True
+
+    def check(self, step: int, metrics: dict, last_saved: int | None) -> None:
+        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+        problem = None
+        if not (np.isfinite(loss) and np.isfinite(gnorm)):
+            problem = f"loss {loss} / gradient norm {gnorm} is not finite"
+        elif self.ratio and len(self.recent) >= 10 and loss > self.ratio * float(np.median(self.recent)):
+            problem = (f"loss {loss:.4g} is over {self.ratio:g}x the median {np.median(self.recent):.4g} of the last "
+                       f"{len(self.recent)} steps (config.train.max_loss_ratio)")
+        if problem is not None:
+            self.healthy = False
+            kept = (f"the last checkpoint, step {last_saved}, is intact; run the same command to resume from it"
+                    if last_saved else "no checkpoint was saved yet")
+            raise TrainingDiverged(f"training diverged at step {step}: {problem}. Nothing of this step was saved; "
+                                   f"{kept}, with a lower --config.train.lr (now the usual cause) or "
+                                   "--config.train.grad_clip")
+        self.recent = (self.recent + [loss])[-self.WINDOW:]
+        self.since_save.append(loss)
+
+    def mean_since_save(self) -> float | None:
+        """The mean loss since the previous save (then starts a new window)."""
+        out = float(np.mean(self.since_save)) if self.since_save else None
+        self.since_save = []
+        return out
 
 
 # ----------------------------------------------------------------------------- train and evaluate
