@@ -1,0 +1,103 @@
+"""The one model loader (cma_jax.models.load): backbone folders, modules or trees, adapters, config errors."""
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from cma_jax import checkpoint, sharding
+from cma_jax.errors import CheckpointError
+from cma_jax.models import load
+from cma_jax.models.adapter import AdapterConfig, AdapterParam
+from cma_jax.models.clip import BACKBONE, CLIPConfig
+from cma_jax.models.retrieval import RetrievalModel
+from cma_jax.trees import flatten, unflatten
+from tiny import TINY_CLIP, tiny_config
+
+CFG = CLIPConfig(**TINY_CLIP)
+ADAPTER = AdapterConfig(4, 8)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A backbone folder and an adapter folder written from one model (seed 1)."""
+    root = tmp_path_factory.mktemp("load")
+    model = RetrievalModel(CFG, ADAPTER, rngs=nnx.Rngs(1))
+    checkpoint.save_backbone(str(root / "backbone"), CFG, load.backbone_state(model))
+    checkpoint.save_adapters(str(root / "adapters"), model)
+    return root, model
+
+
+def _same(a, b, what):
+    fa, fb = flatten(nnx.to_pure_dict(nnx.state(a, what))), flatten(nnx.to_pure_dict(nnx.state(b, what)))
+    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+
+
+def test_backbone_folder_and_adapter_folder_rebuild_the_model(saved):
+    root, model = saved
+    built, step = load.build_model(backbone=str(root / "backbone"), adapters=str(root / "adapters"))
+    assert step == 0 and built.clip.config == CFG and built.clip.adapter_config == ADAPTER
+    assert _same(built, model, BACKBONE) and _same(built, model, AdapterParam)
+    fresh, step = load.build_model(backbone=str(root / "backbone"), adapter_cfg=ADAPTER, seed=0)
+    assert step is None and _same(fresh, model, BACKBONE) and not _same(fresh, model, AdapterParam)
+
+
+def test_backbone_from_a_module_or_tree_and_compute_dtype(saved):
+    _, model = saved
+    from_module, _ = load.build_model(CFG, ADAPTER, backbone=model, dtype="bfloat16")
+    assert from_module.clip.config.dtype == "bfloat16" and _same(from_module, model, BACKBONE)
+    from_tree, _ = load.build_model(CFG, None, backbone=load.backbone_state(model))
+    assert from_tree.clip.adapter_config is None and _same(from_tree, model, BACKBONE)
+
+
+def test_another_architecture_is_named(saved):
+    root, _ = saved
+    with pytest.raises(CheckpointError, match="vision_layers=2.*but the model asked for is .*vision_layers=3"):
+        load.build_model(dataclasses.replace(CFG, vision_layers=3), backbone=str(root / "backbone"))
+    same = dataclasses.replace(CFG, dtype="bfloat16")  # compute settings may differ
+    assert load.build_model(same, backbone=str(root / "backbone"))[0].clip.config.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="needs a backbone folder or a clip_cfg"):
+        load.build_model()
+
+
+def test_apply_state_lists_what_does_not_fit():
+    model = RetrievalModel(CFG, None, rngs=nnx.Rngs(0))
+    tree = flatten(load.backbone_state(model))
+    tree["visual.proj"] = np.zeros((3, 3), np.float32)
+    tree["visual.extra"] = np.zeros((1,), np.float32)
+    with pytest.raises(CheckpointError, match=r"(?s)unexpected \(1\): visual.extra.*wrong shapes \(1\): visual.proj"):
+        load.apply_state(model, unflatten(tree))
+
+
+def test_from_config_needs_an_explicit_backbone(caplog):
+    config = tiny_config()
+    config.backbone = ""
+    with pytest.raises(ValueError, match="config.backbone is empty: set it to a CLIP name"):
+        load.from_config(config)
+    config.backbone = "random"
+    with caplog.at_level(logging.WARNING):
+        model, step = load.from_config(config)
+    assert step is None and "RANDOMLY INITIALISED" in caplog.text
+    assert model.clip.adapter_config == AdapterConfig(4, 8)
+
+
+def test_adapter_folder_records_what_the_model_was_trained_with(saved, tmp_path):
+    root, model = saved
+    meta = checkpoint.saved_meta(str(root / "adapters"))
+    assert meta["method"] == "cma" and meta["adapter"]["share_dim"] == 8
+    assert checkpoint.saved_data_config(str(root / "adapters")) is None  # converted: no data settings known
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        checkpoint.save_adapters(str(root / "adapters"), model)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / checkpoint.LEGACY_ADAPTER_CONFIG).write_text("{}")
+    with pytest.raises(CheckpointError, match="written by an older cma_jax; convert the original checkpoint again"):
+        checkpoint.saved_meta(str(tmp_path / "old"))
+
+
+def test_sharding_helpers_without_a_mesh():
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    assert sharding.data_size(None) == 1
+    np.testing.assert_array_equal(sharding.to_host(sharding.global_array(x, None)), x)
+    assert sharding.place_on_mesh({"a": x}, None)["a"] is x
