@@ -16,6 +16,8 @@ because the text-conditioned head weighs each video's frames by the query.
 * The model that builds the index is fingerprinted (CLIP config, adapter config, sha256 of the
   weights); querying or extending an index with any other model is refused with a message.
 * `query` / `report` default to the backbone, adapters, tokenizer and dtype the index was built with.
+* Frames (T), fps and words per query default to what the adapters were trained with (recorded in
+  their checkpoint; see `cma_jax.api.load`), else 12 / 1 / 32; a resumed index keeps its own.
 * Encoding is data-parallel over all local devices when there are several.
 """
 
@@ -33,6 +35,7 @@ import sys
 
 import numpy as np
 
+from cma_jax import console
 from cma_jax.files import write_atomic
 
 MANIFEST = "manifest.json"
@@ -221,6 +224,10 @@ def search(retriever, index: dict, texts: list[str], k: int = 5, block_size: int
 
 
 # ----------------------------------------------------------------------------- HTML report
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _thumbnails(path: str, count: int, fps: float, height: int) -> list[str]:
     """`count` frames spread over the video, as base64 JPEG strings (original aspect ratio)."""
     from cma_jax.data.pipeline import sample_frame_indices
@@ -284,6 +291,13 @@ def render_report(results: list[list[dict]], texts: list[str], index: dict, *, t
                          f"<div class='score'>{hit['score']:.4f}</div>{html.escape(rel)}</div>"
                          f"<div class='thumbs'>{body}</div></div>")
         parts.append("</section>")
+    failed = manifest["failed"]
+    if failed:  # what the index does not hold, so no query can find it
+        parts.append(f"<section><h2>{_count(len(failed), 'unreadable video', 'unreadable videos')}, "
+                     "not in the index</h2>")
+        parts += [f"<div class='meta'>{html.escape(rel)}: <span class='err'>{html.escape(err)}</span></div>"
+                  for rel, err in sorted(failed.items())]
+        parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -298,9 +312,10 @@ def _retriever(args, manifest: dict | None):
         raise SystemExit("--backbone is required (a backbone folder written by `python -m cma_jax.convert import`)")
     adapters = args.adapters if args.adapters is not None else source.get("adapters")
     tokenizer = args.tokenizer or source.get("tokenizer")
+    # Explicit flags, else the index's own settings; None leaves them to api.load (the adapters' training).
     settings = (manifest or {}).get("settings", {})
-    num_frames = getattr(args, "num_frames", None) or settings.get("num_frames", 12)
-    fps = getattr(args, "fps", None) or settings.get("fps", 1.0)
+    num_frames = getattr(args, "num_frames", None) or settings.get("num_frames")
+    fps = getattr(args, "fps", None) or settings.get("fps")
     dtype = args.dtype or source.get("dtype")  # part of the fingerprint, so it defaults to the index's too
     r = api.load(backbone, adapters or None, tokenizer=tokenizer, head=args.head, tau=args.tau,
                  num_frames=num_frames, max_words=args.max_words, fps=fps, batch_size=args.batch_size,
@@ -320,45 +335,60 @@ def _queries(args) -> list[str]:
     return texts
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, a flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cma_jax.search", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cma_jax.search", description=__doc__.split("\n")[0],
+                                formatter_class=_Help)
     sub = p.add_subparsers(dest="cmd", required=True)
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--backbone", help="converted backbone folder (default for query/report: the index's)")
     model.add_argument("--adapters", help="run workdir / checkpoints folder or converted adapter folder; "
                                           "'' = none (default for query/report: the index's)")
     model.add_argument("--tokenizer", help="tokenizer (default: the backbone's tokenizer/ folder)")
-    model.add_argument("--head", default="text_conditioned", choices=("text_conditioned", "meanp"))
+    model.add_argument("--head", default="text_conditioned", choices=("text_conditioned", "meanp"),
+                       help="how a query weighs a video's frames")
     model.add_argument("--tau", type=float, default=5.0, help="text-conditioned head temperature")
-    model.add_argument("--max_words", type=int, default=32)
+    model.add_argument("--max_words", type=int,
+                       help="words per query (default: what the adapters were trained with, else 32)")
     model.add_argument("--batch_size", type=int, default=16, help="videos / texts per encode batch")
     model.add_argument("--dtype", choices=("float32", "bfloat16"),
                        help="compute dtype (default: the index's, else the backbone's)")
 
-    ix = sub.add_parser("index", parents=[model], help="encode a folder of videos into an index (resumable)")
-    ix.add_argument("video_dir")
-    ix.add_argument("index_dir")
-    ix.add_argument("--num_frames", type=int, default=12, help="frames per video (T)")
-    ix.add_argument("--fps", type=float, default=1.0, help="frame sampling rate before taking T frames")
+    ix = sub.add_parser("index", parents=[model], formatter_class=_Help,
+                        help="encode a folder of videos into an index (resumable)")
+    ix.add_argument("video_dir", help="folder of videos (searched recursively)")
+    ix.add_argument("index_dir", help="index folder (created, or resumed when it holds an index)")
+    ix.add_argument("--num_frames", type=int, help="frames per video, T (default: the index's when resuming, "
+                                                   "else what the adapters were trained with, else 12)")
+    ix.add_argument("--fps", type=float, help="frame sampling rate before taking T frames (default: the index's "
+                                              "when resuming, else what the adapters were trained with, else 1)")
     ix.add_argument("--shard_size", type=int, default=256, help="videos per shard file (resume granularity)")
     ix.add_argument("--workers", type=int, default=4, help="decoding threads")
     ix.add_argument("--overwrite", action="store_true", help="delete an existing index in index_dir first")
     ix.add_argument("--retry_failed", action="store_true", help="try the videos reported unreadable again")
-    ix.add_argument("--no_progress", action="store_true")
+    ix.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    q = sub.add_parser("query", parents=[model], help="top-k videos for text queries")
+    q = sub.add_parser("query", parents=[model], formatter_class=_Help, help="top-k videos for text queries")
     q.add_argument("index_dir")
-    q.add_argument("texts", nargs="*")
+    q.add_argument("texts", nargs="*", help="query texts")
     q.add_argument("--queries_file", help="one query per line")
-    q.add_argument("-k", type=int, default=5)
+    q.add_argument("-k", type=int, default=5, help="hits per query")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    rp = sub.add_parser("report", parents=[model], help="HTML page with each hit's frames")
+    rp = sub.add_parser("report", parents=[model], formatter_class=_Help, help="HTML page with each hit's frames")
     rp.add_argument("index_dir")
-    rp.add_argument("texts", nargs="*")
+    rp.add_argument("texts", nargs="*", help="query texts")
     rp.add_argument("--queries_file", help="one query per line")
-    rp.add_argument("-k", type=int, default=5)
-    rp.add_argument("--out", default="search_report.html")
+    rp.add_argument("-k", type=int, default=5, help="hits per query")
+    rp.add_argument("--out", default="search_report.html", help="the HTML file to write")
     rp.add_argument("--thumbs", type=int, default=4, help="thumbnails per hit")
     args = p.parse_args(argv)
 
@@ -386,12 +416,23 @@ def main(argv=None) -> int:
             return 0
         page = render_report(results, texts, index, thumbs=args.thumbs, fps=index["manifest"]["settings"]["fps"])
         write_atomic(args.out, page)
-        print(f"report with {len(texts)} queries x {args.k} hits -> {args.out}")
+        hits = len(results[0])  # every query gets min(k, videos in the index)
+        line = f"report with {_count(len(texts), 'query', 'queries')} x {_count(hits, 'hit', 'hits')}"
+        if hits < args.k:
+            line += f" (k={args.k}, but the index holds {hits} videos)"
+        unreadable = len(index["manifest"]["failed"])
+        if unreadable:
+            line += f", listing {_count(unreadable, 'unreadable video', 'unreadable videos')}"
+        print(f"{line} -> {args.out}")
         return 0
-    except (IndexMismatchError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        line = console.error_line(e, args.index_dir)  # bad input or a full disk: one line; else a bug
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
+    console.setup()
     sys.exit(main())

@@ -51,12 +51,13 @@ def _pump(i: int, stream) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num_processes", type=int, default=2)
-    p.add_argument("--devices_per_process", type=int, default=0, help="simulated CPU devices per process (0: default)")
-    p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
+    p.add_argument("--num_processes", type=int, default=2, help="processes to start (default: 2)")
+    p.add_argument("--devices_per_process", type=int, default=0,
+                   help="simulated CPU devices per process (default 0: JAX's own)")
+    p.add_argument("--port", type=int, default=0, help="coordinator port (default 0: a free one)")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--grace_s", type=float, default=120.0,
-                   help="after Ctrl-C, seconds the processes get to save before they are stopped")
+                   help="after Ctrl-C, seconds the processes get to save before they are stopped (default: 120)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every process runs")
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:

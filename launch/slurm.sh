@@ -10,6 +10,10 @@
 #               auto-detection makes task i of a node drive GPU i (so no --gpus-per-task=1)
 #   --per=node  one process per node driving all its GPUs (JAX_LOCAL_DEVICE_IDS lists them, as
 #               the auto-detection would otherwise give the process GPU 0 only)
+#   --venv=DIR  the virtual environment every task activates (default .venv; a relative path is
+#               relative to the repository root). It must be on a filesystem every node reads, with
+#               cma_jax and the CUDA build of jax installed (JAX's installation guide).
+#   --partition, --time, --account  passed to #SBATCH;  --name=cma_jax  the job name (log: NAME-JOBID.out)
 #   --dry_run   print the batch script instead of submitting it
 # Everything after -- goes to `python -m cma_jax.main`. The workdir must be on a shared filesystem.
 set -euo pipefail
@@ -17,7 +21,7 @@ set -euo pipefail
 nodes=1 gpus=8 per="gpu" partition="" time_limit="24:00:00" account="" venv=".venv" name="cma_jax" dry_run=0
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -67,5 +71,11 @@ ${devices}srun python -m cma_jax.main --distributed $(printf '%q ' "$@")"
 if [[ $dry_run -eq 1 ]]; then
   echo "$script"
 else
+  # Checked here, not after the job has waited in the queue.
+  (cd "$root" && [[ -f "${venv}/bin/activate" ]]) || {
+    echo "slurm.sh: --venv=${venv} has no bin/activate (a relative path starts at ${root}); create the" \
+      "environment there or pass --venv=DIR" >&2
+    exit 2
+  }
   sbatch <<<"$script"
 fi

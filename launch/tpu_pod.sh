@@ -4,7 +4,7 @@
 #
 #   launch/tpu_pod.sh --tpu=my-v4-32 --zone=us-central2-b [--create --accelerator=v4-32] [--setup] \
 #       -- --config=configs/msrvtt.py --workdir=gs://my-bucket/runs/msrvtt \
-#          --config.backbone_checkpoint=gs://my-bucket/ckpt/clip_vit_b32 --config.data.data_dir=gs://my-bucket/tfds
+#          --config.backbone=gs://my-bucket/ckpt/clip_vit_b32 --config.data.data_dir=gs://my-bucket/tfds
 #
 #   --create       create the TPU VM first (--accelerator, --version)
 #   --setup        clone/update the repository on every worker and install it with jax[tpu]
@@ -18,7 +18,7 @@ create=0 setup=0 dry_run=0 dir="cma_jax"
 repo="$(git -C "$(dirname "$0")/.." remote get-url origin 2>/dev/null || echo "")"
 branch="$(git -C "$(dirname "$0")/.." rev-parse --abbrev-ref HEAD 2>/dev/null || echo main)"
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in

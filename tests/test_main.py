@@ -1,6 +1,8 @@
 """End to end through cma_jax.main.run: grain pipeline -> train -> checkpoint -> evaluate; then mode=eval."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -66,3 +68,66 @@ def test_train_and_eval_then_eval_only_from_the_checkpoint(data, tmp_path):
     config.method = "zero_shot"  # no adapters: other numbers from the same program
     zero = main_lib.run(config, str(tmp_path / "zero"))
     assert zero["num_texts"] == 8 and zero["metrics"] != results["metrics"]
+
+
+@pytest.mark.parametrize("override, unknown, hint", [
+    ("train.lerning_rate", "train.lerning_rate", "did you mean config.train.lr?"),
+    ("train.learning_rate", "train.learning_rate", "did you mean config.train.lr?"),
+    ("train.wd", "train.wd", "did you mean config.train.weight_decay?"),
+    ("trian.lr", "trian", "did you mean config.train.lr?"),
+    ("num_frames", "num_frames", "did you mean config.data.num_frames?"),
+    ("data.fsp", "data.fsp", "did you mean config.data.fps?"),
+    ("mesh.dp", "mesh.dp", "did you mean one of config.mesh.fsdp, config.mesh.data?"),
+])
+def test_an_unknown_override_names_the_closest_fields(override, unknown, hint):
+    arg = f"--config.{override}=1"
+    with pytest.raises(SystemExit) as e:
+        main_lib.check_overrides(["main.py", "--workdir=/tmp/x", arg])
+    assert e.value.code == (f"error: unknown config field config.{unknown} in {arg!r}; {hint} "
+                            "(every field is in cma_jax/config.py)")
+
+
+def test_known_overrides_pass():
+    main_lib.check_overrides(["main.py", "--config.train.lr=1e-4", "--config.extra.anything=1", "--workdir=x"])
+
+
+FULL_DISK_RUN = """
+import atexit, errno, logging, sys, threading
+import jax
+from absl import app
+from cma_jax import main
+
+def flush_events():  # what TensorBoard's writer hits at exit, on the same full disk
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+def fail():
+    raise OSError("handle is closed")
+
+def late_thread():  # and a writer thread whose queue is gone by then
+    t = threading.Thread(target=fail)
+    t.start()
+    t.join()
+
+def run(config, workdir):
+    jax.devices()  # JAX logs "Unable to initialize backend 'tpu'" at INFO where there is no TPU
+    logging.getLogger("somelib").warning("a real warning")
+    atexit.register(flush_events)
+    atexit.register(late_thread)
+    raise OSError(errno.ENOSPC, "No space left on device", workdir + "/checkpoints/20/params/d/ab12")
+
+main.run = run
+sys.argv = ["main.py", "--config=configs/msrvtt.py", "--workdir=" + sys.argv[1]]
+app.run(main.main)
+"""
+
+
+def test_a_full_disk_ends_in_one_error_line(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, str(tmp_path)], capture_output=True, text=True,
+                       cwd=root, timeout=300)
+    assert p.returncode == 1
+    lines = p.stderr.splitlines()
+    assert lines[-1] == (f"error: the disk is full (no space left on device) writing {tmp_path}/checkpoints/20/"
+                         "params/d/ab12; free some space or write to another disk, then run the same command again")
+    assert "Traceback" not in p.stderr and "Unable to initialize backend" not in p.stderr
+    assert len(lines) == 2 and lines[0].endswith("a real warning")

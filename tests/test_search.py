@@ -2,7 +2,7 @@
 
 The "trained model" is a tiny random-init CLIP whose Cross-Modal Adapters (only) are trained with
 optax for a few steps on five solid-colour videos captioned "a <colour> video"; the backbone and the
-adapters are saved with cma_jax.convert and used through the CLI entry point like a user would.
+adapters are saved with cma_jax.checkpoint and used through the CLI entry point like a user would.
 """
 
 import json
@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import videofiles
-from cma_jax import api, convert, search
+from cma_jax import api, checkpoint, console, search
 from cma_jax.models.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.models.retrieval import RetrievalModel
@@ -51,7 +51,7 @@ def trained(tmp_path_factory):
     batch = {"frames": np.stack([c[0] for c in clips]), "frame_mask": np.stack([c[1] for c in clips]),
              "text_ids": ids, "text_mask": tmask}
     backbone_tree = nnx.to_pure_dict(nnx.state(model.clip, nnx.All(nnx.Param, nnx.Not(AdapterParam))))
-    convert.save_backbone(str(root / "backbone"), CFG, backbone_tree)
+    checkpoint.save_backbone(str(root / "backbone"), CFG, backbone_tree)
 
     graphdef, adapters, rest = nnx.split(model, AdapterParam, ...)
     tx = optax.adam(3e-2)
@@ -69,7 +69,7 @@ def trained(tmp_path_factory):
         first = float(loss) if first is None else first
     assert float(loss) < 0.1 < first, (first, float(loss))  # it learned the colour <-> caption pairing
     nnx.update(model, adapters)
-    convert.save_adapters(str(root / "adapters"), CFG, ADAPTER, nnx.to_pure_dict(nnx.state(model, AdapterParam)))
+    checkpoint.save_adapters(str(root / "adapters"), model)
     return {"root": root, "videos": videos, "vocab": str(vocab), "backbone": str(root / "backbone"),
             "adapters": str(root / "adapters"), "model": model}
 
@@ -149,8 +149,10 @@ def test_report_is_one_html_file_with_thumbnails(trained, tmp_path, capsys):
     queries.write_text("a red video\na blue video\n")
     assert search.main(["report", str(index_dir), "a purple video", "--queries_file", str(queries), "-k", "2",
                         "--thumbs", "2", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"report with 3 queries x 2 hits, listing 1 unreadable video -> {out}")
     page = out.read_text()
-    assert page.count("<section>") == 3
+    assert page.count("<section><h2>&ldquo;") == 3
     assert page.count("data:image/jpeg;base64,") == 3 * 2 * 2  # queries x hits x thumbnails
     assert "&ldquo;a red video&rdquo;" in page and "more/purple.mp4" in page
     assert "src='http" not in page  # self-contained: every image inline
@@ -159,6 +161,71 @@ def test_report_is_one_html_file_with_thumbnails(trained, tmp_path, capsys):
         section = page.split(f"&ldquo;{caption(colour)}&rdquo;")[1].split("</section>")[0]
         first = re.search(r"<div class='rank'>1</div>.*?</div>(.*?)</div>", section, re.S).group(1)
         assert first.endswith(f"{colour}.mp4"), first
+    # The videos the index could not read are listed, with the reason.
+    unreadable = page.split("1 unreadable video, not in the index</h2>")[1].split("</section>")[0]
+    assert "broken.mp4: <span class='err'>cannot decode " in unreadable
+
+
+def test_report_counts_the_hits_it_shows(trained, tmp_path, capsys):
+    t = trained
+    index_dir = tmp_path / "index"
+    assert search.main(index_args(t, index_dir, "--adapters", t["adapters"])) == 0
+    out = tmp_path / "report.html"
+    assert search.main(["report", str(index_dir), "a red video", "-k", "8", "--thumbs", "1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"report with 1 query x 5 hits (k=8, but the index holds 5 videos), listing 1 unreadable video -> {out}")
+    assert out.read_text().count("<div class='rank'>") == 5
+
+
+def test_index_defaults_to_the_frames_the_adapters_were_trained_with(trained, tmp_path, monkeypatch, capsys):
+    t = trained
+    monkeypatch.setattr(checkpoint, "saved_data_config", lambda path: {"num_frames": 3, "fps": 2.0, "max_words": 8})
+
+    def index(name, *extra):
+        return search.main(["index", str(t["videos"]), str(tmp_path / name), "--backbone", t["backbone"],
+                            "--tokenizer", t["vocab"], "--no_progress", *extra])
+
+    def settings(name):
+        return search.read_manifest(str(tmp_path / name))["settings"]
+
+    assert index("trained", "--adapters", t["adapters"]) == 0
+    assert settings("trained") == {"num_frames": 3, "fps": 2.0, "resolution": 32}
+    # Explicit flags win; a resumed index keeps its own settings.
+    assert index("explicit", "--adapters", t["adapters"], "--num_frames", "2") == 0
+    assert settings("explicit") == {"num_frames": 2, "fps": 2.0, "resolution": 32}
+    capsys.readouterr()
+    assert index("explicit", "--adapters", t["adapters"]) == 0
+    assert "0 to encode" in capsys.readouterr().out
+    # Without adapters nothing was trained: today's defaults.
+    assert index("zero", "--max_words", "8") == 0
+    assert settings("zero") == {"num_frames": 12, "fps": 1.0, "resolution": 32}
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        search.main(["index", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "videos per shard file (resume granularity) (default: 256)" in text
+    assert "decoding threads (default: 4)" in text
+    assert "(default: text_conditioned)" in text
+    assert "else what the adapters were trained with, else 12)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_a_full_disk_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "index" / "shard_00003.npz.tmp"))
+
+    monkeypatch.setattr(search, "_retriever", lambda args, manifest: (None, {}))
+    monkeypatch.setattr(search, "build_index", full)
+    monkeypatch.setattr(console, "_exiting_on_full_disk", False)  # what the line sets for the exit hooks
+    assert search.main(["index", str(tmp_path), str(tmp_path / "index")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the disk is full (no space left on device) writing {tmp_path}/index/shard_00003.npz.tmp; "
+        "free some space or write to another disk, then run the same command again\n")
 
 
 def test_missing_index_and_folder_give_clear_errors(tmp_path, capsys):
@@ -170,16 +237,13 @@ def test_missing_index_and_folder_give_clear_errors(tmp_path, capsys):
 
 def test_api_loads_a_run_checkpoint(trained, tmp_path):
     """api.load takes the adapter shape and weights from a run checkpoint (cma_jax.checkpoint)."""
-    import ml_collections
-
-    from cma_jax import checkpoint, partition
+    from cma_jax import optim
 
     t = trained
-    cfg = ml_collections.ConfigDict({"method": "cma", "model": {"train_logit_scale": False}})
-    params = nnx.state(t["model"], partition.trainable_filter(cfg))
+    params = nnx.state(t["model"], optim.trainable_filter("cma"))
+    state = optim.TrainState(params=params, opt_state=optax.adam(1e-3).init(params), rngs={}, step=7)
     ckpt = checkpoint.RunCheckpointer(str(tmp_path / "run"))
-    ckpt.save(7, {"params": params, "opt_state": optax.adam(1e-3).init(params), "rngs": {}}, {"i": 0},
-              checkpoint.run_meta(t["model"], cfg))
+    ckpt.save(7, state, {"i": 0}, checkpoint.run_meta(t["model"], "cma"))
     ckpt.wait()
     ckpt.close()
     r = api.load(t["backbone"], str(tmp_path / "run"), tokenizer=t["vocab"], num_frames=2, max_words=8)

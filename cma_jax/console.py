@@ -1,0 +1,161 @@
+"""What the command-line programs print: their own log lines, real warnings, one line per error.
+
+`setup(verbose)` is called once by each CLI (`cma_jax.main`, `cma_jax.search`), never by library code:
+
+* INFO lines of other libraries are dropped (JAX's "Unable to initialize backend 'tpu'", Orbax's
+  per-save chatter, TFDS's dataset-info lines); their warnings and errors stay, and so do cma_jax's
+  own INFO lines. Orbax's notices that it opened a checkpoint read-only (which we ask for) are
+  dropped too. `verbose` (`--verbosity=1`) keeps every line.
+* Log lines are written between progress bars (tqdm's external_write_mode), not into them.
+* After a restore that fails, tensorstore still completes the reads already in flight and hands
+  their results to Orbax's asyncio loop, which the failure has closed: each prints an
+  `Event loop is closed` traceback (through sys.unraisablehook). Those, and only those, are dropped.
+
+`error_line(e, path)` turns bad input and a full disk into the one `error:` line a CLI ends with.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import threading
+
+from absl import logging as absl_logging
+from tqdm import tqdm
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_ORBAX = f"{os.sep}orbax{os.sep}"
+_ORBAX_READ_ONLY = ("CheckpointManagerOptions.read_only=True, setting", "Given directory is read only")
+_DISK_FULL_TEXT = ("No space left on device", "[Errno 28]")
+
+_exiting_on_full_disk = False  # set once the program has reported a full disk (see error_line, setup)
+
+
+# ----------------------------------------------------------------------------- full disk, errors
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def disk_full(e: BaseException) -> OSError | bool:
+    """The ENOSPC OSError in `e` or its causes (True for a library error that only says so); else False."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return x
+    return any(t in str(x) for x in _chain(e) for t in _DISK_FULL_TEXT)
+
+
+def error_line(e: BaseException, path: str) -> str | None:
+    """The one line a CLI ends with for bad input (ValueError, OSError) or a full disk; None for a bug.
+
+    `path`: what the program was writing (its workdir / index), named when the error names no file.
+    After a full disk, the OSErrors that exit handlers and other threads then run into (flushing
+    TensorBoard events, Orbax's background saves) are no longer printed: this line says it all.
+    """
+    global _exiting_on_full_disk
+    full = disk_full(e)
+    if full:
+        _exiting_on_full_disk = True
+        where = full.filename if isinstance(full, OSError) and full.filename else path
+        return (f"error: the disk is full (no space left on device) writing {where}; free some space or "
+                "write to another disk, then run the same command again")
+    if isinstance(e, (ValueError, OSError)):
+        return f"error: {e}"
+    return None
+
+
+# ----------------------------------------------------------------------------- logging
+class QuietLibraries(logging.Filter):
+    """Keeps warnings and errors, cma_jax's own INFO lines, and drops the rest (see the module doc)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return record.pathname.startswith(_PACKAGE)
+        if _ORBAX in record.pathname:
+            if record.getMessage().startswith(_ORBAX_READ_ONLY):
+                return False
+            if record.exc_info and disk_full(record.exc_info[1]):
+                return False  # the program's own error line reports the full disk, once
+        return True
+
+
+class BetweenBars:
+    """A console stream for log handlers: clears the progress bars, writes, redraws them."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        with tqdm.external_write_mode(file=self.stream):
+            self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+    # It *is* the terminal stream as far as handlers are concerned: absl's handler then neither
+    # copies FATAL lines to stderr a second time nor closes the stream at exit.
+    def __eq__(self, other):
+        return self.stream == (other.stream if isinstance(other, BetweenBars) else other)
+
+    def __hash__(self):
+        return hash(self.stream)
+
+
+def _console_handler(handler: logging.Handler) -> logging.StreamHandler | None:
+    """The StreamHandler that writes `handler`'s records to the terminal (not yet between bars), if any."""
+    if isinstance(handler, absl_logging.ABSLHandler):
+        handler = handler.python_handler
+    if (isinstance(handler, logging.StreamHandler) and not isinstance(handler.stream, BetweenBars)
+            and handler.stream in (sys.stdout, sys.stderr)):
+        return handler
+    return None
+
+
+# ----------------------------------------------------------------------------- exceptions nobody can catch
+def _closed_loop_callback(exc: BaseException, tb) -> bool:
+    """A callback of a finished tensorstore read that found Orbax's event loop closed."""
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+def _unraisable_hook(previous):
+    def hook(args):
+        if _closed_loop_callback(args.exc_value, args.exc_traceback):
+            return
+        if _exiting_on_full_disk and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+    return hook
+
+
+def _thread_hook(previous):
+    def hook(args):
+        if _exiting_on_full_disk and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+    return hook
+
+
+def setup(verbose: bool = False) -> None:
+    """Once per CLI program, before it logs: the filters and hooks of the module doc."""
+    root = logging.getLogger()
+    if not root.handlers:  # not an absl program: one plain stderr handler ("WARNING: ...")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        root.addHandler(handler)
+    for handler in root.handlers:
+        if not verbose and not any(isinstance(f, QuietLibraries) for f in handler.filters):
+            handler.addFilter(QuietLibraries())
+        console = _console_handler(handler)
+        if console is not None:
+            console.setStream(BetweenBars(console.stream))
+    sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+    threading.excepthook = _thread_hook(threading.excepthook)

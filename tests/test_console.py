@@ -1,0 +1,101 @@
+"""What the CLIs print: library INFO dropped, warnings kept, logs between progress bars, one error line."""
+
+import asyncio
+import errno
+import io
+import logging
+import os
+import types
+
+import pytest
+from tqdm import tqdm
+
+from cma_jax import console
+
+PACKAGE = os.path.dirname(console.__file__)
+SITE = "/venv/lib/python3.11/site-packages"
+
+
+def record(level, path, msg, exc=None):
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    return logging.LogRecord("absl", level, path, 1, msg, None, exc_info)
+
+
+@pytest.fixture
+def quiet():
+    return console.QuietLibraries().filter
+
+
+def test_library_info_is_dropped_and_warnings_kept(quiet):
+    tpu = "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so"
+    assert not quiet(record(logging.INFO, f"{SITE}/jax/_src/xla_bridge.py", tpu))
+    assert not quiet(record(logging.INFO, f"{SITE}/tensorflow_datasets/core/dataset_info.py", "Load dataset info"))
+    assert quiet(record(logging.INFO, f"{PACKAGE}/train.py", "step 10 loss 1.2"))  # our own lines stay
+    assert quiet(record(logging.WARNING, f"{SITE}/jax/_src/xla_bridge.py", "a real warning"))
+    assert quiet(record(logging.ERROR, f"{SITE}/orbax/checkpoint/checkpoint_manager.py", "a real error"))
+
+
+def test_orbax_read_only_notices_are_dropped(quiet):
+    for msg in ("CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.",
+                "Given directory is read only=/runs/x/checkpoints"):
+        assert not quiet(record(logging.WARNING, f"{SITE}/orbax/checkpoint/checkpoint_manager.py", msg))
+
+
+def test_orbax_errors_about_a_full_disk_are_left_to_the_one_error_line(quiet):
+    path = f"{SITE}/orbax/checkpoint/_src/checkpointers/async_checkpointer.py"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert not quiet(record(logging.ERROR, path, "Failed to run 5 Handler Commit operations", full))
+    assert quiet(record(logging.ERROR, path, "Failed to run 5 Handler Commit operations", PermissionError(13, "no")))
+
+
+def test_log_lines_go_between_progress_bars():
+    out = io.StringIO()
+    bar = tqdm(total=10, file=out, desc="train", ascii=True, bar_format="{desc} {n_fmt}/{total_fmt}")
+    bar.update(3)
+    console.BetweenBars(out).write("I1129 step 3 loss 1.0\n")
+    bar.close()
+    text = out.getvalue()
+    before, after = text.split("I1129 step 3 loss 1.0\n")
+    assert before.endswith("\r" + " " * len("train 3/10") + "\r")  # the bar was cleared first...
+    assert after.startswith("\rtrain 3/10")  # ...and redrawn below the line
+    assert console.BetweenBars(out) == out  # absl's handler treats it as the terminal itself
+
+
+def _closed_loop_error():
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        # as tensorstore reports it: from C, so the traceback starts in call_soon_threadsafe
+        return e, e.__traceback__.tb_next
+
+
+def test_only_the_closed_event_loop_callbacks_are_silenced():
+    seen = []
+    hook = console._unraisable_hook(seen.append)
+    exc, tb = _closed_loop_error()
+    hook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=exc, exc_traceback=tb, object=None))
+    assert seen == []
+    other = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+                                  exc_traceback=None, object=None)
+    hook(other)
+    assert seen == [other]
+
+
+def test_error_lines(monkeypatch):
+    monkeypatch.setattr(console, "_exiting_on_full_disk", False)
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints/20/params/d/ab12")
+    assert console.error_line(full, "/runs/x") == (
+        "error: the disk is full (no space left on device) writing /runs/x/checkpoints/20/params/d/ab12; "
+        "free some space or write to another disk, then run the same command again")
+    assert console._exiting_on_full_disk  # the exit hooks now keep quiet about the OSErrors that follow
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert console.error_line(wrapped, "/runs/x").startswith("error: the disk is full (no space left on "
+                                                             "device) writing /runs/x; ")
+    tensorstore = ValueError('Error writing local file "/runs/x/a": [OS error 28: No space left on device]')
+    assert console.error_line(tensorstore, "/runs/x").startswith("error: the disk is full")
+    missing = FileNotFoundError("/data: no such folder")
+    assert console.error_line(missing, "/runs/x") == "error: /data: no such folder"
+    assert console.error_line(KeyError("params"), "/runs/x") is None  # a bug: keeps its traceback
