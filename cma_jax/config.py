@@ -191,23 +191,53 @@ def _unknown_fields(cfg, ref, prefix=""):
     return bad
 
 
+def _abbreviates(short: str, name: str) -> bool:
+    """'lr' for 'learning_rate' (or 'lerning_rate'), 'wd' for 'weight_decay': the initials of its words."""
+    return len(short) > 1 and "_" in name and short == "".join(w[0] for w in name.split("_") if w)
+
+
+def _field_names(node, prefix: str = "") -> list[str]:
+    """Every dotted field name (not the sections) of a config."""
+    out = []
+    for key in node.keys():
+        if hasattr(node[key], "keys") and key != "extra":
+            out += _field_names(node[key], prefix + key + ".")
+        else:
+            out.append(prefix + key)
+    return out
+
+
+def suggest_fields(path: list[str], base) -> list[str]:
+    """Field names close to the unknown dotted `path` (['train', 'lerning_rate'] -> ['train.lr']).
+
+    First the keys of the section where the lookup failed (difflib, a prefix, or an abbreviation
+    either way: lr <-> learning_rate; a misspelt section keeps the rest of the path) and fields
+    anywhere with the same name (train.num_frames -> data.num_frames); failing those, close dotted names.
+    """
+    node, depth = base, 0
+    while depth < len(path) - 1 and hasattr(node, "keys") and path[depth] in node:
+        node, depth = node[path[depth]], depth + 1
+    key = path[depth]
+    prefix, rest = "".join(p + "." for p in path[:depth]), "".join("." + p for p in path[depth + 1:])
+    fields = _field_names(base)
+    found = []
+    if hasattr(node, "keys"):
+        keys = list(node.keys())
+        close = [k for k in keys
+                 if _abbreviates(key, k) or _abbreviates(k, key) or (len(key) > 2 and k.startswith(key))]
+        close += difflib.get_close_matches(key, keys, n=3, cutoff=0.7)
+        found += [prefix + k + rest for k in close]
+    found += [f for f in fields if f.rsplit(".", 1)[-1] == path[-1]]
+    found = [f for f in dict.fromkeys(found) if f in fields]
+    return (found or difflib.get_close_matches(".".join(path), fields, n=3, cutoff=0.75))[:3]
+
+
 def _suggest(name: str) -> str:
     """' (renamed to config.x)' / ' (did you mean config.x?)' for an unknown dotted field name, or ''."""
     if name in RENAMED:
         return f" (renamed to config.{RENAMED[name]})"
-    known = _field_names(base_config())
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f" (did you mean config.{close[0]}?)" if close else ""
-
-
-def _field_names(cfg, prefix="") -> list[str]:
-    out = []
-    for key in cfg.keys():
-        if isinstance(cfg[key], ml_collections.ConfigDict) and key != "extra":
-            out += _field_names(cfg[key], prefix + key + ".")
-        else:
-            out.append(prefix + key)
-    return out
+    close = suggest_fields(name.split("."), base_config())
+    return f" (did you mean {' or '.join('config.' + c for c in close)}?)" if close else ""
 
 
 def validate(config, num_devices: int | None = None) -> None:
