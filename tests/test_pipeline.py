@@ -246,5 +246,5 @@ def test_from_config_splits_the_global_batch(data_dir, tmp_path):
     with pytest.raises(ValueError, match="config.train.batch_size=5 must be divisible"):
         pipeline.train_iterator_from_config(config, process_index=0, process_count=2)
     config.data.tokenizer = "clip"
-    with pytest.raises(ValueError, match="backbone_checkpoint"):
+    with pytest.raises(ValueError, match="config.backbone"):
         pipeline.train_iterator_from_config(config, process_index=0, process_count=1)

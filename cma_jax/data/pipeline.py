@@ -10,8 +10,8 @@ API (the trainer and the evaluator call these once per process):
         B = batch_size_per_process, T = num_frames, L = max_words. Every (video, caption) pair of the
         split is one example; this process reads only its contiguous shard of the pairs, shuffled with
         `seed` (a new order each epoch), incomplete batches dropped. `it.get_state()` -> {'next_batch': k}
-        and `it.set_state(state)` resume it exactly, whatever `workers` (a grain DatasetIterator: grain's
-        Orbax handlers `grain.checkpoint.CheckpointSave/Restore` save it with a run checkpoint).
+        and `it.set_state(state)` resume it exactly, whatever `workers` (a grain DatasetIterator; its state
+        is saved with every run checkpoint by cma_jax/checkpoint.py, one JSON file per process).
         Call `it.close()` to stop worker processes.
 
         `it.steps_per_epoch`: batches per epoch of all pairs over all processes.
@@ -35,7 +35,9 @@ API (the trainer and the evaluator call these once per process):
     eval_batches_from_config(config, process_index=None, process_count=None) -> EvalBatches
         The same from a run config (cma_jax/config.py): config.data.*, config.seed, the global
         config.train.batch_size / config.eval.batch_size split over the processes (jax's by default).
-        config.data.tokenizer 'clip' = the backbone checkpoint's tokenizer/ folder.
+        config.data.tokenizer '' = the tokenizer/ folder that config.backbone resolves to. A dataset that is
+        not built yet is built first when its files are public (MSR-VTT, MSVD) or generated and this
+        is the only process; otherwise the error names the command that builds it.
 
 `tokenizer` is anything `tokenizer.load_tokenizer` accepts (spec or built tokenizer).
 `workers` > 0 decodes in that many worker processes (grain `mp_prefetch`, spawned); 0 decodes in
@@ -52,7 +54,7 @@ import numpy as np
 from absl import flags
 
 from cma_jax.data import video
-from cma_jax.data.builders.base import open_source
+from cma_jax.data.builders.base import ensure_built, open_source
 from cma_jax.data.tokenizer import load_tokenizer
 
 
@@ -293,18 +295,20 @@ def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int,
 
 
 def tokenizer_spec(config) -> str:
-    """config.data.tokenizer, where 'clip' (or '') means the backbone checkpoint's tokenizer/ folder."""
+    """config.data.tokenizer, where '' (or 'clip') means the tokenizer/ folder of config.backbone."""
     spec = config.data.tokenizer
     if spec not in ("", "clip"):
         return spec
-    from cma_jax import convert  # pylint: disable=import-outside-toplevel
+    # jax + orbax behind it, which grain's worker processes (they import this module) do not need.
+    from cma_jax import backbones, checkpoint  # pylint: disable=import-outside-toplevel
 
-    folder = convert.tokenizer_dir(config.backbone_checkpoint) if config.backbone_checkpoint else None
-    if folder is None:
-        raise ValueError(f"config.data.tokenizer='clip' takes the tokenizer/ folder of config.backbone_checkpoint "
-                         f"({config.backbone_checkpoint!r}), which has none; set config.data.tokenizer to a "
-                         "Hugging Face CLIP tokenizer folder or to bpe_simple_vocab_16e6.txt.gz")
-    return folder
+    folder = backbones.resolve(config.backbone)  # the loader resolved it already: a cache lookup
+    tokenizer = checkpoint.tokenizer_dir(folder) if folder else None
+    if tokenizer is None:
+        raise ValueError(f"config.data.tokenizer='' takes the tokenizer/ folder of config.backbone "
+                         f"({config.backbone!r}), which has none; set config.data.tokenizer to a Hugging Face CLIP "
+                         "tokenizer folder or to OpenAI's bpe_simple_vocab_16e6.txt.gz")
+    return tokenizer
 
 
 def _from_config(config, global_batch: int, field: str, process_index, process_count) -> dict[str, Any]:
@@ -317,7 +321,10 @@ def _from_config(config, global_batch: int, field: str, process_index, process_c
     d = config.data
     if not d.data_dir:
         from tensorflow_datasets.core import constants  # pylint: disable=import-outside-toplevel
-    return dict(name=d.name, data_dir=d.data_dir or constants.DATA_DIR, tokenizer=tokenizer_spec(config),
+    data_dir = d.data_dir or constants.DATA_DIR
+    # Several processes would each download and build: only a single process builds on its own.
+    ensure_built(d.name, data_dir, d.builder_config or None, build=process_count == 1)
+    return dict(name=d.name, data_dir=data_dir, tokenizer=tokenizer_spec(config),
                 num_frames=d.num_frames, max_words=d.max_words, batch_size_per_process=global_batch // process_count,
                 process_index=process_index, process_count=process_count, workers=d.workers,
                 builder_config=d.builder_config or None)

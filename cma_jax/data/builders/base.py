@@ -1,6 +1,6 @@
 """Shared TFDS machinery for the video-text builders, and the reader the pipeline uses.
 
-Contract (H3's pipeline and H6's synthetic builder rely on it):
+Contract (the input pipeline and the synthetic builder rely on it):
 
 * One record per video, features `FEATURES`:
     video_id    str
@@ -26,12 +26,20 @@ Subclasses set `name`, `BUILDER_CONFIGS` (VideoTextConfig), `MANUAL_DOWNLOAD_INS
 that makes its own frames (no files) overrides `_frame_loader()` to return a picklable
 callable `source -> list[bytes]`, raising `video.VideoDecodeError` for a bad source.
 
+Where the files come from: a manual_dir that exists and is not empty is used, and must hold every
+required file. Without one, a builder whose benchmark has public archives (`download_urls()` ->
+{'annotations': URL, 'videos': URL}, from its module-level `URLS`) downloads and extracts them with
+TFDS's download manager (cached in DATA_DIR/downloads; checked against `checksums.tsv` beside the
+builders for the URLs that file lists), and its `_split_entries(annotations_dir, videos_dir)` reads
+the annotation files from the folder of the extracted archive that holds them and finds the videos
+anywhere in the other. A builder without public archives stops with its full manual instructions.
+
 Building without TensorFlow: TFDS' writer keeps up to 1 GiB of records in memory and then
 spills them to 1000 on-disk buckets through `tf.io.gfile`, which fails without TF.
-`_install_tf_free_shuffler` gives that module plain-file I/O, and the record keys are spread
-evenly over the 128-bit key space so that, with shuffling disabled, bucket b holds records in
-[b/1000, (b+1)/1000) of the split in order: records stay in order and only ~1/1000 of a split
-is ever sorted in memory.
+`_install_tf_free_io` gives that module (and TFDS's archive extractor, which writes extracted
+files through `tf.io.gfile` too) plain-file I/O, and the record keys are spread evenly over the
+128-bit key space so that, with shuffling disabled, bucket b holds records in [b/1000, (b+1)/1000)
+of the split in order: records stay in order and only ~1/1000 of a split is ever sorted in memory.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
+from tensorflow_datasets.core.download import download_manager
 
 from cma_jax.data import video
 
@@ -109,6 +118,10 @@ class ManualDirLayoutError(FileNotFoundError):
     """The manual dir lacks files the builder needs."""
 
 
+class DownloadChecksumError(OSError):
+    """A downloaded archive whose size or SHA256 differ from the ones checksums.tsv records."""
+
+
 def _default_workers() -> int:
     return int(os.environ.get("CMA_JAX_BUILD_WORKERS", os.cpu_count() or 1))
 
@@ -144,6 +157,14 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Annotation files (relative to manual_dir) the current config needs."""
         return self.REQUIRED_FILES
 
+    def download_urls(self) -> dict[str, str]:
+        """{'annotations': URL, 'videos': URL} of the benchmark's public archives; {} = manual only."""
+        return {}
+
+    def needs_manual_dir(self) -> bool:
+        """Whether building needs files put into a manual_dir by hand (neither public nor generated)."""
+        return bool(self.MANUAL_DOWNLOAD_INSTRUCTIONS) and not self.download_urls()
+
     def _frame_loader(self) -> Callable[[Any], list[bytes]]:
         """Picklable `source -> list of JPEG bytes`; the default decodes a video file."""
         cfg = self.builder_config
@@ -163,13 +184,41 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 + f".\nExpected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
 
+    def has_required_files(self, folder: epath.PathLike) -> bool:
+        """Whether `folder` holds every annotation file the current config needs."""
+        return all((epath.Path(folder) / f).exists() for f in self.required_files())
+
     def _split_generators(self, dl_manager):
-        manual_dir = None
-        if self.MANUAL_DOWNLOAD_INSTRUCTIONS:
-            manual_dir = epath.Path(dl_manager.manual_dir)
-            self.check_manual_dir(manual_dir)
-        entries = self._split_entries(manual_dir)
+        if not self.MANUAL_DOWNLOAD_INSTRUCTIONS:  # generated data: no files
+            entries = self._split_entries(None)
+        else:
+            manual_dir = _manual_dir(dl_manager)
+            if manual_dir is not None:  # files put there by hand: all of them, never a silent download
+                self.check_manual_dir(manual_dir)
+                entries = self._split_entries(manual_dir)
+            elif self.download_urls():
+                entries = self._split_entries(*self._download(dl_manager))
+            else:
+                raise ManualDirLayoutError(
+                    f"{self.name}: its files must be downloaded by hand into a manual_dir (none given, or it is "
+                    f"empty); pass it with --manual_dir=DIR.\nExpected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
         return {split: self._generate_examples(split, items) for split, items in entries.items()}
+
+    def _download(self, dl_manager) -> tuple[epath.Path, epath.Path]:
+        """Download and extract the public archives -> (folder holding the annotation files, video root)."""
+        urls = self.download_urls()
+        try:
+            paths = dl_manager.download_and_extract(urls)
+        except download_manager.NonMatchingChecksumError as e:  # the file stays in a .tmp folder, never used
+            raise DownloadChecksumError(f"{self.name}: {e}") from None
+        extracted = epath.Path(paths["annotations"])
+        for folder, _, _ in os.walk(os.fspath(extracted)):  # the archive may wrap its files in a folder
+            if self.has_required_files(folder):
+                return epath.Path(folder), epath.Path(paths["videos"])
+        raise ManualDirLayoutError(
+            f"{self.name}: the archive {urls['annotations']} (extracted to {extracted}) has no folder holding "
+            f"{', '.join(self.required_files())}; point {type(self).__module__}.URLS at a copy in the "
+            f"expected layout, or build from a manual_dir.\nExpected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
     def _generate_examples(self, split: str, entries: list[Entry]):
         """Yields (key, record) in entry order; skips (and lists) videos that fail to load."""
@@ -223,6 +272,14 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "captions": [list(e.captions) for e in kept],
             "skipped": skipped,
         }
+
+
+def _manual_dir(dl_manager) -> epath.Path | None:
+    """The download config's manual_dir, or None when it does not exist or is empty."""
+    try:
+        return epath.Path(dl_manager.manual_dir)
+    except AssertionError:  # TFDS's way of saying "missing or empty"
+        return None
 
 
 def _load_one(loader, entry: Entry):
@@ -361,9 +418,11 @@ def find_video(index: dict[str, str], video_id: str, *alternatives: str) -> str 
 
 
 def entries_from_lists(manual_dir: epath.Path, split_lists: dict[str, str],
-                       captions: dict[str, tuple[str, ...]]) -> dict[str, list[Entry]]:
-    """{split: [Entry]} for splits given as files of video ids (one a line), captions by video id."""
-    videos = index_videos(manual_dir)
+                       captions: dict[str, tuple[str, ...]], videos_dir: epath.Path | None = None
+                       ) -> dict[str, list[Entry]]:
+    """{split: [Entry]} for splits given as files of video ids (one a line) in `manual_dir`, captions by
+    video id, videos found under `videos_dir` (default: `manual_dir`)."""
+    videos = index_videos(videos_dir or manual_dir)
     return {
         split: [Entry(v, captions.get(v, ()), find_video(videos, v)) for v in read_list(manual_dir / f)]
         for split, f in split_lists.items()
@@ -382,8 +441,12 @@ class _Gfile:
     remove = staticmethod(os.remove)
 
 
+def _as_text(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else x
+
+
 class _TfShim:
-    """The slice of `tf` that tfds.core.shuffle uses, on local files."""
+    """The slice of `tf` that tfds.core.shuffle and the archive extractor use, on local files."""
 
     class io:  # noqa: N801 (mirrors tf.io)
         gfile = _Gfile
@@ -391,17 +454,22 @@ class _TfShim:
     class errors:  # noqa: N801
         ResourceExhaustedError = _ResourceExhaustedError
 
+    class compat:  # noqa: N801
+        as_text = staticmethod(_as_text)
 
-def _install_tf_free_shuffler() -> None:
+
+def _install_tf_free_io() -> None:
     try:
         import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
         from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
+        from tensorflow_datasets.core.download import extractor  # pylint: disable=import-outside-toplevel
 
         shuffle.tf = _TfShim
+        extractor.tf = _TfShim
 
 
-_install_tf_free_shuffler()
+_install_tf_free_io()
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -496,14 +564,42 @@ def get_builder(name: str, data_dir: epath.PathLike, builder_config=None, **kwar
     return cls(data_dir=os.path.expanduser(os.fspath(data_dir)), config=config, **kwargs)
 
 
+def build_command(builder: VideoTextBuilder) -> str:
+    """The command line that builds `builder`'s dataset."""
+    cmd = (f"python -m cma_jax.data.builders {builder.name} --data_dir={builder.data_dir_root} "
+           f"--config={builder.builder_config.name}")
+    return cmd + " --manual_dir=DIR" if builder.needs_manual_dir() else cmd
+
+
+def _not_built(builder: VideoTextBuilder) -> str:
+    msg = (f"dataset {builder.name} (config {builder.builder_config.name}) is not built in "
+           f"{builder.data_dir_root} (expected {builder.data_dir}); build it with: {build_command(builder)}")
+    if builder.needs_manual_dir():
+        msg += f"\nwhere DIR holds the files it needs, downloaded by hand:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+    return msg
+
+
+def ensure_built(name: str, data_dir: epath.PathLike, builder_config=None, *, build: bool = True) -> None:
+    """Builds the dataset if it is not built and needs no manual_dir (its files are public, or generated) and
+    `build` allows it; else raises FileNotFoundError saying how to build it.
+
+    Downloading and building show TFDS's progress bars; a later call finds the dataset built.
+    """
+    builder = get_builder(name, data_dir, builder_config)
+    if builder.is_prepared():
+        return
+    if not build or builder.needs_manual_dir():
+        raise FileNotFoundError(_not_built(builder))
+    logging.info("%s (config %s) is not built in %s: building it once (downloading its public files, if any)",
+                 name, builder.builder_config.name, builder.data_dir_root)
+    builder.download_and_prepare()
+
+
 def open_source(name: str, split: str, data_dir: epath.PathLike, builder_config=None) -> VideoTextSource:
     """Random-access source over a built split (see the module docstring)."""
     builder = get_builder(name, data_dir, builder_config)
     if not builder.is_prepared():
-        raise FileNotFoundError(
-            f"dataset {name} (config {builder.builder_config.name}) is not built in {data_dir}: "
-            f"expected {builder.data_dir}; build it first (see README)"
-        )
+        raise FileNotFoundError(_not_built(builder))
     if split not in builder.info.splits:
         raise ValueError(f"{name} has no split {split!r}; built splits: {list(builder.info.splits)}")
     meta = builder.info.metadata.get(split) if builder.info.metadata else None

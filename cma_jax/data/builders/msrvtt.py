@@ -1,4 +1,12 @@
-"""MSR-VTT: 9k (or 7k) train videos with all their captions; the 1k-A (JSFusion) test."""
+"""MSR-VTT: 9k (or 7k) train videos with all their captions; the 1k-A (JSFusion) test.
+
+Without a manual_dir the public files are downloaded (URLS; the sources CLIP4Clip's README gives):
+CLIP4Clip's release `msrvtt_data.zip` (the split CSVs and MSRVTT_data.json) and Frozen-in-Time's
+`MSRVTT.zip` (the 10,000 videos, MSRVTT/videos/all/videoN.mp4). TFDS checks them against
+checksums.tsv beside this file once it lists them; their sizes and SHA256 are not recorded in this
+repository yet (they could not be read offline): record them with
+`python -m cma_jax.data.builders msrvtt --register_checksums` (TFDS writes checksums.tsv; commit it).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,12 @@ import collections
 from etils import epath
 
 from cma_jax.data.builders import base
+
+# Point these elsewhere (a mirror, a test server) before building; same archives, same layout.
+URLS = {
+    "annotations": "https://github.com/ArrowLuo/CLIP4Clip/releases/download/v0.0/msrvtt_data.zip",
+    "videos": "https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip",
+}
 
 
 class MsrVtt(base.VideoTextBuilder):
@@ -29,6 +43,8 @@ manual_dir/
   MSRVTT_train.7k.csv        (column video_id; config 7k)
   MSRVTT_JSFUSION_test.csv   (columns key, vid_key, video_id, sentence)
   any/sub/folder/videoN.mp4  (the 10,000 MSR-VTT videos, anywhere below manual_dir)
+(The first four are in CLIP4Clip's msrvtt_data.zip, the videos in Frozen-in-Time's MSRVTT.zip;
+without a manual_dir the builder downloads both.)
 """
 
     def required_files(self):
@@ -38,7 +54,10 @@ manual_dir/
             "MSRVTT_JSFUSION_test.csv",
         )
 
-    def _split_entries(self, manual_dir: epath.Path):
+    def download_urls(self):
+        return dict(URLS)
+
+    def _split_entries(self, manual_dir: epath.Path, videos_dir: epath.Path | None = None):
         data = base.read_json(manual_dir / "MSRVTT_data.json")
         if "sentences" not in data:
             raise ValueError(f'{manual_dir / "MSRVTT_data.json"}: expected a "sentences" list')
@@ -50,7 +69,7 @@ manual_dir/
         test_rows = base.read_csv(
             manual_dir / "MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"]
         )
-        videos = base.index_videos(manual_dir)
+        videos = base.index_videos(videos_dir or manual_dir)
         return {
             "train": [
                 base.Entry(v, tuple(captions.get(v, ())), base.find_video(videos, v)) for v in train_ids
