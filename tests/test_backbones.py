@@ -316,3 +316,27 @@ def test_hf_repo_id_resolves_offline_from_the_cache_and_runs(hf_home, tmp_path):
     np.testing.assert_allclose(np.asarray(model.encode_image(jnp.asarray(images))), want_img, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(model.encode_text(jnp.asarray(ids, jnp.int32))), want_txt, rtol=1e-4,
                                atol=1e-5)
+
+
+def test_hf_repo_id_as_config_backbone_trains_a_step(hf_home, tmp_path):
+    """`--config.backbone=org/name` from a pre-populated Hugging Face cache, offline: converted, trained one step."""
+    home, _ = hf_home
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+        from tiny import SyntheticBatches, tiny_config
+        from cma_jax import backbones, checkpoint, train
+        config = tiny_config(num_steps=1)
+        config.backbone = "tiny-org/tiny-clip"
+        model, history = train.train(config, {str(tmp_path / "run")!r}, train_iter=SyntheticBatches(config))
+        _, state = checkpoint.load_backbone(backbones.resolve(config.backbone))
+        same = bool(np.array_equal(np.asarray(model.clip.visual.proj[...]), np.asarray(state["visual"]["proj"])))
+        print(json.dumps({{"losses": [h["loss"] for h in history], "same_backbone": same}}))
+    """)
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "CMA_JAX_CACHE": str(tmp_path / "cache"),
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(out["losses"]) == 1 and np.isfinite(out["losses"][0]) and out["same_backbone"]
