@@ -101,3 +101,15 @@ def test_sharding_helpers_without_a_mesh():
     assert sharding.data_size(None) == 1
     np.testing.assert_array_equal(sharding.to_host(sharding.global_array(x, None)), x)
     assert sharding.place_on_mesh({"a": x}, None)["a"] is x
+
+
+def test_a_backbone_with_a_word_list_tokenizer_needs_no_tokenizer_argument(tmp_path):
+    """The demo's backbone keeps its word list in tokenizer/: api.load and search find it there."""
+    from cma_jax import api
+
+    vocab = tmp_path / "synthetic_vocab.txt"
+    vocab.write_text("a\nred\ncircle\n")
+    model = RetrievalModel(CFG, None, rngs=nnx.Rngs(0))
+    checkpoint.save_backbone(str(tmp_path / "backbone"), CFG, load.backbone_state(model), [str(vocab)])
+    r = api.load(str(tmp_path / "backbone"), num_frames=2, max_words=6)
+    assert r.encode_text(["a red circle"]).shape == (1, CFG.embed_dim)

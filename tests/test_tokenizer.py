@@ -139,6 +139,10 @@ def test_word_tokenizer(tmp_path):
     assert pickle.loads(pickle.dumps(tok)) is tok
     listed = load_tokenizer(["a", "red", "circle", "blue", "square", "."])
     np.testing.assert_array_equal(listed.tokenize(["A red circle."], 6)[0], ids[:1])
+    (tmp_path / "tokenizer").mkdir()  # a backbone's tokenizer/ holding a word list (the demo's)
+    (tmp_path / "tokenizer" / "synthetic_vocab.txt").write_text(path.read_text())
+    folder = load_tokenizer(str(tmp_path / "tokenizer"))
+    np.testing.assert_array_equal(folder.tokenize(["A red circle."], 6)[0], ids[:1])
 
 
 def test_bad_specs_name_the_problem(tmp_path):

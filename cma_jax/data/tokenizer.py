@@ -180,8 +180,8 @@ def load_tokenizer(spec):
     """Tokenizer from a spec; each distinct spec is built once per process.
 
     spec: a Hugging Face CLIP tokenizer folder, OpenAI's BPE merges file ``*.txt.gz``, a word
-    vocabulary file ``*.txt`` (one word per line), a list/tuple of words, or an already-built
-    tokenizer (returned as is).
+    vocabulary file ``*.txt`` (one word per line), a folder holding one of those two files (a
+    converted backbone's tokenizer/), a list/tuple of words, or an already-built tokenizer.
     """
     if isinstance(spec, (ClipBPETokenizer, WordTokenizer)):
         return spec
@@ -197,8 +197,12 @@ def load_tokenizer(spec):
         bpe = sorted(f for f in has if f.endswith(".txt.gz"))
         if len(bpe) == 1:  # e.g. a converted backbone's tokenizer/ holding OpenAI's merges file
             return _clip_from_bpe(os.path.join(path, bpe[0]))
-        raise ValueError(f"tokenizer folder {path} has neither tokenizer.json, vocab.json + merges.txt nor one "
-                         "BPE .txt.gz file; expected a Hugging Face CLIP tokenizer folder")
+        words = sorted(f for f in has if f.endswith(".txt"))
+        if not bpe and len(words) == 1:  # e.g. the demo backbone's tokenizer/ holding its word list
+            return _word_from_file(os.path.join(path, words[0]))
+        raise ValueError(f"tokenizer folder {path} has neither tokenizer.json, vocab.json + merges.txt, one "
+                         "BPE .txt.gz file nor one word-list .txt file; expected a Hugging Face CLIP tokenizer "
+                         "folder")
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer {spec!r} not found; expected a Hugging Face tokenizer folder, "
                                 "OpenAI's bpe_simple_vocab_16e6.txt.gz or a word-vocabulary .txt file")
