@@ -296,6 +296,7 @@ def abstract(tree, shardings=None):
 def _reason(e: Exception) -> str:
     """One line saying why a restore failed (tensorstore and Orbax errors can be kilobytes of spec)."""
     text = " ".join(str(e).split())
+    text = text.split(" See full TensorStore details")[0]  # the rest is a kilobyte-long spec
     if isinstance(e, KeyError):
         text = f"missing item {text}"
     elif isinstance(e, json.JSONDecodeError):

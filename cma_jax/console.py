@@ -9,7 +9,8 @@
 * Log lines are written between progress bars (tqdm's external_write_mode), not into them.
 * After a restore that fails, tensorstore still completes the reads already in flight and hands
   their results to Orbax's asyncio loop, which the failure has closed: each prints an
-  `Event loop is closed` traceback (through sys.unraisablehook). Those, and only those, are dropped.
+  `Event loop is closed` traceback (through sys.unraisablehook); its sibling read coroutines, never
+  awaited, print the very error the failed restore already raised. Those, and only those, are dropped.
 
 `error_line(e, path)` turns bad input and a full disk into the one `error:` line a CLI ends with.
 """
@@ -126,9 +127,20 @@ def _closed_loop_callback(exc: BaseException, tb) -> bool:
             and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
 
 
+def _orphaned_orbax_read(args) -> bool:
+    """A read of a damaged checkpoint that Orbax started and never awaited once another read failed.
+
+    The restore that owns it has already failed with the same error, which the caller handles (the
+    run skips that checkpoint and says so): its garbage-collected sibling coroutines have nothing to add.
+    """
+    obj = args.object
+    return (type(obj).__name__ == "coroutine" and _ORBAX in getattr(getattr(obj, "cr_code", None), "co_filename", "")
+            and getattr(obj, "cr_frame", True) is None)
+
+
 def _unraisable_hook(previous):
     def hook(args):
-        if _closed_loop_callback(args.exc_value, args.exc_traceback):
+        if _closed_loop_callback(args.exc_value, args.exc_traceback) or _orphaned_orbax_read(args):
             return
         if _exiting_on_full_disk and isinstance(args.exc_value, OSError):
             return

@@ -267,8 +267,8 @@ def _train(config, workdir: str, backbone, train_iter, eval_fn):
             state, metrics = step_fn(state, frozen, batch)
             metrics = jax.device_get(metrics)  # waits for the step: honest step times
             step += 1
+            guard.check(step, metrics, ckpt.latest_step())  # before anything of this state is saved or logged
             logger.step(step, metrics, time.perf_counter() - t0)
-            guard.check(step, metrics, ckpt.latest_step())  # before anything of this state is saved
             if step % config.train.save_every_steps == 0 or step == num_steps:
                 ckpt.save(step, state, _iterator_state(train_iter, step), meta, force=step == num_steps,
                           loss=guard.mean_since_save())
@@ -326,11 +326,12 @@ class _DivergenceGuard:
                        f"{len(self.recent)} steps (config.train.max_loss_ratio)")
         if problem is not None:
             self.healthy = False
-            kept = (f"the last checkpoint, step {last_saved}, is intact; run the same command to resume from it"
-                    if last_saved else "no checkpoint was saved yet")
+            fix = "a lower --config.train.lr (the usual cause) or a --config.train.grad_clip"
+            next_step = (f"the last checkpoint, step {last_saved}, is intact: run the same command with {fix} "
+                         "(and --config.train.allow_config_change=True) to resume from it" if last_saved else
+                         f"no checkpoint was saved yet: start again with {fix}")
             raise TrainingDiverged(f"training diverged at step {step}: {problem}. Nothing of this step was saved; "
-                                   f"{kept}, with a lower --config.train.lr (now the usual cause) or "
-                                   "--config.train.grad_clip")
+                                   f"{next_step}")
         self.recent = (self.recent + [loss])[-self.WINDOW:]
         self.since_save.append(loss)
 
