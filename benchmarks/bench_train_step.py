@@ -1,21 +1,24 @@
-"""Adapter training vs full fine-tuning: step time, memory, and the run-checkpoint size (ViT-B/32).
+"""Adapter training vs full fine-tuning in cma_jax alone: step time, XLA memory, run-checkpoint size.
 
     python benchmarks/bench_train_step.py [--preset vit_b32] [--videos 4] [--frames 4] [--words 32] [--rounds 7]
 
-One model (ViT-B/32 shape with Cross-Modal Adapters r=8, d_s=16, random init: no weights needed)
-and one batch; two jitted train steps built the way cma_jax.train builds them: `cma` differentiates
-w.r.t. the adapters only, `full` w.r.t. every parameter. After compiling both, the steps run
-alternately (cma, full, cma, ...) and the medians are compared. Memory: XLA's compiled-program
-analysis per step (arguments + temporaries + outputs - donated aliases) and the process's peak RSS.
-Finally the adapter run checkpoint (params + Adam moments + step + iterator state) is saved
-with cma_jax.checkpoint to a temporary folder and its size reported.
+One model (Cross-Modal Adapters r=8, d_s=16, random init: no weights needed) and one batch; two
+jitted train steps built as cma_jax.train builds them: `cma` differentiates w.r.t. the adapters
+only, `full` w.r.t. every parameter (the adapters too: same model). The steps run alternately and
+the medians are compared. Memory: XLA's compiled-program analysis per step (arguments +
+temporaries + outputs - donated aliases). Finally the adapter run checkpoint (params + Adam
+moments + iterator state) is saved with cma_jax.checkpoint and its size reported.
+
+The helpers here (`bench_config`, `make_batch`, `build`, `compile_step`) also build the JAX side
+of benchmarks/bench_vs_pytorch.py (the comparison with the PyTorch original, remat, accumulation
+and compile times).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -28,13 +31,101 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cma_jax import checkpoint as ckpt_lib  # noqa: E402
-from cma_jax import partition  # noqa: E402
-from cma_jax import train as train_lib  # noqa: E402
 from cma_jax import config as config_lib  # noqa: E402
+from cma_jax import optim  # noqa: E402
+from cma_jax import train as train_lib  # noqa: E402
+from cma_jax.models import load  # noqa: E402
+from cma_jax.models.summary import count  # noqa: E402
 
 
-def _mb(n: float) -> str:
-    return f"{n / 2 ** 20:,.1f} MB"
+def mb(n: float) -> str:
+    return f"{n / 2 ** 20:,.0f} MB"
+
+
+def bench_config(preset="vit_b32", videos=4, frames=4, words=32, dtype="float32", head="text_conditioned",
+                 clip=None):
+    """A validated config for a random-init model of `preset` (`clip`: CLIPConfig field overrides)."""
+    config = config_lib.base_config()
+    config.model.preset, config.model.dtype, config.model.head = preset, dtype, head
+    for k, v in (clip or {}).items():
+        config.model.clip[k] = v
+    config.train.batch_size = videos
+    config.data.num_frames, config.data.max_words = frames, words
+    config_lib.validate(config)
+    return config
+
+
+def make_batch(config, seed=0) -> dict:
+    """One batch of the batch contract (numpy): random uint8 frames, random words ending in end-of-text."""
+    cfg = config_lib.clip_config(config)
+    b, t, words = config.train.batch_size, config.data.num_frames, config.data.max_words
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, cfg.vocab_size - 1, (b, words)).astype(np.int32)
+    ids[:, -1] = cfg.vocab_size - 1  # end-of-text: the largest id
+    res = cfg.image_resolution
+    return {"frames": rng.integers(0, 256, (b, t, res, res, 3), dtype=np.uint8),
+            "frame_mask": np.ones((b, t), bool), "text_ids": ids, "text_mask": np.ones((b, words), np.int32)}
+
+
+def build(config, remat: str = "none", abstract: bool = False):
+    """The config's model with random weights (seed config.seed) and CLIP remat setting `remat`.
+
+    remat is a compute setting (same weights for every value); `abstract` builds shapes only.
+    """
+    clip_cfg = dataclasses.replace(config_lib.clip_config(config), remat=remat)
+
+    def make():
+        return load.build_model(clip_cfg, config_lib.adapter_config(config), head=config.model.head,
+                                tau=config.model.tau, seed=config.seed)[0]
+    return nnx.eval_shape(make) if abstract else make()
+
+
+@dataclasses.dataclass
+class Step:
+    """A compiled train step and what it runs on (`state` is None for compile-only steps)."""
+    compiled: object
+    state: object
+    frozen: object
+    compile_s: float
+    peak_bytes: int  # XLA: arguments + temporaries + outputs - donated aliases
+    temp_bytes: int
+    trainable: int
+
+    def __call__(self, batch):
+        self.state, metrics = self.compiled(self.state, self.frozen, batch)
+        return metrics
+
+
+def compile_step(model, config, method: str, batch, grad_accum_steps: int = 1, abstract: bool = False) -> Step:
+    """cma_jax.train's step for `method` ('cma' or 'full'), jitted with the state donated, compiled.
+
+    With `abstract` (a model from `build(..., abstract=True)` and a batch of ShapeDtypeStructs) it
+    is only compiled: memory analysis and compile time without allocating the model.
+    """
+    graphdef, params, rngs, frozen = optim.split(model, method)
+    if not abstract:
+        params, rngs = jax.tree.map(jnp.copy, (params, rngs))  # donated: keep the model's own arrays
+    tx, lr = optim.make_optimizer(config.train, params, 1000)
+    state = optim.TrainState(params=params, opt_state=jax.eval_shape(tx.init, params) if abstract else tx.init(params),
+                             rngs=rngs, step=jax.ShapeDtypeStruct((), jnp.int32) if abstract else jnp.int32(0))
+    fn = jax.jit(train_lib.make_train_step(graphdef, tx, lr, grad_accum_steps), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, frozen, batch).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes)
+    return Step(compiled, None if abstract else state, frozen, seconds, peak, mem.temp_size_in_bytes, count(params))
+
+
+def abstract_batch(config) -> dict:
+    """ShapeDtypeStructs of `make_batch(config)` (for compile-only steps)."""
+    cfg = config_lib.clip_config(config)
+    b, t, words, res = config.train.batch_size, config.data.num_frames, config.data.max_words, cfg.image_resolution
+    return {"frames": jax.ShapeDtypeStruct((b, t, res, res, 3), jnp.uint8),
+            "frame_mask": jax.ShapeDtypeStruct((b, t), jnp.bool_),
+            "text_ids": jax.ShapeDtypeStruct((b, words), jnp.int32),
+            "text_mask": jax.ShapeDtypeStruct((b, words), jnp.int32)}
 
 
 def _dir_bytes(path):
@@ -51,74 +142,43 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
 
-    config = config_lib.base_config()
-    config.model.preset, config.model.dtype = args.preset, args.dtype
-    config.train.batch_size = args.videos
-    config.data.num_frames, config.data.max_words = args.frames, args.words
-    config_lib.validate(config)
-    clip_cfg = config_lib.clip_config(config)
-    model = train_lib.build_model(config)  # random init; same model for both methods
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, clip_cfg.vocab_size - 1, (args.videos, args.words)).astype(np.int32)
-    ids[:, -1] = clip_cfg.vocab_size - 1
-    res = clip_cfg.image_resolution
-    batch = {"frames": jnp.asarray(rng.integers(0, 256, (args.videos, args.frames, res, res, 3), dtype=np.uint8)),
-             "frame_mask": jnp.ones((args.videos, args.frames), bool),
-             "text_ids": jnp.asarray(ids), "text_mask": jnp.ones((args.videos, args.words), jnp.int32)}
-
-    steps, states, frozens, memory, counts = {}, {}, {}, {}, {}
+    config = bench_config(args.preset, args.videos, args.frames, args.words, args.dtype)
+    model = build(config)
+    batch = jax.tree.map(jnp.asarray, make_batch(config))
+    steps = {}
     for method in ("cma", "full"):
-        config.method = method  # "full": every nnx.Param trains (the adapters too: same model)
-        graphdef, params, rngs, frozen = partition.split(model, config)
-        params, rngs = jax.tree.map(jnp.copy, (params, rngs))  # donated below: keep the model's arrays
-        tx, lr = partition.make_optimizer(config, params, 1000)
-        fn = jax.jit(train_lib.make_train_step(graphdef, tx, lr, 1), donate_argnums=(0,))
-        state = {"params": params, "opt_state": tx.init(params), "rngs": rngs, "step": jnp.int32(0)}
-        t0 = time.perf_counter()
-        compiled = fn.lower(state, frozen, batch).compile()
-        mem = compiled.memory_analysis()
-        memory[method] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-                          - mem.alias_size_in_bytes, mem.temp_size_in_bytes)
-        state, m = compiled(state, frozen, batch)  # warm-up
-        jax.block_until_ready(m)
-        print(f"{method}: compiled + first step in {time.perf_counter() - t0:.1f} s, "
-              f"{partition.count(params):,} trainable params")
-        steps[method], states[method], frozens[method], counts[method] = compiled, state, frozen, partition.count(params)
+        steps[method] = compile_step(model, config, method, batch)
+        jax.block_until_ready(steps[method](batch))  # warm-up
+        print(f"{method}: compiled in {steps[method].compile_s:.1f} s, {steps[method].trainable:,} trainable params")
 
     times = {"cma": [], "full": []}
     for _ in range(args.rounds):
         for method in ("cma", "full"):
             t0 = time.perf_counter()
-            states[method], m = steps[method](states[method], frozens[method], batch)
-            jax.block_until_ready((states[method], m))
+            jax.block_until_ready(steps[method](batch))
             times[method].append(time.perf_counter() - t0)
 
     med = {k: float(np.median(v)) for k, v in times.items()}
-    total = partition.count(nnx.state(model, nnx.Param))
+    total = count(nnx.state(model, nnx.Param))
     print(f"\nmodel {args.preset} ({total:,} params), batch {args.videos} videos x {args.frames} frames, "
           f"{args.words} words, {args.dtype}, {jax.devices()[0].platform} x{jax.device_count()}, "
           f"{args.rounds} alternating rounds")
     for method in ("cma", "full"):
-        print(f"  {method:4s}: median step {med[method] * 1e3:8.1f} ms  (all: "
-              f"{', '.join(f'{t * 1e3:.0f}' for t in times[method])})  trainable {counts[method]:,} "
-              f"({100 * counts[method] / total:.3f} %)  XLA peak {_mb(memory[method][0])} "
-              f"(temporaries {_mb(memory[method][1])})")
+        s = steps[method]
+        print(f"  {method:4s}: median step {med[method] * 1e3:8.1f} ms  trainable {s.trainable:,} "
+              f"({100 * s.trainable / total:.3f} %)  XLA peak {mb(s.peak_bytes)} (temporaries {mb(s.temp_bytes)})")
     # Each round times both steps back to back, so its ratio is robust to slow drifts in machine load.
     rounds = [c / f for c, f in zip(times["cma"], times["full"])]
-    print(f"  step-time ratio cma/full: {med['cma'] / med['full']:.3f} (ratio of medians), "
-          f"{float(np.median(rounds)):.3f} (median of per-round ratios: "
-          f"{', '.join(f'{r:.2f}' for r in rounds)})  target <= 0.70")
-    print(f"  process peak RSS (both steps): {_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}")
+    print(f"  step-time ratio cma/full: {float(np.median(rounds)):.3f} (median of per-round ratios)  target <= 0.70")
 
-    config.method = "cma"
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = ckpt_lib.RunCheckpointer(tmp)
-        ckpt.save(args.rounds + 1, states["cma"], {"next_batch": args.rounds + 1}, ckpt_lib.run_meta(model, config),
+        ckpt.save(args.rounds + 1, steps["cma"].state, {"next_batch": args.rounds + 1}, ckpt_lib.run_meta(model, "cma"),
                   force=True)
         ckpt.wait()
         size = _dir_bytes(os.path.join(tmp, "checkpoints"))
         ckpt.close()
-    print(f"  {args.preset} adapter run checkpoint: {_mb(size)} (params + Adam moments + step + iterator state; "
+    print(f"  {args.preset} adapter run checkpoint: {mb(size)} (params + Adam moments + iterator state; "
           f"target < 10 MB)")
     return float(np.median(rounds)), size
 

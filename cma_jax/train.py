@@ -31,7 +31,7 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from cma_jax import checkpoint as ckpt_lib
-from cma_jax import evaluate, lock, optim
+from cma_jax import evaluate, gradcache, lock, optim
 from cma_jax import sharding as shd
 from cma_jax.data import pipeline
 from cma_jax.errors import TrainingDiverged
@@ -48,9 +48,9 @@ def make_train_step(graphdef, tx, lr_fn, grad_accum_steps: int, micro_sharding=N
 
     Gradients are taken w.r.t. `state.params` only: the frozen weights enter as constants, so
     no weight gradient is ever computed for them (only the activation gradients the adapters need).
-    With grad_accum_steps = k the batch is split into k micro-batches (rows i::k, so each stays
-    spread over all data-parallel devices), the InfoNCE loss is taken within each micro-batch and
-    gradients are averaged.
+    With grad_accum_steps = k the loss is still the InfoNCE over the whole batch, computed in k
+    micro-batches (rows i::k, so each stays spread over all data-parallel devices) by gradient
+    caching (cma_jax.gradcache): the exact full-batch gradient with one micro-batch's activations.
     """
 
     def loss_fn(params, rngs, frozen, batch):
@@ -65,23 +65,8 @@ def make_train_step(graphdef, tx, lr_fn, grad_accum_steps: int, micro_sharding=N
         if grad_accum_steps == 1:
             (loss, rngs), grads = grad_fn(params, state.rngs, frozen, batch)
         else:
-            k = grad_accum_steps
-
-            def micro(x):  # [B, ...] -> [k, B/k, ...], micro-batch i = rows i::k
-                x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
-                if micro_sharding is not None:
-                    x = jax.lax.with_sharding_constraint(x, micro_sharding(x.ndim))
-                return x
-
-            def body(carry, mb):
-                loss_sum, grad_sum, rngs = carry
-                (loss, rngs), g = grad_fn(params, rngs, frozen, mb)
-                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, g), rngs), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss, grads, rngs), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, state.rngs),
-                                                  jax.tree.map(micro, batch))
-            loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+            (loss, rngs), grads = gradcache.value_and_grad(graphdef, params, state.rngs, frozen, batch,
+                                                           grad_accum_steps, micro_sharding)
         updates, opt_state = tx.update(grads, state.opt_state, params)
         new = TrainState(params=optim.clamp_logit_scale(optax.apply_updates(params, updates)), opt_state=opt_state,
                          rngs=rngs, step=state.step + 1)

@@ -1,12 +1,12 @@
 """Numerical parity of our CLIP towers with transformers' PyTorch CLIPModel (random tiny configs).
 
 Paths checked: a Hugging Face CLIPModel folder, an OpenAI-layout state dict, an OpenAI-style
-TorchScript archive, and a Cross-Modal-Adapter (CLIP4Clip) checkpoint against a PyTorch reference
-with the original repo's stacked adapters. The measured errors are printed (run with `-s`).
+TorchScript archive, and a Cross-Modal-Adapter (CLIP4Clip) checkpoint against the PyTorch reference
+with the original repo's stacked adapters (tests/torch_reference.py). The measured errors are printed
+(run with `-s`).
 """
 
 import dataclasses
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -16,16 +16,20 @@ transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-from torch import nn  # noqa: E402
 
-from cma_jax.convert import apply_state, convert_checkpoint, convert_state_dict  # noqa: E402
-from cma_jax.models.adapter import shared_layer_index  # noqa: E402
-from cma_jax.models.clip import CLIP  # noqa: E402
+from cma_jax.convert import convert_checkpoint, convert_state_dict  # noqa: E402
+from cma_jax.models.load import apply_state  # noqa: E402
+from cma_jax.models.clip import CLIP, CLIPConfig  # noqa: E402
+from torch_reference import OpenAICLIP  # noqa: E402
 
 VOCAB, CONTEXT, EMBED = 100, 16, 32
 V_WIDTH, V_LAYERS, PATCH, RES = 128, 3, 8, 32  # 2 heads (OpenAI's width // 64)
 T_WIDTH, T_LAYERS, T_HEADS = 128, 2, 2  # unequal depths on purpose
 TOL = 1e-4
+# The same architecture for the PyTorch reference (tests/torch_reference.py).
+REF_CONFIG = CLIPConfig(embed_dim=EMBED, image_resolution=RES, vision_layers=V_LAYERS, vision_width=V_WIDTH,
+                        vision_patch_size=PATCH, context_length=CONTEXT, vocab_size=VOCAB, text_width=T_WIDTH,
+                        text_heads=T_HEADS, text_layers=T_LAYERS)
 
 
 def rel_err(ours, ref) -> float:
@@ -98,105 +102,6 @@ def check(name, got, want, tol=TOL):
 
 
 # ----------------------------------------------------------------------------- an OpenAI-architecture module
-# A small PyTorch re-statement of OpenAI's ViT CLIP (names and layouts as in OpenAI's state dicts),
-# optionally with the original Cross-Modal-Adapter repo's stacked adapters.
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class Block(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(width, heads)
-        self.ln_1 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(
-            [("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width))]))
-        self.ln_2 = nn.LayerNorm(width)
-
-    def forward(self, x, mask, attn_adapter, mlp_adapter):  # x: [S, N, W]
-        y = self.ln_1(x)
-        x = x + attn_adapter(self.attn(y, y, y, need_weights=False, attn_mask=mask)[0])
-        return x + mlp_adapter(self.mlp(self.ln_2(x)))
-
-
-class OpenAICLIP(nn.Module):
-    def __init__(self, adapter_r=0, share_dim=0):
-        super().__init__()
-        self.register_buffer("input_resolution", torch.tensor(RES))  # as in OpenAI's TorchScript archives
-        self.register_buffer("context_length", torch.tensor(CONTEXT))
-        self.register_buffer("vocab_size", torch.tensor(VOCAB))
-        self.visual = nn.Module()
-        self.visual.conv1 = nn.Conv2d(3, V_WIDTH, PATCH, PATCH, bias=False)
-        self.visual.class_embedding = nn.Parameter(torch.randn(V_WIDTH))
-        self.visual.positional_embedding = nn.Parameter(torch.randn((RES // PATCH) ** 2 + 1, V_WIDTH))
-        self.visual.ln_pre = nn.LayerNorm(V_WIDTH)
-        self.visual.transformer = nn.Module()
-        self.visual.transformer.resblocks = nn.ModuleList([Block(V_WIDTH, V_WIDTH // 64) for _ in range(V_LAYERS)])
-        self.visual.ln_post = nn.LayerNorm(V_WIDTH)
-        self.visual.proj = nn.Parameter(torch.randn(V_WIDTH, EMBED))
-        self.token_embedding = nn.Embedding(VOCAB, T_WIDTH)
-        self.positional_embedding = nn.Parameter(torch.randn(CONTEXT, T_WIDTH))
-        self.transformer = nn.Module()
-        self.transformer.resblocks = nn.ModuleList([Block(T_WIDTH, T_HEADS) for _ in range(T_LAYERS)])
-        self.ln_final = nn.LayerNorm(T_WIDTH)
-        self.text_projection = nn.Parameter(torch.randn(T_WIDTH, EMBED))
-        self.logit_scale = nn.Parameter(torch.tensor(4.6))
-        self.r, self.d_s = adapter_r, share_dim
-        if adapter_r:
-            g = lambda *s: nn.Parameter(0.3 * torch.randn(*s))  # noqa: E731 - large enough to matter
-            n_s = min(V_LAYERS, T_LAYERS)
-            self.visual_adapter_down_weight = g(2 * V_LAYERS, adapter_r, V_WIDTH)
-            self.visual_adapter_down_bias = g(2 * V_LAYERS, adapter_r)
-            self.visual_adapter_up_unique_weight = g(2 * V_LAYERS, V_WIDTH - share_dim, adapter_r)
-            self.visual_adapter_up_unique_bias = g(2 * V_LAYERS, V_WIDTH - share_dim)
-            self.text_adapter_down_weight = g(2 * T_LAYERS, adapter_r, T_WIDTH)
-            self.text_adapter_down_bias = g(2 * T_LAYERS, adapter_r)
-            self.text_adapter_up_unique_weight = g(2 * T_LAYERS, T_WIDTH - share_dim, adapter_r)
-            self.text_adapter_up_unique_bias = g(2 * T_LAYERS, T_WIDTH - share_dim)
-            self.vt_adapter_up_share_weight = g(2 * n_s, share_dim, adapter_r)
-            self.vt_adapter_up_share_bias = g(2 * n_s, share_dim)
-
-    def adapter(self, tower, j, shared_j):
-        """The original repo's A(h) = h + cat(up_unique(z), up_share(z)), z = quick_gelu(down(h))."""
-        if not self.r:
-            return lambda h: h
-        p = lambda name: getattr(self, f"{tower}_adapter_{name}")  # noqa: E731
-
-        def apply(h):
-            z = QuickGELU()(nn.functional.linear(h, p("down_weight")[j], p("down_bias")[j]))
-            unique = nn.functional.linear(z, p("up_unique_weight")[j], p("up_unique_bias")[j])
-            share = nn.functional.linear(z, self.vt_adapter_up_share_weight[shared_j],
-                                         self.vt_adapter_up_share_bias[shared_j])
-            return h + torch.cat([unique, share], dim=-1)
-        return apply
-
-    def run(self, tower, blocks, x, mask):
-        n_s = min(V_LAYERS, T_LAYERS)
-        for i, block in enumerate(blocks):
-            k = shared_layer_index(i, len(blocks), n_s)  # adapter.py's documented depth mapping
-            x = block(x, mask, self.adapter(tower, 2 * i, 2 * k), self.adapter(tower, 2 * i + 1, 2 * k + 1))
-        return x
-
-    def encode_image(self, images):  # [N, 3, H, W]
-        v = self.visual
-        x = v.conv1(images).flatten(2).permute(0, 2, 1)  # [N, g*g, W]
-        x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding
-        x = self.run("visual", v.transformer.resblocks, v.ln_pre(x).permute(1, 0, 2), None).permute(1, 0, 2)
-        return v.ln_post(x[:, 0]) @ v.proj
-
-    def encode_text(self, ids):  # [N, L]
-        length = ids.shape[1]
-        x = self.token_embedding(ids) + self.positional_embedding[:length]
-        mask = torch.full((length, length), float("-inf")).triu(1)
-        x = self.run("text", self.transformer.resblocks, x.permute(1, 0, 2), mask).permute(1, 0, 2)
-        x = self.ln_final(x)
-        return x[torch.arange(x.shape[0]), ids.argmax(dim=-1)] @ self.text_projection
-
-    def forward(self, images, ids):
-        return self.encode_image(images), self.encode_text(ids)
-
-
 def openai_from_hf(hf) -> dict:
     """HF CLIPModel weights under OpenAI's names (written independently of cma_jax.convert)."""
     s = {k: v.detach().clone() for k, v in hf.state_dict().items()}
@@ -238,7 +143,7 @@ def hf_folder(tmp_path_factory, hf_model):
 
 @pytest.fixture(scope="module")
 def openai_module(hf_model, hf_features, inputs):
-    ref = OpenAICLIP().eval()
+    ref = OpenAICLIP(REF_CONFIG).eval()
     missing, unexpected = ref.load_state_dict(openai_from_hf(hf_model), strict=False)
     assert unexpected == [] and set(missing) == {"input_resolution", "context_length", "vocab_size"}
     images, ids = inputs
@@ -286,7 +191,7 @@ def test_parity_bfloat16_compute(hf_folder, inputs, hf_features):
 def test_parity_cross_modal_adapter_checkpoint(hf_model, inputs):
     """A CLIP4Clip-style checkpoint with the original repo's stacked adapters, unequal depths."""
     torch.manual_seed(1)
-    ref = OpenAICLIP(adapter_r=4, share_dim=16).eval()
+    ref = OpenAICLIP(REF_CONFIG, adapter_r=4, share_dim=16).eval()
     ref.load_state_dict(openai_from_hf(hf_model), strict=False)
     sd = {"clip." + k: v for k, v in ref.state_dict().items()}
     sd["similarity_dense.weight"] = torch.zeros(1, 8)  # a CLIP4Clip head tensor: ignored, listed

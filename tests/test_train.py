@@ -104,23 +104,25 @@ def test_full_finetuning_trains_backbone_but_not_logit_scale(tmp_path):
     assert not _adapters(model)  # no adapters in the full fine-tuning baseline
 
 
-def test_grad_accumulation_averages_micro_batch_gradients():
+def test_grad_accumulation_is_the_whole_batch_objective():
+    """k micro-batches take the InfoNCE over the whole batch (gradient caching): same loss, same update."""
     config = tiny_config(grad_accum_steps=2, grad_clip=0.0)
     model = load.from_config(config)[0]
     graphdef, params, rngs, frozen = optim.split(model, config.method, config.model.train_logit_scale)
-    tx = optax.sgd(1.0)  # new params = params - averaged gradient
-    step = jax.jit(train_lib.make_train_step(graphdef, tx, lambda s: 1.0, 2))
+    tx = optax.sgd(1.0)  # new params = params - gradient
     state = optim.TrainState(params=params, opt_state=tx.init(params), rngs=rngs, step=jnp.int32(0))
     batch = SyntheticBatches(config).global_batch(0)
-    new, metrics = step(state, frozen, batch)
+    new, metrics = jax.jit(train_lib.make_train_step(graphdef, tx, lambda s: 1.0, 2))(state, frozen, batch)
 
-    def loss(p, mb):
-        return nnx.merge(graphdef, p, rngs, frozen)(mb)
+    def loss(p):
+        return nnx.merge(graphdef, p, rngs, frozen)(batch)
 
-    micro = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
-    losses, grads = zip(*[jax.jit(jax.value_and_grad(loss))(params, mb) for mb in micro])
-    expected = jax.tree.map(lambda p, g0, g1: p - (g0 + g1) / 2, params, *grads)
-    np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+    whole, grads = jax.jit(jax.value_and_grad(loss))(params)
+    expected = jax.tree.map(lambda p, g: p - g, params, grads)
+    np.testing.assert_allclose(float(metrics["loss"]), float(whole), rtol=1e-5)
+    micro = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]  # the old, per-micro-batch objective
+    assert abs(float(metrics["loss"]) - np.mean([float(nnx.merge(graphdef, params, rngs, frozen)(mb))
+                                                 for mb in micro])) > 0.1
     for k, v in _flat(expected).items():
         np.testing.assert_allclose(_flat(new.params)[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
 

@@ -96,12 +96,13 @@ class Adapter(nnx.Module):
             self.up_kernel = self.up_bias = None
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
 
-    def __call__(self, h: jax.Array, shared: SharedUp | None) -> jax.Array:
+    def __call__(self, h: jax.Array, shared: SharedUp | None, dropout_key: jax.Array | None = None) -> jax.Array:
+        """A(h); dropout draws from the adapter's own RNG stream unless `dropout_key` is given."""
         dt = self.dtype
         z = h.astype(dt) @ self.down_kernel[...].astype(dt) + self.down_bias[...].astype(dt)
         z = ACTIVATIONS[self.activation](z)
         if self.dropout is not None:
-            z = self.dropout(z)
+            z = self.dropout(z, rngs=dropout_key)
         parts = []
         if self.up_kernel is not None:
             parts.append(z @ self.up_kernel[...].astype(dt) + self.up_bias[...].astype(dt))

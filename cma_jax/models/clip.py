@@ -14,7 +14,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cma_jax.models.adapter import Adapter, AdapterConfig, SharedBlock, shared_layer_index
+from cma_jax.models.adapter import Adapter, AdapterConfig, AdapterParam, SharedBlock, shared_layer_index
+
+BACKBONE = nnx.All(nnx.Param, nnx.Not(AdapterParam))  # the frozen, pre-trained CLIP weights
+
+# What the backward pass keeps of each residual block's forward (CLIPConfig.remat): everything
+# (none); nothing, recomputing the block (block); the matmul outputs, recomputing only the cheap
+# elementwise work and attention (dots).
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +41,10 @@ class CLIPConfig:
     text_heads: int = 8
     text_layers: int = 12
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+    remat: str = "none"  # per-block rematerialisation: a key of REMAT_POLICIES
 
     # Fields that say how to compute, not what the weights are: ignored by `same_architecture`.
-    COMPUTE_FIELDS = ("dtype",)
+    COMPUTE_FIELDS = ("dtype", "remat")
 
     def same_architecture(self, other: "CLIPConfig") -> bool:
         """True when `other` describes the same weights (compute settings such as dtype may differ)."""
@@ -50,6 +62,8 @@ class CLIPConfig:
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"clip dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"clip remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         if self.image_resolution % self.vision_patch_size:
             raise ValueError(
                 f"clip image_resolution {self.image_resolution} is not a multiple of the patch size "
@@ -78,6 +92,13 @@ def preset(name: str, **overrides) -> CLIPConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
+def backbone_shapes(cfg: CLIPConfig) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of every backbone parameter of CLIP(cfg), built abstractly (no memory)."""
+    model = nnx.eval_shape(lambda: CLIP(cfg, None, rngs=nnx.Rngs(0)))
+    flat = nnx.to_flat_state(nnx.state(model, BACKBONE))
+    return {".".join(str(p) for p in path): tuple(v.shape) for path, v in flat}
+
+
 def check_adapter_fits(cfg: CLIPConfig, adapter: AdapterConfig | None) -> None:
     """The shared slice must fit both towers: d_s <= the narrower width (ValueError otherwise)."""
     narrow = min(cfg.vision_width, cfg.text_width)
@@ -88,6 +109,43 @@ def check_adapter_fits(cfg: CLIPConfig, adapter: AdapterConfig | None) -> None:
 
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _through_conditional(g, tree):
+    """`tree` unchanged, passed through a conditional on an element of the array `g`.
+
+    XLA neither fuses across a conditional nor starts what consumes its output before `g` exists.
+    Both branches are the identity (x * 1 == x, NaN included); two different branches keep XLA
+    from rewriting the conditional into a (fusible) select.
+    """
+    def times_one(t):
+        return jax.tree.map(lambda a: a * 1 if jnp.issubdtype(a.dtype, jnp.inexact) else a, t)
+    return jax.lax.cond(jnp.isnan(g.ravel()[0]), times_one, lambda t: t, tree)
+
+
+@jax.custom_vjp
+def residual_boundary(x):
+    """Identity whose cotangent is materialised once (on CPU): placed on the residual stream.
+
+    Why: XLA:CPU fuses the residual stream's cotangent (a chain of cheap adds and multiplies
+    through every LayerNorm backward) into each of its consumers, so layer i recomputes the whole
+    chain of layers above it: a backward quadratic in depth (about 70,000 fused instructions
+    and 40 % of the ViT-B/32 adapter step). A conditional is a fusion boundary, so passing the
+    cotangent through one cuts the chain at every sub-layer. GPU and TPU cost models do not
+    duplicate like this, and a conditional costs a host round trip on GPU, so they skip it.
+    """
+    return x
+
+
+def _boundary_fwd(x):
+    return x, None
+
+
+def _boundary_bwd(_, g):
+    return (jax.lax.platform_dependent(g, cpu=lambda g: _through_conditional(g, g), default=lambda g: g),)
+
+
+residual_boundary.defvjp(_boundary_fwd, _boundary_bwd)
 
 
 class LayerNorm(nnx.Module):
@@ -154,28 +212,73 @@ class ResidualAttentionBlock(nnx.Module):
         else:
             self.attn_adapter = self.mlp_adapter = None
 
-    def __call__(self, x, mask, shared: SharedBlock | None):
+    def __call__(self, x, mask, shared: SharedBlock | None, dropout_keys=(None, None)):
+        x = residual_boundary(x)
         h = self.attn(self.ln_1(x), mask)
         if self.attn_adapter is not None:
-            h = self.attn_adapter(h, shared.attn if shared is not None else None)
-        x = x + h
+            h = self.attn_adapter(h, shared.attn if shared is not None else None, dropout_keys[0])
+        x = residual_boundary(x + h)
         h = self.mlp(self.ln_2(x))
         if self.mlp_adapter is not None:
-            h = self.mlp_adapter(h, shared.mlp if shared is not None else None)
+            h = self.mlp_adapter(h, shared.mlp if shared is not None else None, dropout_keys[1])
         return x + h
+
+    def dropout_keys(self):
+        """The adapters' next dropout keys, drawn now from their own streams ((None, None) without dropout)."""
+        adapters = (self.attn_adapter, self.mlp_adapter)
+        if any(a is None or a.dropout is None for a in adapters):
+            return None, None
+        return tuple(a.dropout.rngs() for a in adapters)
+
+
+def _rematerialised(block, x, mask, shared, dropout_keys, policy):
+    """`block(x, mask, shared, dropout_keys)` whose backward pass recomputes what `policy` did not save.
+
+    jax.checkpoint alone saves no memory on CPU: XLA:CPU drops the optimization barriers that keep
+    a replay next to its use, and its scheduler runs every block's replay early, so all recomputed
+    activations are alive at once. Here the saved residuals pass through a conditional on the
+    block's output cotangent (an optimization barrier elsewhere), so a block is replayed only when
+    the backward pass reaches it.
+    """
+    graphdef, state = nnx.split((block, shared))
+
+    def fn(state, x, mask, dropout_keys):
+        block, shared = nnx.merge(graphdef, state)
+        return block(x, mask, shared, dropout_keys)
+
+    @jax.custom_vjp
+    def run(*args):
+        return fn(*args)
+
+    def fwd(*args):
+        return jax.vjp(jax.checkpoint(fn, policy=policy), *args)
+
+    def bwd(pullback, g):
+        tied = jax.lax.platform_dependent(g, pullback, cpu=_through_conditional,
+                                          default=lambda g, t: jax.lax.optimization_barrier((g, t))[1])
+        return tied(g)
+
+    run.defvjp(fwd, bwd)
+    return run(state, x, mask, dropout_keys)
 
 
 class Transformer(nnx.Module):
-    def __init__(self, width, layers, heads, dtype, adapter, *, rngs: nnx.Rngs):
+    def __init__(self, width, layers, heads, dtype, adapter, remat: str = "none", *, rngs: nnx.Rngs):
         self.resblocks = nnx.List(
             [ResidualAttentionBlock(width, heads, dtype, adapter, rngs=rngs) for _ in range(layers)])
+        self.remat = remat
 
     def __call__(self, x, mask=None, shared: nnx.List | None = None):
         for i, block in enumerate(self.resblocks):
             s = None
             if shared is not None:
                 s = shared[shared_layer_index(i, len(self.resblocks), len(shared))]
-            x = block(x, mask, s)
+            if self.remat == "none":
+                x = block(x, mask, s)
+            else:
+                # The dropout keys are drawn outside: nothing inside a rematerialised block may advance
+                # an RNG stream, and the replay in the backward pass must draw the same masks.
+                x = _rematerialised(block, x, mask, s, block.dropout_keys(), REMAT_POLICIES[self.remat])
         return x
 
 
@@ -189,7 +292,7 @@ class VisionTransformer(nnx.Module):
         self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (w,)))
         self.positional_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.grid ** 2 + 1, w)))
         self.ln_pre = LayerNorm(w, rngs=rngs)
-        self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, dtype, adapter, rngs=rngs)
+        self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, dtype, adapter, cfg.remat, rngs=rngs)
         self.ln_post = LayerNorm(w, rngs=rngs)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (w, cfg.embed_dim)))
 
@@ -219,7 +322,8 @@ class CLIP(nnx.Module):
                                          embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.positional_embedding = nnx.Param(0.01 * jax.random.normal(rngs.params(),
                                                                         (cfg.context_length, cfg.text_width)))
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, dtype, adapter, rngs=rngs)
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, dtype, adapter, cfg.remat,
+                                       rngs=rngs)
         self.ln_final = LayerNorm(cfg.text_width, rngs=rngs)
         self.text_projection = nnx.Param(cfg.text_width ** -0.5 * jax.random.normal(
             rngs.params(), (cfg.text_width, cfg.embed_dim)))

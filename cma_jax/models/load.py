@@ -1,8 +1,8 @@
 """The one place a retrieval model is built: an architecture, its backbone weights, optional adapters.
 
 Training, evaluation, the API, search and the demo all call `build_model` (or `from_config`, which
-reads the config and resolves `config.backbone`). The frozen backbone is the filter `BACKBONE`:
-every `nnx.Param` that is not an `AdapterParam`.
+reads the config and resolves `config.backbone`). The frozen backbone is the filter
+`cma_jax.models.clip.BACKBONE`: every `nnx.Param` that is not an `AdapterParam`.
 """
 
 from __future__ import annotations
@@ -15,24 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cma_jax import checkpoint
+from cma_jax import backbones, checkpoint
 from cma_jax import config as config_lib
 from cma_jax.errors import CheckpointError, listing
-from cma_jax.models.adapter import AdapterConfig, AdapterParam
-from cma_jax.models.clip import CLIP, CLIPConfig
+from cma_jax.models.adapter import AdapterConfig
+from cma_jax.models.clip import BACKBONE, CLIPConfig
 from cma_jax.models.retrieval import RetrievalModel
 from cma_jax.trees import flatten
 
 log = logging.getLogger(__name__)
-
-BACKBONE = nnx.All(nnx.Param, nnx.Not(AdapterParam))  # the frozen, pre-trained CLIP weights
-
-
-def backbone_shapes(cfg: CLIPConfig) -> dict[str, tuple[int, ...]]:
-    """{dotted path: shape} of every backbone parameter of CLIP(cfg), built abstractly (no memory)."""
-    model = nnx.eval_shape(lambda: CLIP(cfg, None, rngs=nnx.Rngs(0)))
-    return {k: tuple(v.shape) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, BACKBONE))).items()}
-
 
 def backbone_state(model) -> dict:
     """The backbone weights of a RetrievalModel or CLIP as a CLIP-level pure dict."""
@@ -108,8 +99,6 @@ def build_model(clip_cfg: CLIPConfig | None = None, adapter_cfg: AdapterConfig |
 # ----------------------------------------------------------------------------- from a config
 def resolve_backbone(spec: str) -> str | None:
     """`config.backbone` -> a backbone folder, or None for the explicit `random` (loudly logged)."""
-    from cma_jax import backbones  # downloads and conversion: only when a model is actually built
-
     if not spec:
         raise ValueError("config.backbone is empty: set it to a CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, "
                          "ViT-L/14@336px; downloaded once and cached), a Hugging Face repo id "
