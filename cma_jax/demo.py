@@ -1,25 +1,26 @@
-"""The end-to-end demo: synthetic data -> a small CLIP pre-trained here -> CMA vs baselines -> table.
+"""The end-to-end demo: synthetic data -> a small CLIP pre-trained here -> CMA vs baselines, with error bars.
 
-    python -m cma_jax.demo [--config=configs/demo.py[:quick]] [--workdir=DIR]   (default: the full demo)
+    python -m cma_jax.demo [--config=configs/demo.py[:quick|:sweep]] [--workdir=DIR]   (default: the table)
 
-Stages, each reused from the workdir when already done (so an interrupted run resumes, and a
-finished one only prints its table again):
+Stages (cma_jax.demo_stages), each reused from the workdir when already done (so an interrupted run
+resumes, and a finished one only prints its results again):
   1. build the synthetic `pretrain` and `adapt` datasets (TFDS builder, cma_jax.data.builders.synthetic)
      and write the word vocabulary beside them;
   2. pre-train a small CLIP from scratch on `pretrain` (every weight trains: the stand-in for CLIP's
-     web-scale image-text pre-training) and save it as a read-only backbone checkpoint;
-  3. from that backbone, train on `adapt` with cma_jax.train: uni-modal adapters (d_s = 0), the
-     Cross-Modal Adapter, and full fine-tuning;
-  4. evaluate zero-shot and each trained model on the `adapt` test split with cma_jax.evaluate and
-     write `results.md`, `results.json` and `curves.png` to the workdir.
+     web-scale image-text pre-training) and save it as a read-only backbone checkpoint, once;
+  3. the table: from that backbone, train on `adapt` with cma_jax.train, `extra.seeds` times each (seeds
+     vary adapter init and data order): uni-modal adapters (d_s = 0), the Cross-Modal Adapter, full
+     fine-tuning; evaluate them and zero-shot on the `adapt` test split and write `results.md` (mean ±
+     std over seeds), `results.json` (every seed's numbers too) and `curves.png`.
+     Or, with `configs/demo.py:sweep`, the training-set-size sweep (cma_jax.demo_sweep).
 
-Workdir layout: data/ (TFDS + synthetic_vocab.txt), pretrain/ (its run), backbone/, runs/<method>/,
-results.{md,json}, curves.png.
+Workdir layout: data/ (TFDS + synthetic_vocab.txt), pretrain/ (its run), backbone/, xla_cache/,
+runs/<method>/seed<S>/, results.{md,json}, curves.png; the sweep: sweep/<method>/n<N>/seed<S>/,
+sweep.{md,json,png}.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -29,308 +30,44 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import jax
-import ml_collections
 import numpy as np
-from flax import nnx
 
-from cma_jax import checkpoint, evaluate, optim, train
+from cma_jax import checkpoint, demo_sweep
 from cma_jax import config as config_lib
-from cma_jax.data.builders import get_builder, open_source, synthetic
+from cma_jax import demo_stages as stages
+from cma_jax.data.builders import open_source
+from cma_jax.demo_stages import METHODS, demo_config, say
 from cma_jax.files import write_atomic
-from cma_jax.models import load
-from cma_jax.models.summary import count
-
-log = logging.getLogger(__name__)
-
-METHODS = {  # table row name, in the paper's terms
-    "zero_shot": "Zero-shot CLIP",
-    "uni": "Uni-modal adapters (d_s=0)",
-    "cma": "Cross-Modal Adapter",
-    "full": "Full fine-tuning",
-}
-VOCAB_FILE = "synthetic_vocab.txt"
 
 
-def _say(msg: str) -> None:
-    """Stage headers go to stdout: the demo is read by a person at a terminal."""
-    print(msg, flush=True)
-
-
-# ----------------------------------------------------------------------------- configs
-def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The demo's config; arg: '' (the full demo) or 'quick' (tiny data, few steps: the CI variant).
-
-    The top-level fields describe the adaptation runs (the Cross-Modal Adapter on the synthetic `adapt`
-    variant); `stage_config` derives every stage's config from them. The demo's own knobs, in `extra`:
-      extra.pretrain.*      pre-training of the small CLIP from scratch (all weights, `pretrain` variant)
-      extra.methods         which rows the table gets (zero_shot, uni, cma, full)
-      extra.uni_lr          learning rate of uni-modal adapters (d_s = 0)
-      extra.full_lr         learning rate of full fine-tuning (every weight)
-      extra.eval_val        also evaluate every method on the val split (written, not tabulated)
-    The hyper-parameters were chosen on the val split and the training curves, never on test.
-    """
-    if arg not in (None, "", "quick"):
-        raise ValueError(f"demo config: unknown variant {arg!r}; expected '' or 'quick'")
-    quick = arg == "quick"
-    c = config_lib.base_config()
-    c.mode = "train_and_eval"
-    c.method = "cma"
-    c.seed = 0
-
-    # A small CLIP for 32x32 frames: 2 layers per tower, width 64 (~0.2 M parameters).
-    c.model.preset = "vit_b32"
-    width = 32 if quick else 64
-    c.model.clip.embed_dim = width
-    c.model.clip.image_resolution = 32
-    c.model.clip.vision_patch_size = 8
-    c.model.clip.vision_width = width
-    c.model.clip.vision_layers = 2
-    c.model.clip.text_width = width
-    c.model.clip.text_heads = 2
-    c.model.clip.text_layers = 2
-    c.model.clip.context_length = 16
-    c.model.clip.vocab_size = len(synthetic.VOCABULARY) + 3  # words + unk, start, end (WordTokenizer)
-    c.model.head = "text_conditioned"
-
-    # r = 16 (chosen on val: R@1 67 vs 60 for r = 8 at 300 steps); d_s = 16 as the paper (on val
-    # d_s = 16 / 32 / 0 gave t2v R@1 67.2 / 63.0 / 66.8: the sharing is neutral on this task).
-    c.adapter.reduction_dim = 8 if quick else 16
-    c.adapter.share_dim = 16
-
-    c.data.name = "synthetic"
-    c.data.builder_config = "adapt_mini" if quick else "adapt"
-    c.data.data_dir = ""  # '' = WORKDIR/data
-    c.data.tokenizer = ""  # '' = the synthetic vocabulary file the demo writes beside the data
-    c.data.num_frames = 4
-    c.data.max_words = 16
-    c.data.eval_split = "test"
-
-    c.train.batch_size = 32 if quick else 64
-    c.train.num_steps = 20 if quick else 300
-    c.train.lr = 1e-2  # adapters; chosen on val (1e-2 beat 3e-3 clearly at 300 steps, 3e-2 no better)
-    c.train.weight_decay = 0.01
-    c.train.log_every_steps = 50
-    c.train.save_every_steps = 100
-    c.train.keep_checkpoints = 1
-
-    c.eval.batch_size = 128
-
-    c.extra.pretrain = dict(
-        builder_config="pretrain_mini" if quick else "pretrain",
-        num_steps=30 if quick else 600,
-        batch_size=64 if quick else 128,
-        num_frames=1,  # image-text pre-training, as CLIP's
-        lr=1e-3,
-        weight_decay=0.01,
-    )
-    c.extra.methods = ("zero_shot", "uni", "cma", "full")
-    c.extra.uni_lr = 1e-2
-    c.extra.full_lr = 1e-3
-    c.extra.eval_val = False
-    return c
-
-
-def stage_config(config, stage: str, data_dir: str, backbone: str = "") -> ml_collections.ConfigDict:
-    """The plain cma_jax config (empty `extra`) of one demo stage.
-
-    stage: 'pretrain' | 'pretrain_eval' | 'zero_shot' | 'uni' | 'cma' | 'full'.
-    """
-    c = ml_collections.ConfigDict(config.to_dict())  # an unlocked deep copy
-    extra = config.extra
-    c.extra = ml_collections.ConfigDict()
-    c.data.data_dir = data_dir
-    c.data.tokenizer = config.data.tokenizer or os.path.join(data_dir, VOCAB_FILE)
-    c.backbone = backbone
-    if stage in ("pretrain", "pretrain_eval"):
-        p = extra.pretrain
-        c.method = "full"
-        c.backbone = "random"  # pre-training from scratch
-        c.model.train_logit_scale = True
-        c.data.builder_config = p.builder_config
-        c.data.num_frames = p.num_frames
-        c.data.eval_split = "val"
-        c.train.batch_size = p.batch_size
-        c.train.num_steps = p.num_steps
-        c.train.lr = c.train.backbone_lr = p.lr
-        c.train.weight_decay = p.weight_decay
-        c.mode = "eval" if stage == "pretrain_eval" else "train"
-    elif stage == "zero_shot":
-        c.method, c.mode = "zero_shot", "eval"
-    elif stage == "uni":
-        c.method = "cma"
-        c.adapter.share_dim = 0
-        c.train.lr = extra.uni_lr
-    elif stage == "cma":
-        c.method = "cma"
-    elif stage == "full":
-        c.method = "full"
-        c.train.lr = c.train.backbone_lr = extra.full_lr
-    else:
-        raise ValueError(f"unknown demo stage {stage!r}; expected pretrain, zero_shot or one of {list(METHODS)}")
-    if stage in METHODS and stage != "zero_shot":
-        c.mode = "train"
-    return c
-
-
-# ----------------------------------------------------------------------------- stage 1: data
-def prepare_data(config, data_dir: str) -> None:
-    """Build the synthetic pre-training and adaptation datasets (skipped when already built)."""
-    os.makedirs(data_dir, exist_ok=True)
-    vocab = os.path.join(data_dir, VOCAB_FILE)
-    if not os.path.exists(vocab):
-        tmp = vocab + ".tmp"
-        synthetic.write_vocabulary(tmp)
-        os.replace(tmp, vocab)
-    for name in (config.extra.pretrain.builder_config, config.data.builder_config):
-        builder = get_builder("synthetic", data_dir, name)
-        if builder.is_prepared():
-            _say(f"  synthetic/{name}: already built in {builder.data_dir}")
-            continue
+# ----------------------------------------------------------------------------- the table's rows
+def method_row(config, method: str, workdir: str, data_dir: str, backbone: str, tree: dict, test_set,
+               val_set) -> dict:
+    """Train (unless zero-shot) and test one method, once per seed -> its row: mean, std and every seed."""
+    runs = []
+    for seed in [config.seed] if method == "zero_shot" else stages.seeds(config):
+        cfg = stages.stage_config(config, method, data_dir, backbone, seed)
+        run_dir = os.path.join(workdir, "runs", method)
+        if method != "zero_shot":  # zero-shot trains nothing: one evaluation, whatever the seed
+            run_dir = os.path.join(run_dir, f"seed{seed}")
+        reused = os.path.exists(os.path.join(run_dir, stages.RECORD))
         t0 = time.time()
-        builder.download_and_prepare()
-        counts = ", ".join(f"{s} {builder.info.splits[s].num_examples}" for s in builder.info.splits)
-        _say(f"  synthetic/{name}: built ({counts} videos) in {time.time() - t0:.1f}s")
-
-
-# ----------------------------------------------------------------------------- helpers
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2))
-
-
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-def _run_checkpoint_bytes(workdir: str) -> int:
-    """On-disk size of the trained parameters in the run's latest checkpoint (what a task stores)."""
-    ckpt_dir = checkpoint.checkpoint_dir(workdir)
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-    if not steps:
-        return 0
-    return _dir_bytes(os.path.join(ckpt_dir, str(max(steps)), "params"))
-
-
-def _param_counts(model, cfg) -> dict:
-    total = count(nnx.state(model, nnx.Param))
-    trainable = 0 if cfg.method == "zero_shot" else count(
-        nnx.state(model, optim.trainable_filter(cfg.method, cfg.model.train_logit_scale)))
-    return {"total_params": int(total), "trainable_params": int(trainable),
-            "trainable_percent": 100.0 * trainable / total}
-
-
-def _train(cfg, workdir: str):
-    """cma_jax.train.train -> (model, the run's whole per-step history, resumes included)."""
-    model, _ = train.train(cfg, workdir)
-    history = [{k: h[k] for k in ("step", "loss", "step_time")} for h in train.read_history(workdir)]
-    return model, history
-
-
-# Fields that do not change a stage's result (paths move with the workdir; logging, I/O).
-_NOT_IN_KEY = {"backbone_checkpoint": None, "adapter_checkpoint": None,
-               "data": ("data_dir", "tokenizer", "workers"),
-               "train": ("progress_bar", "log_every_steps", "save_every_steps", "keep_checkpoints")}
-
-
-def _config_key(cfg) -> str:
-    """What a saved stage result depends on: its config minus paths and logging knobs."""
-    d = cfg.to_dict()
-    for key, sub in _NOT_IN_KEY.items():
-        if sub is None:
-            d.pop(key, None)
-        else:
-            for k in sub:
-                d[key].pop(k, None)
-    return json.dumps(d, sort_keys=True, default=str)
-
-
-def _cached(path: str, cfg):
-    """The saved result of a stage if it was made with this very config; None if there is none."""
-    if not os.path.exists(path):
-        return None
-    saved = _read_json(path)
-    if saved.get("config") != _config_key(cfg):
-        raise ValueError(f"{path} was made with a different configuration; use another --workdir "
-                         "(or delete that folder) to run the demo with this one")
-    return saved
-
-
-def _claim(run_dir: str, cfg) -> None:
-    """Mark run_dir as this stage config's (before training), so a resumed run cannot mix configs."""
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "demo_stage_config.json")
-    if os.path.exists(path):
-        _cached(path, cfg)
-    else:
-        _write_json(path, {"config": _config_key(cfg)})
-
-
-# ----------------------------------------------------------------------------- stage 2: pre-training
-def pretrain(config, workdir: str, data_dir: str) -> tuple[str, dict]:
-    """Pre-train the small CLIP (or reuse it) -> (backbone checkpoint path, summary)."""
-    backbone = os.path.join(workdir, "backbone")
-    run_dir = os.path.join(workdir, "pretrain")
-    summary_path = os.path.join(run_dir, "demo_summary.json")
-    cfg = stage_config(config, "pretrain", data_dir)
-    summary = _cached(summary_path, cfg) if os.path.isdir(backbone) else None
-    if summary is not None:
-        _say(f"  reusing the pre-trained backbone {backbone}")
-        return backbone, summary
-    _claim(run_dir, cfg)
-    t0 = time.time()
-    model, history = _train(cfg, run_dir)
-    checkpoint.save_backbone(backbone, config_lib.clip_config(cfg), jax.device_get(load.backbone_state(model)),
-                             tokenizer_files=(cfg.data.tokenizer,), overwrite=True)
-    # How well it does on its own task (pretrain val): the backbone is a working CLIP.
-    val = evaluate.evaluate_from_config(stage_config(config, "pretrain_eval", data_dir), run_dir, model=model)
-    summary = {"config": _config_key(cfg), "seconds": time.time() - t0, "history": history,
-               "val_metrics": val["metrics"], **_param_counts(model, cfg)}
-    _write_json(summary_path, summary)
-    m = val["metrics"]
-    _say(f"  pre-trained in {summary['seconds']:.0f}s; on pretrain/val: t2v R@1 {m['t2v']['R1']:.1f}, "
-         f"v2t R@1 {m['v2t']['R1']:.1f}")
-    return backbone, summary
-
-
-# ----------------------------------------------------------------------------- stage 3+4: methods
-def run_method(config, method: str, workdir: str, data_dir: str, backbone: str) -> dict:
-    """Train (unless zero-shot) and evaluate one method on the adapt task -> its table row."""
-    cfg = stage_config(config, method, data_dir, backbone)
-    run_dir = os.path.join(workdir, "runs", method)
-    row_path = os.path.join(run_dir, "demo_row.json")
-    row = _cached(row_path, cfg)
-    if row is not None:
-        _say(f"  {METHODS[method]}: reusing {row_path}")
-        return row
-    _claim(run_dir, cfg)
-    t0 = time.time()
-    history = []
-    if method == "zero_shot":
-        model, _ = load.from_config(cfg)
-    else:
-        model, history = _train(cfg, run_dir)
-    train_seconds = time.time() - t0
-    results = evaluate.evaluate_from_config(cfg, run_dir, model=model)
-    times = [h["step_time"] for h in history[1:]]  # the first step includes compilation
-    row = {
-        "config": _config_key(cfg), "method": method, "name": METHODS[method],
-        "metrics": results["metrics"], "num_videos": results["num_videos"], **_param_counts(model, cfg),
-        "step_time_s": float(np.median(times)) if times else None,
-        "checkpoint_bytes": _run_checkpoint_bytes(run_dir) if method != "zero_shot" else 0,
-        "train_seconds": train_seconds if history else 0.0, "history": history,
-    }
-    if config.extra.eval_val:
-        val_cfg = ml_collections.ConfigDict(cfg.to_dict())
-        val_cfg.data.eval_split = "val"
-        row["val_metrics"] = evaluate.evaluate_from_config(val_cfg, run_dir, model=model)["metrics"]
-    _write_json(row_path, row)
-    m = row["metrics"]
-    _say(f"  {METHODS[method]}: t2v R@1 {m['t2v']['R1']:.1f}, v2t R@1 {m['v2t']['R1']:.1f} "
-         f"({time.time() - t0:.0f}s)")
+        rec = stages.train_and_test(cfg, method, run_dir, tree, test_set, val_set)
+        m = rec["metrics"]
+        say(f"  {METHODS[method]}{'' if method == 'zero_shot' else f', seed {seed}'}: t2v R@1 {m['t2v']['R1']:.1f}, "
+            f"v2t R@1 {m['v2t']['R1']:.1f} ({'reused' if reused else f'{time.time() - t0:.0f}s'})")
+        runs.append(rec)
+    mean, std = stages.metrics_mean_std([r["metrics"] for r in runs])
+    step_times = [r["step_time_s"] for r in runs if r["step_time_s"]]
+    row = {k: runs[0][k] for k in ("method", "name", "num_videos", "total_params", "trainable_params",
+                                   "trainable_percent")}
+    row.update(metrics=mean, metrics_std=std, num_seeds=len(runs),
+               step_time_s=float(np.median(step_times)) if step_times else None,
+               checkpoint_bytes=int(np.median([r["checkpoint_bytes"] for r in runs])),
+               seeds=[{k: v for k, v in r.items() if k not in ("config", "history")} for r in runs],
+               histories=[r["history"] for r in runs])
+    if val_set is not None:
+        row["val_metrics"] = stages.metrics_mean_std([r["val_metrics"] for r in runs])[0]
     return row
 
 
@@ -345,13 +82,15 @@ def _fmt_bytes(n: int) -> str:
 
 
 def markdown_table(rows: list[dict], header: str) -> str:
-    """The paper's main table in miniature: both directions, parameters, step time, checkpoint size."""
+    """The paper's main table in miniature: both directions (mean ± std over seeds), parameters, step
+    time, checkpoint size."""
     cols = ["Method", "Trainable params", "Share", "t2v R@1", "R@5", "R@10", "MdR", "MnR",
             "v2t R@1", "R@5", "R@10", "MdR", "MnR", "Step time", "Checkpoint"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        m = r["metrics"]
-        metric_cells = [f"{m[d][k]:.1f}" for d in ("t2v", "v2t") for k in ("R1", "R5", "R10", "MdR", "MnR")]
+        m, s = r["metrics"], r["metrics_std"]
+        metric_cells = [stages.pm(m[d][k], s[d][k], r["num_seeds"]) for d in ("t2v", "v2t")
+                        for k in ("R1", "R5", "R10", "MdR", "MnR")]
         step = f"{1000 * r['step_time_s']:.0f} ms" if r["step_time_s"] else "-"
         lines.append("| " + " | ".join([r["name"], f"{r['trainable_params']:,}", f"{r['trainable_percent']:.2f} %",
                                         *metric_cells, step, _fmt_bytes(r["checkpoint_bytes"])]) + " |")
@@ -365,15 +104,21 @@ def _smooth(y: np.ndarray, k: int) -> np.ndarray:
 
 
 def plot_curves(pretrain_history: list[dict], rows: list[dict], path: str) -> None:
-    """Training loss of the pre-training and of every trained method (moving average) -> PNG."""
+    """Training loss of the pre-training and of every trained method (moving average, mean over seeds) -> PNG."""
     import matplotlib  # heavy: only when the plot is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def mean_over_seeds(histories):
+        n = min(len(h) for h in histories)
+        return [{"step": histories[0][i]["step"], "loss": float(np.mean([h[i]["loss"] for h in histories]))}
+                for i in range(n)]
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, title, series in (
             (axes[0], "pre-training (synthetic 'pretrain', all weights)", [("CLIP from scratch", pretrain_history)]),
-            (axes[1], "adaptation (synthetic 'adapt')", [(r["name"], r["history"]) for r in rows if r["history"]])):
+            (axes[1], "adaptation (synthetic 'adapt'), mean over seeds",
+             [(r["name"], mean_over_seeds(r["histories"])) for r in rows if r["histories"][0]])):
         for label, hist in series:
             if not hist:
                 continue
@@ -402,52 +147,80 @@ def r1_ceiling(config, data_dir: str) -> float:
     return 100.0 * float(np.mean([1.0 / counts[c] for c in captions]))
 
 
+def _header(config, rows, pre, ceiling) -> str:
+    trained = next((r["num_seeds"] for r in rows if r["method"] != "zero_shot"), 1)
+    spread = (f"Trained methods: mean ± std (sample std) over {trained} seeds, each seed its own adapter init "
+              f"and data order, one backbone; zero-shot trains nothing (one number). " if trained > 1 else "")
+    return (f"# Cross-Modal Adapter demo: synthetic text-video retrieval\n\n"
+            f"Test split of `synthetic/{config.data.builder_config}` ({rows[0]['num_videos']} videos): "
+            f"{config.data.num_frames} frames per video, head `{config.model.head}`. "
+            f"Identical captions of different videos cap the expected R@1 at {ceiling:.1f}. "
+            f"Backbone: a {pre['total_params']:,}-parameter CLIP pre-trained here on "
+            f"`synthetic/{config.extra.pretrain.builder_config}` "
+            f"(its val t2v R@1 {pre['val_metrics']['t2v']['R1']:.1f}). {spread}"
+            f"Step time: median train step on this machine; checkpoint: what each task stores beyond the "
+            f"backbone (its Orbax params folder on disk, per-array metadata included).")
+
+
 # ----------------------------------------------------------------------------- entry point
 def run(config, workdir: str) -> dict:
-    """The demo: every stage, then the table -> results dict."""
+    """The demo: every stage, then the table (or the sweep, extra.task = 'sweep') -> results dict."""
     t_start = time.time()
     workdir = os.path.abspath(workdir)
     data_dir = os.path.abspath(config.data.data_dir) if config.data.data_dir else os.path.join(workdir, "data")
     unknown = [m for m in config.extra.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"config.extra.methods: unknown {unknown}; expected some of {list(METHODS)}")
+    if config.extra.task not in ("table", "sweep"):
+        raise ValueError(f"config.extra.task: unknown {config.extra.task!r}; expected 'table' or 'sweep'")
+    sweep = config.extra.task == "sweep"
+    stages.seeds(config)  # checks extra.seeds before anything runs
     os.makedirs(workdir, exist_ok=True)
     try:
-        _say(f"[1/3] synthetic datasets -> {data_dir}")
-        prepare_data(config, data_dir)
-        _say(f"[2/3] pre-training a small CLIP from scratch -> {workdir}/backbone")
-        backbone, pre = pretrain(config, workdir, data_dir)
-        _say("[3/3] adapting to the shifted task and evaluating on its test split")
-        rows = [run_method(config, m, workdir, data_dir, backbone) for m in config.extra.methods]
+        say(f"[1/3] synthetic datasets -> {data_dir}")
+        stages.prepare_data(data_dir, [config.extra.pretrain.builder_config, config.data.builder_config,
+                                       *(demo_sweep.builder_configs(config) if sweep else ())])
+        say(f"[2/3] pre-training a small CLIP from scratch -> {workdir}/backbone")
+        backbone, pre = stages.pretrain(config, workdir, data_dir)
+        if sweep:
+            say(f"[3/3] training-set-size sweep: {len(config.extra.sweep.train_videos)} sizes x "
+                f"{config.extra.seeds} seeds, evaluated on the test split")
+            return demo_sweep.run(config, workdir, data_dir, backbone, pre, t_start)
+        n = config.extra.seeds
+        say(f"[3/3] adapting to the shifted task ({n} seed{'s' * (n > 1)} per method) and evaluating on its test split")
+        base = stages.stage_config(config, "zero_shot", data_dir, backbone)
+        test_set = stages.eval_set(base, config.data.eval_split)
+        val_set = stages.eval_set(base, "val") if config.extra.eval_val else None
+        tree = checkpoint.load_backbone(backbone)[1]  # loaded once, shared by every run
+        rows = [method_row(config, m, workdir, data_dir, backbone, tree, test_set, val_set)
+                for m in config.extra.methods]
     except KeyboardInterrupt:
-        _say(f"\ninterrupted: finished stages and the last checkpoint are kept in {workdir}; "
-             "run the same command again to resume")
+        say(f"\ninterrupted: finished stages and the last checkpoint are kept in {workdir}; "
+            "run the same command again to resume")
         raise SystemExit(130) from None  # the shell's code for Ctrl-C, without a traceback
     wall = time.time() - t_start
     ceiling = r1_ceiling(config, data_dir)
-    header = (f"# Cross-Modal Adapter demo: synthetic text-video retrieval\n\n"
-              f"Test split of `synthetic/{config.data.builder_config}` ({rows[0]['num_videos']} videos): "
-              f"{config.data.num_frames} frames per video, head `{config.model.head}`. "
-              f"Identical captions of different videos cap the expected R@1 at {ceiling:.1f}. "
-              f"Backbone: a {pre['total_params']:,}-parameter CLIP pre-trained here on "
-              f"`synthetic/{config.extra.pretrain.builder_config}` "
-              f"(its val t2v R@1 {pre['val_metrics']['t2v']['R1']:.1f}). "
-              f"Step time: median train step (2-core CPU here); checkpoint: what each task stores beyond the "
-              f"backbone (its Orbax params folder on disk, per-array metadata included).")
-    table = markdown_table(rows, header)
+    table = markdown_table(rows, _header(config, rows, pre, ceiling))
     results = {
         "dataset": f"synthetic/{config.data.builder_config}", "eval_split": config.data.eval_split,
-        "r1_ceiling": ceiling, "backbone": backbone, "pretrain": {k: v for k, v in pre.items() if k not in ("config", "history")},
-        "methods": {r["method"]: {k: v for k, v in r.items() if k not in ("config", "history")} for r in rows},
-        "wall_seconds_this_run": wall, "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+        "r1_ceiling": ceiling, "backbone": backbone, "seeds": stages.seeds(config),
+        "pretrain": {k: v for k, v in pre.items() if k not in ("config", "history")},
+        "methods": {r["method"]: {k: v for k, v in r.items() if k != "histories"} for r in rows},
+        "wall_seconds_this_run": wall, "machine": stages.machine(),
     }
-    _write_json(os.path.join(workdir, "results.json"), results)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table)
+    stages.write_json(os.path.join(workdir, "results.json"), results)
+    write_atomic(os.path.join(workdir, "results.md"), table)
     plot_curves(pre["history"], rows, os.path.join(workdir, "curves.png"))
     print("\n" + table, flush=True)
-    _say(f"written: {workdir}/results.md, results.json, curves.png ({wall:.0f}s this run)")
+    say(f"written: {workdir}/results.md, results.json, curves.png ({wall:.0f}s this run)")
     return results
+
+
+def _cache_compiled_steps(workdir: str) -> None:
+    """Persistent XLA cache in the workdir (unless one is set): seeds after the first reuse the compiled steps."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def main(argv):
@@ -456,6 +229,7 @@ def main(argv):
     config = FLAGS.config if FLAGS.config is not None else demo_config()
     try:
         config_lib.validate(config, num_devices=jax.device_count())
+        _cache_compiled_steps(FLAGS.workdir)
         run(config, FLAGS.workdir)
     except (ValueError, OSError) as e:
         logging.debug("traceback", exc_info=True)
@@ -463,8 +237,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Demo config file, e.g. configs/demo.py:quick (default: the "
-                                    "full demo embedded in cma_jax.demo).", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "Demo config file, e.g. configs/demo.py:quick or :sweep "
+                                    "(default: the full demo embedded in cma_jax.demo_stages).", lock_config=True)
     flags.DEFINE_string("workdir", "runs/demo", "Folder for the demo's data, runs and results.")
     FLAGS = flags.FLAGS
     app.run(main)

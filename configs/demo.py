@@ -1,15 +1,17 @@
 """The self-contained demo: synthetic data, a small CLIP pre-trained here, then CMA vs baselines.
 
-    python -m cma_jax.demo                                   # the full demo (this config, variant '')
-    python -m cma_jax.demo --config=configs/demo.py:quick    # the same path in ~1 min (CI)
+    python -m cma_jax.demo                                   # the table: 4 methods x 3 seeds (variant '')
+    python -m cma_jax.demo --config=configs/demo.py:quick    # the same path in ~1 min, 1 seed (CI)
+    python -m cma_jax.demo --config=configs/demo.py:sweep    # test R@1 vs training-set size, 3 seeds
+    python -m cma_jax.demo --config=configs/demo.py:sweep,width=128 --workdir=runs/demo_w128  # a wider CLIP
 
-The config itself lives in the package (`cma_jax.demo.demo_config`) so that `python -m cma_jax.demo`
-runs without this file; see its docstring for the demo's own knobs in `config.extra`.
+The config itself lives in the package (`cma_jax.demo_stages.demo_config`) so that `python -m
+cma_jax.demo` runs without this file; see its docstring for the demo's own knobs in `config.extra`.
 """
 
-from cma_jax import demo
+from cma_jax import demo_stages
 
 
 def get_config(arg: str | None = None):
-    """arg: '' (the full demo) or 'quick' (tiny data, few steps: the CI variant)."""
-    return demo.demo_config(arg)
+    """arg: '' (the table), 'quick' (the CI variant) or 'sweep'; optionally ',width=N'."""
+    return demo_stages.demo_config(arg)

@@ -1,28 +1,30 @@
-"""The demo (configs/demo.py + cma_jax.demo): stage configs, and the quick variant end to end."""
+"""The demo (configs/demo.py + cma_jax.demo*): stage configs, error bars, the sweep's protocol and
+report, and the quick variant end to end (it must learn: adapters far above zero-shot)."""
 
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from cma_jax import demo, train
+from cma_jax import demo, demo_stages, demo_sweep, train
+from cma_jax import config as config_lib
 from cma_jax.data import pipeline
 from cma_jax.data.builders.synthetic import Synthetic
-from cma_jax import config as config_lib
 from configs import demo as demo_config
 
 
-@pytest.mark.parametrize("arg", ["", "quick"])
+@pytest.mark.parametrize("arg", ["", "quick", "sweep", "sweep,width=128"])
 def test_stage_configs_are_valid_and_differ_as_intended(arg):
     config = demo_config.get_config(arg)
     config_lib.validate(config, num_devices=1)
-    stages = {s: demo.stage_config(config, s, "/data", "/bb") for s in
+    stages = {s: demo_stages.stage_config(config, s, "/data", "/bb") for s in
               ("pretrain", "pretrain_eval", "zero_shot", "uni", "cma", "full")}
     for s, c in stages.items():
         config_lib.validate(c, num_devices=1)
         assert c.data.data_dir == "/data"
-        assert c.data.tokenizer == os.path.join("/data", demo.VOCAB_FILE)
+        assert c.data.tokenizer == os.path.join("/data", demo_stages.VOCAB_FILE)
     pre = stages["pretrain"]
     assert (pre.method, pre.mode, pre.backbone) == ("full", "train", "random")  # from scratch
     assert pre.model.train_logit_scale and pre.train.backbone_lr == pre.train.lr == config.extra.pretrain.lr
@@ -35,15 +37,110 @@ def test_stage_configs_are_valid_and_differ_as_intended(arg):
         c = stages[s]
         assert c.backbone == "/bb" and c.data.builder_config == config.data.builder_config
         assert c.data.eval_split == "test"
+    assert config.model.clip.vision_width == config.model.clip.text_width == (128 if "width" in arg else 64)
+    assert config.extra.seeds == (1 if arg == "quick" else 3)
+    assert config.extra.task == ("sweep" if arg.startswith("sweep") else "table")
 
 
-def test_bad_variant_and_method_are_named():
+def test_seeds_vary_runs_but_not_the_pretraining():
+    config = demo_config.get_config("")
+    assert demo_stages.seeds(config) == [0, 1, 2]
+    runs = [demo_stages.stage_config(config, "cma", "/data", "/bb", seed) for seed in demo_stages.seeds(config)]
+    assert [c.seed for c in runs] == [0, 1, 2]  # adapter init and data order (pipeline seed)
+    # The pre-training does not depend on adapter settings: the table and a variant with another r
+    # share one backbone.
+    other = demo_config.get_config("")
+    other.adapter.reduction_dim = 4
+    key = demo_stages.config_key
+    pretrain = [demo_stages.stage_config(c, "pretrain", "/d") for c in (config, other)]
+    assert key(pretrain[0]) == key(pretrain[1])
+    assert key(runs[0]) != key(runs[1])
+
+
+def test_bad_variant_width_and_method_are_named():
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         demo_config.get_config("fast")
+    with pytest.raises(ValueError, match="bad option 'width=100'"):
+        demo_config.get_config("sweep,width=100")
     config = demo_config.get_config("quick")
     config.extra.methods = ("cma", "lora")
     with pytest.raises(ValueError, match="config.extra.methods: unknown \\['lora'\\]"):
         demo.run(config, "/nonexistent/never/created")
+    config = demo_config.get_config("quick")
+    config.extra.seeds = 0
+    with pytest.raises(ValueError, match="config.extra.seeds must be >= 1"):
+        demo.run(config, "/nonexistent/never/created")
+
+
+def test_mean_std_and_the_plus_minus_cells():
+    assert demo_stages.mean_std([47.0, 48.0, 49.0]) == (48.0, 1.0)  # sample std (ddof = 1)
+    assert demo_stages.mean_std([48.0]) == (48.0, 0.0)
+    assert demo_stages.pm(48.63, 0.31, 3) == "48.6 ± 0.3" and demo_stages.pm(48.63, 0.0, 1) == "48.6"
+    m = {d: {k: 0.0 for k in ("R1", "R5", "R10", "MdR", "MnR")} for d in ("t2v", "v2t")}
+    runs = [{d: {**v, "R1": r1} for d, v in m.items()} for r1 in (47.0, 48.0, 49.0)]
+    mean, std = demo_stages.metrics_mean_std(runs)
+    assert mean["t2v"]["R1"] == 48.0 and std["t2v"]["R1"] == 1.0 and std["v2t"]["R5"] == 0.0
+    row = {"name": "Cross-Modal Adapter", "metrics": mean, "metrics_std": std, "num_seeds": 3,
+           "trainable_params": 15936, "trainable_percent": 6.59, "step_time_s": 0.077, "checkpoint_bytes": 2048}
+    table = demo.markdown_table([row], "# t")
+    assert "| Cross-Modal Adapter | 15,936 | 6.59 % | 48.0 ± 1.0 | 0.0 ± 0.0 |" in table
+    assert "| 77 ms | 2.0 KiB |" in table
+
+
+def test_sweep_steps_batches_and_data_follow_the_training_set_size():
+    config = demo_config.get_config("sweep")
+    assert list(config.extra.sweep.train_videos) == [30, 90, 300, 900, 3000]
+    got = {}
+    for n in config.extra.sweep.train_videos:
+        c = demo_sweep.run_config(config, "full", n, 2, "/data", "/bb")
+        config_lib.validate(c, num_devices=1)
+        got[n] = (c.data.builder_config, c.train.batch_size, c.train.num_steps, c.seed)
+    # The table's 300 steps at every size (the checkpoint is chosen on val); the whole subset when it
+    # is smaller than a batch.
+    assert got == {30: ("adapt_train30", 30, 300, 2), 90: ("adapt_train90", 64, 300, 2),
+                   300: ("adapt_train300", 64, 300, 2), 900: ("adapt_train900", 64, 300, 2),
+                   3000: ("adapt", 64, 300, 2)}
+    assert demo_sweep.builder_configs(config) == [v[0] for v in got.values()]
+
+
+def _fake_run(method, n, seed, r1, last):
+    metrics = {d: {"R1": r1, "R5": 0.0, "R10": 0.0, "MdR": 1.0, "MnR": 1.0} for d in ("t2v", "v2t")}
+    final = {d: {**v, "R1": last} for d, v in metrics.items()}
+    params = {"zero_shot": 0, "uni": 17024, "cma": 15936, "full": 225728}[method]
+    rec = {"method": method, "name": demo_stages.METHODS[method], "seed": seed, "metrics": metrics,
+           "batch_size": min(64, n), "num_steps": 100, "trainable_params": params, "trainable_percent": 1.0,
+           "step_time_s": None if method == "zero_shot" else 0.1, "history": [], "config": "{}"}
+    if method != "zero_shot":
+        rec["selection"] = {"best_step": 40, "val_t2v_R1": [], "final_metrics": final}
+    return rec
+
+
+def test_sweep_summary_pairs_seeds_and_writes_its_report(tmp_path):
+    config = demo_config.get_config("sweep")
+    config.extra.sweep.train_videos = (30, 3000)
+    sizes, seeds = [30, 3000], [0, 1, 2]
+    records = {"zero_shot": {30: [_fake_run("zero_shot", 30, 0, 1.0, 1.0)], 3000: []}}
+    for m, base in (("uni", 20.0), ("cma", 22.0), ("full", 10.0)):
+        records[m] = {n: [_fake_run(m, n, s, base + s + (n == 3000) * 30, base) for s in seeds] for n in sizes}
+    records["cma"][30][2]["metrics"]["t2v"]["R1"] = 21.0  # CMA - uni per seed: 2, 2, -1
+    res = demo_sweep.summarize(config, records, sizes, seeds)
+    assert res["percent"] == [1.0, 100.0]
+    cma30 = res["methods"]["cma"]["by_size"]["30"]
+    assert cma30["t2v_R1"]["runs"] == [22.0, 23.0, 21.0] and cma30["last_step_t2v_R1"]["mean"] == 22.0
+    assert res["methods"]["zero_shot"]["by_size"]["3000"]["t2v_R1"]["mean"] == 1.0  # one evaluation, flat
+    assert res["sharing"]["30"]["t2v_R1"]["runs"] == [2.0, 2.0, -1.0]
+    sharing = res["sharing"]["30"]["t2v_R1"]
+    assert sharing["mean"] == 1.0 and sharing["std"] == pytest.approx(np.sqrt(3))
+    assert res["methods"]["full"]["step_time_s"] == 0.1  # median at the full batch (64)
+    res.update(test_videos=1000, wall_seconds_this_run=60.0, pretrain={"total_params": 225728},
+               machine={"cpu_count": 2})
+    md = demo_sweep.markdown(res)
+    assert "| Cross-Modal Adapter | 15,936 | 100 | 22.0 ± 1.0 | 53.0 ± 1.0 |" in md
+    assert "| CMA − uni-modal (paired by seed) |  |  | 1.0 ± 1.7 |" in md
+    demo_sweep.plot(res, str(tmp_path / "sweep.png"))
+    with Image.open(tmp_path / "sweep.png") as png:
+        assert png.size[0] > 1000 and png.size[1] > 300
+    assert os.path.getsize(tmp_path / "sweep.png") < 200_000
 
 
 class _InterruptAfter:
@@ -74,6 +171,8 @@ def _check_results(workdir, config):
     assert list(rows) == ["zero_shot", "uni", "cma", "full"]
     num_videos = next(c for c in Synthetic.BUILDER_CONFIGS if c.name == config.data.builder_config).num_test
     for r in rows.values():
+        assert len(r["seeds"]) == r["num_seeds"] == 1  # quick: one seed; every seed's numbers are kept
+        assert r["seeds"][0]["metrics"] == r["metrics"] and r["metrics_std"]["t2v"]["R1"] == 0.0
         for d in ("t2v", "v2t"):
             m = r["metrics"][d]
             assert 0 <= m["R1"] <= m["R5"] <= m["R10"] <= 100
@@ -84,14 +183,16 @@ def _check_results(workdir, config):
     assert cma["trainable_percent"] < 10 and full["trainable_percent"] > 99
     assert 0 < cma["checkpoint_bytes"] < full["checkpoint_bytes"] and zs["checkpoint_bytes"] == 0
     assert all(r["step_time_s"] > 0 for r in (uni, cma, full)) and zs["step_time_s"] is None
-    # Even the quick run adapts: the mean rank of the right video improves over zero-shot.
-    for d in ("t2v", "v2t"):
-        assert cma["metrics"][d]["MnR"] < zs["metrics"][d]["MnR"]
-        assert full["metrics"][d]["MnR"] < zs["metrics"][d]["MnR"]
+    # The quick run learns: every trained method is far above zero-shot (near chance on the shifted task).
+    for r in (uni, cma, full):
+        assert r["metrics"]["t2v"]["R1"] >= zs["metrics"]["t2v"]["R1"] + 10, (r["name"], r["metrics"], zs["metrics"])
+        for d in ("t2v", "v2t"):
+            assert r["metrics"][d]["MnR"] < zs["metrics"][d]["MnR"]
     # The backbone learned its own (pre-training) task well above chance (R@10 = 10/64 by chance).
     assert res["pretrain"]["val_metrics"]["t2v"]["R10"] > 30
+    assert res["wall_seconds_this_run"] > 0 and res["machine"]["cpu_count"] >= 1
     table = open(os.path.join(workdir, "results.md")).read()
-    for name in demo.METHODS.values():
+    for name in demo_stages.METHODS.values():
         assert name in table
     with Image.open(os.path.join(workdir, "curves.png")) as png:
         assert png.size[0] > 400 and png.size[1] > 200
@@ -99,9 +200,10 @@ def _check_results(workdir, config):
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end_interrupt_resume_reuse(tmp_path, monkeypatch):
+def test_quick_demo_learns_and_survives_interrupt_resume_reuse(tmp_path, monkeypatch):
     config = demo_config.get_config("quick")
     workdir = str(tmp_path / "demo")
+    cma_dir = os.path.join(workdir, "runs", "cma", "seed0")
 
     # Run 1: Ctrl-C in the middle of the CMA training.
     real_iterator = pipeline.train_iterator_from_config
@@ -114,24 +216,23 @@ def test_quick_demo_end_to_end_interrupt_resume_reuse(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="130"):
         demo.run(config, workdir)
     assert os.path.isdir(os.path.join(workdir, "backbone"))
-    assert os.path.exists(os.path.join(workdir, "runs", "uni", "demo_row.json"))
-    assert not os.path.exists(os.path.join(workdir, "runs", "cma", "demo_row.json"))
-    assert os.listdir(os.path.join(workdir, "runs", "cma", "checkpoints")) == ["7"]  # saved on Ctrl-C
+    uni_record = os.path.join(workdir, "runs", "uni", "seed0", demo_stages.RECORD)
+    assert os.path.exists(uni_record)
+    assert not os.path.exists(os.path.join(cma_dir, demo_stages.RECORD))
+    assert os.listdir(os.path.join(cma_dir, "checkpoints")) == ["7"]  # saved on Ctrl-C
     assert not os.path.exists(os.path.join(workdir, "results.json"))
-    uni_row = os.path.join(workdir, "runs", "uni", "demo_row.json")
-    uni_mtime = os.path.getmtime(uni_row)
+    uni_mtime = os.path.getmtime(uni_record)
 
     # Run 2: resumes CMA from step 7, reuses data, backbone and the uni-modal run.
     monkeypatch.setattr(pipeline, "train_iterator_from_config", real_iterator)
     demo.run(config, workdir)
     first = _check_results(workdir, config)
-    assert os.path.getmtime(uni_row) == uni_mtime
+    assert os.path.getmtime(uni_record) == uni_mtime
     # The curve is whole: steps 1-7 from the interrupted run, 8 on from the resumed one.
-    cma_steps = [h["step"] for h in train.read_history(os.path.join(workdir, "runs", "cma"))]
-    assert cma_steps == list(range(1, config.train.num_steps + 1))
-    assert json.load(open(os.path.join(workdir, "runs", "cma", "demo_row.json")))["history"][0]["step"] == 1
+    assert [h["step"] for h in train.read_history(cma_dir)] == list(range(1, config.train.num_steps + 1))
+    assert json.load(open(os.path.join(cma_dir, demo_stages.RECORD)))["history"][0]["step"] == 1
 
-    # Run 3: everything is done: nothing trains, the table is rebuilt from the saved rows.
+    # Run 3: everything is done: nothing trains, the table is rebuilt from the saved records.
     def no_training(*a, **k):
         raise AssertionError("a finished demo trained again")
 
@@ -139,7 +240,6 @@ def test_quick_demo_end_to_end_interrupt_resume_reuse(tmp_path, monkeypatch):
     demo.run(config, workdir)
     second = _check_results(workdir, config)
     assert second["methods"] == first["methods"]
-
 
 
 def test_a_workdir_made_with_another_config_is_refused(tmp_path):

@@ -145,3 +145,17 @@ def test_bad_inputs_name_the_problem():
         S.parse_caption("pretrain", "a small pink circle at the left on a grey background")
     with pytest.raises(ValueError, match="num_train"):
         S.SyntheticConfig(name="x", variant="adapt", num_train=0)
+
+
+def test_adapt_subsets_are_the_first_training_videos_and_the_same_eval_splits(tmp_path):
+    entries = {name: get_builder("synthetic", tmp_path, name)._split_entries(None)
+               for name in ("adapt", "adapt_train30")}
+    whole, subset = entries["adapt"], entries["adapt_train30"]
+    assert len(subset["train"]) == 30
+    for split, n in (("train", 30), ("val", 500), ("test", 1000)):
+        assert [(e.video_id, e.captions, e.source) for e in subset[split]] == \
+               [(e.video_id, e.captions, e.source) for e in whole[split][:n]]
+    assert [S.adapt_train_config(n) for n in (*S.ADAPT_SUBSETS, S.ADAPT_TRAIN_VIDEOS)] == \
+           ["adapt_train30", "adapt_train90", "adapt_train300", "adapt_train900", "adapt"]
+    with pytest.raises(ValueError, match="no adapt config with 100 training videos"):
+        S.adapt_train_config(100)

@@ -259,16 +259,34 @@ def clip_jpegs(source: tuple, jpeg_quality: int = 95) -> list[bytes]:
     return out
 
 
+ADAPT_TRAIN_VIDEOS = 3000  # training videos of `adapt`
+# Smaller training sets for the demo's sweep (1, 3, 10, 30 % of adapt's): `adapt_train<N>` holds the
+# first N training videos of `adapt` and the very same val and test splits (clips are pure functions
+# of their index), so every size is tested on the same videos.
+ADAPT_SUBSETS = (30, 90, 300, 900)
+
+
+def adapt_train_config(num_train: int) -> str:
+    """The builder config whose train split is the first num_train training videos of `adapt`."""
+    if num_train == ADAPT_TRAIN_VIDEOS:
+        return "adapt"
+    if num_train not in ADAPT_SUBSETS:
+        raise ValueError(f"synthetic: no adapt config with {num_train} training videos; "
+                         f"expected one of {sorted(ADAPT_SUBSETS + (ADAPT_TRAIN_VIDEOS,))}")
+    return f"adapt_train{num_train}"
+
+
 class Synthetic(base.VideoTextBuilder):
     """Procedural coloured shapes with frame-wise captions; no files needed (see the module docstring)."""
 
     name = "synthetic"
     BUILDER_CONFIGS = [
         _config("pretrain", "pretrain", 4000, 500, 500),
-        _config("adapt", "adapt", 3000, 500, 1000),
+        _config("adapt", "adapt", ADAPT_TRAIN_VIDEOS, 500, 1000),
         # Tiny versions for tests and the demo's quick CI variant.
         _config("pretrain_mini", "pretrain", 256, 64, 64),
         _config("adapt_mini", "adapt", 256, 64, 128),
+        *(_config(f"adapt_train{n}", "adapt", n, 500, 1000) for n in ADAPT_SUBSETS),
     ]
 
     def __init__(self, *, num_workers: int | None = None, **kwargs):
