@@ -32,7 +32,7 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-from cma_jax import checkpoint, demo_sweep
+from cma_jax import checkpoint, console, demo_sweep, sharding
 from cma_jax import config as config_lib
 from cma_jax import demo_stages as stages
 from cma_jax.data.builders import open_source
@@ -226,14 +226,19 @@ def _cache_compiled_steps(workdir: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    console.setup(verbose=FLAGS.verbosity >= 1)
     config = FLAGS.config if FLAGS.config is not None else demo_config()
     try:
         config_lib.validate(config, num_devices=jax.device_count())
+        sharding.select_partitioner(config, jax.device_count())
         _cache_compiled_steps(FLAGS.workdir)
         run(config, FLAGS.workdir)
-    except (ValueError, OSError) as e:
+    except Exception as e:  # bad input or a full disk: one line (console.error_line); anything else is a bug
+        line = console.error_line(e, FLAGS.workdir)
+        if line is None:
+            raise
         logging.debug("traceback", exc_info=True)
-        sys.exit(f"error: {e}")
+        sys.exit(line)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cma_jax import config as config_lib
-from cma_jax import console, train
+from cma_jax import console, sharding, train
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msrvtt.py or configs/msrvtt.py:vit_b16.",
                                 lock_config=True)
@@ -47,6 +47,7 @@ def default_workdir(config) -> str:
 def run(config, workdir: str):
     """Validate and run the config (what `main` does after flag parsing and distributed init)."""
     config_lib.validate(config, num_devices=jax.device_count())
+    sharding.select_partitioner(config, jax.device_count())
     logging.info("process %d/%d, %d devices (%s); workdir %s", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform, workdir)
     return train.train_and_evaluate(config, workdir)

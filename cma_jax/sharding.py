@@ -38,16 +38,34 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
     return d, f, m
 
 
+def needs_gspmd(shape: tuple[int, ...]) -> bool:
+    """Whether a (data, fsdp, model) mesh must use the GSPMD partitioner: all three axes > 1.
+
+    XLA's SPMD partitioner (jax 0.10.2) miscompiles a dot's backward on such meshes: a cotangent is
+    collective-permuted into another batch order, then contracted with the operand in the original
+    order (tests/test_shardy.py reduces it to plain jax; the README has the upstream report). With
+    Shardy's propagation our train step hits it; with GSPMD's it does not. Other meshes use Shardy.
+    """
+    return len(shape) == 3 and all(s > 1 for s in shape)
+
+
+def select_partitioner(config, num_devices: int) -> None:
+    """At process start (cma_jax.main, the demo): GSPMD only for the meshes that need it, else Shardy."""
+    jax.config.update("jax_use_shardy_partitioner", not needs_gspmd(mesh_shape(config, num_devices)))
+
+
 def make_mesh(config, devices=None) -> Mesh:
     """A (data, fsdp, model) mesh over `devices` (default: all global devices) from config.mesh.
 
-    Also selects the GSPMD partitioner for this process: with jax 0.10.2 the default Shardy
-    partitioner computes wrong adapter gradients on meshes whose three axes are all > 1 (e.g.
-    2x2x2: the loss is right, the gradients are not), which tests/test_sharding.py checks.
+    Refuses a mesh that would silently get wrong gradients under the current partitioner
+    (`needs_gspmd`): call `select_partitioner` first, as the entry points do.
     """
-    jax.config.update("jax_use_shardy_partitioner", False)
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(config, len(devices))
+    if needs_gspmd(shape) and jax.config.jax_use_shardy_partitioner:
+        raise ValueError(f"config.mesh: a {'x'.join(map(str, shape))} mesh (data, fsdp and model all > 1) needs "
+                         "the GSPMD partitioner because of an XLA bug (see cma_jax.sharding.needs_gspmd); call "
+                         "cma_jax.sharding.select_partitioner(config, jax.device_count()) at start-up")
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 

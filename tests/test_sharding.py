@@ -37,6 +37,13 @@ def test_param_spec_rule():
     assert shd.param_spec((), mesh) == jax.sharding.PartitionSpec()
 
 
+def test_gspmd_only_for_meshes_with_three_split_axes():
+    assert shd.needs_gspmd((2, 2, 2)) and not shd.needs_gspmd((2, 4, 1)) and not shd.needs_gspmd((8, 1, 1))
+    c = config_lib.base_config()
+    shd.select_partitioner(c, 1)
+    assert jax.config.jax_use_shardy_partitioner  # the default partitioner everywhere else
+
+
 def test_mesh_shape_resolution_and_errors():
     c = config_lib.base_config()
     c.mesh.fsdp = 2
@@ -60,6 +67,7 @@ SCRIPT = textwrap.dedent("""
     for d, f, m, k in {meshes!r}:
         c = tiny_config(save_every_steps=100, grad_accum_steps=k)
         c.mesh.data, c.mesh.fsdp, c.mesh.model = d, f, m
+        shd.select_partitioner(c, jax.device_count())  # what cma_jax.main does at start-up
         model, hist = train_lib.train(c, {workdir!r} + f"/{{d}}_{{f}}_{{m}}_{{k}}", train_iter=SyntheticBatches(c))
         kernel = model.clip.visual.transformer.resblocks[0].mlp.c_fc.kernel[...]
         adapter = model.clip.visual.transformer.resblocks[0].mlp_adapter.down_kernel[...]
