@@ -181,10 +181,12 @@ def speed(args, clip):
         print(f"  first loss, {m:4s}: cma_jax {first[m][0]:.6f}  PyTorch {first[m][1]:.6f}  (rel diff {rel:.1e})")
     print(f"  {'step':18s} {'cma_jax':>11s} {'PyTorch':>11s}  cma_jax/PyTorch   XLA peak   PyTorch peak")
     for m, label in (("cma", "adapters (cma)"), ("full", "full fine-tuning")):
-        print(f"  {label:18s} {med_ms(times, f'jax {m}')} {med_ms(times, f'torch {m}')}  {ratio(times, f'jax {m}', f'torch {m}'):10.3f}"
-              f"       {mb(jax_steps[m].peak_bytes):>9s}  {mb(torch_mem[m]):>9s}")
-    print(f"  {'adapters / full':18s} {ratio(times, 'jax cma', 'jax full'):11.3f} {ratio(times, 'torch cma', 'torch full'):11.3f}"
-          f"                   {jax_steps['cma'].peak_bytes / jax_steps['full'].peak_bytes:9.3f}  "
+        print(f"  {label:18s} {med_ms(times, f'jax {m}')} {med_ms(times, f'torch {m}')}  "
+              f"{ratio(times, f'jax {m}', f'torch {m}'):10.3f}       {mb(jax_steps[m].peak_bytes):>9s}  "
+              f"{mb(torch_mem[m]):>9s}")
+    print(f"  {'adapters / full':18s} {ratio(times, 'jax cma', 'jax full'):11.3f} "
+          f"{ratio(times, 'torch cma', 'torch full'):11.3f}                   "
+          f"{jax_steps['cma'].peak_bytes / jax_steps['full'].peak_bytes:9.3f}  "
           f"{torch_mem['cma'] / torch_mem['full']:9.3f}")
     print("  all rounds (ms): " + "; ".join(f"{k}: {', '.join(f'{t * 1e3:.0f}' for t in v)}" for k, v in times.items()))
     print("  targets:")
@@ -206,7 +208,8 @@ def remat(args, clip):
                                     abstract=True).peak_bytes
     times = timed({r: (lambda r=r: jax.block_until_ready(steps[r](batch))) for r in steps}, args.rounds, args.pause)
     print(f"\n== remat (CLIPConfig.remat), adapter step, same shapes; {args.rounds} rounds")
-    print(f"  {'remat':6s} {'step':>11s} {'vs none':>8s} {'XLA peak':>10s} {'temporaries':>12s} {'full step peak':>15s}")
+    print(f"  {'remat':6s} {'step':>11s} {'vs none':>8s} {'XLA peak':>10s} {'temporaries':>12s} "
+          f"{'full step peak':>15s}")
     for r, s in steps.items():
         print(f"  {r:6s} {med_ms(times, r)} {ratio(times, r, 'none'):8.3f} {mb(s.peak_bytes):>10s} "
               f"{mb(s.temp_bytes):>12s} {mb(full_peak[r]):>15s}")
@@ -233,7 +236,8 @@ def accum(args, clip):
     times = timed({k: (lambda k=k: jax.block_until_ready(steps[k](batch))) for k in steps}, args.rounds, args.pause)
     print(f"  step time at {args.accum_time_videos} videos x {args.frames} frames ({args.rounds} rounds):")
     for k in steps:
-        print(f"  k={k:<3d} {med_ms(times, k)}  {ratio(times, k, 1):.3f} of one-shot  XLA peak {mb(steps[k].peak_bytes)}")
+        print(f"  k={k:<3d} {med_ms(times, k)}  {ratio(times, k, 1):.3f} of one-shot  "
+              f"XLA peak {mb(steps[k].peak_bytes)}")
 
 
 def compile_times(args, clip):

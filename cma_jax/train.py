@@ -54,7 +54,7 @@ def make_train_step(graphdef, tx, lr_fn, grad_accum_steps: int, micro_sharding=N
     """
 
     def loss_fn(params, rngs, frozen, batch):
-        model = nnx.merge(graphdef, params, rngs, frozen)
+        model = nnx.merge(graphdef, params, rngs, frozen, copy=True)  # dropout RNG counts are traced here
         loss = model(batch)
         return loss, nnx.state(model, nnx.RngState)
 

@@ -86,7 +86,8 @@ def test_dropout_masks_are_replayed():
     assert abs(float(loss) - float(no_dropout_loss)) > 1e-3  # dropout is really on
     np.testing.assert_allclose(float(got_loss), float(loss), rtol=1e-6)
     assert rel_err(got, want) <= TOL
-    counts = [int(v) for p, v in jax.tree_util.tree_flatten_with_path(new_rngs)[0] if "count" in jax.tree_util.keystr(p)]
+    counts = [int(v) for p, v in jax.tree_util.tree_flatten_with_path(new_rngs)[0]
+              if "count" in jax.tree_util.keystr(p)]
     assert counts and all(c == k for c in counts)  # every stream advanced once per micro-batch
 
 
@@ -105,6 +106,7 @@ SCRIPT = textwrap.dedent("""
         for d, f, m in {meshes!r}:
             c = tiny_config()
             c.mesh.data, c.mesh.fsdp, c.mesh.model = d, f, m
+            shd.select_partitioner(c, jax.device_count())  # what cma_jax.main does at start-up
             mesh = shd.make_mesh(c)
             psh, fsh = shd.tree_shardings(params, mesh), shd.tree_shardings(frozen, mesh)
             rep = shd.replicated(mesh)
@@ -114,7 +116,8 @@ SCRIPT = textwrap.dedent("""
                 fn = jax.jit(lambda p, r, fr, b: gradcache.value_and_grad(graphdef, p, r, fr, b, k, micro),
                              in_shardings=(psh, jax.tree.map(lambda _: rep, rngs), fsh, shd.batch_sharding(mesh)))
                 (got_loss, _), got = fn(params, rngs, frozen, batch)
-                out[f"{{head}} {{d}}x{{f}}x{{m}} k={{k}}"] = [abs(float(got_loss - loss)) / float(loss), rel_err(got, want)]
+                out[f"{{head}} {{d}}x{{f}}x{{m}} k={{k}}"] = [abs(float(got_loss - loss)) / float(loss),
+                                                          rel_err(got, want)]
     print("RESULT" + json.dumps(out))
 """)
 

@@ -217,3 +217,10 @@ def test_trained_logit_scale_is_clamped_at_log_100():
     before = _flat(params)
     others = [k for k in flat if "logit_scale" not in k]
     assert others and all(np.allclose(flat[k], before[k] + 1) for k in others)  # nothing else is clamped
+
+
+def test_adapter_dropout_trains(tmp_path):
+    config = tiny_config(num_steps=2, save_every_steps=10)
+    config.adapter.dropout = 0.1
+    _, history = train_lib.train(config, str(tmp_path), train_iter=SyntheticBatches(config))
+    assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)
