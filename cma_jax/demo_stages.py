@@ -332,7 +332,7 @@ def eval_set(cfg, split: str) -> pipeline.EvalBatches:
     return pipeline.eval_batches_from_config(c)
 
 
-def test(model, batches: pipeline.EvalBatches, cfg, workdir: str | None = None, name: str = "test") -> dict:
+def evaluate_on(model, batches: pipeline.EvalBatches, cfg, workdir: str | None = None, name: str = "test") -> dict:
     """Retrieval metrics of `model` on `batches` (reports written to workdir when given)."""
     return evaluate.evaluate(model, batches.texts, batches.videos, block_size=cfg.eval.block_size, workdir=workdir,
                              name=name, num_batches=(batches.num_text_batches, batches.num_video_batches))["metrics"]
@@ -362,7 +362,7 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
     history, curve, best = [], [], {"r1": -1.0}
 
     def check_on_val(model, step):
-        r1 = test(model, val_set, cfg, name="val")["t2v"]["R1"]
+        r1 = evaluate_on(model, val_set, cfg, name="val")["t2v"]["R1"]
         curve.append({"step": step, "t2v_R1": r1})
         if r1 > best["r1"]:
             trainable = optim.trainable_filter(cfg.method, cfg.model.train_logit_scale)
@@ -377,13 +377,13 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
     record = {"config": config_key(cfg), "method": stage, "name": METHODS[stage], "seed": cfg.seed,
               "data": cfg.data.builder_config, "num_steps": len(history), "batch_size": cfg.train.batch_size,
               **_param_counts(model, cfg)}
-    metrics = test(model, test_set, cfg, run_dir)
+    metrics = evaluate_on(model, test_set, cfg, run_dir)
     if val_checks and stage != "zero_shot":
         check_on_val(model, len(history))
         final = metrics
         if best["step"] != len(history):
             nnx.update(model, best["params"])
-            metrics = test(model, test_set, cfg)
+            metrics = evaluate_on(model, test_set, cfg)
         record["selection"] = {"best_step": best["step"], "val_t2v_R1": curve, "final_metrics": final}
     times = [h["step_time"] for h in history[1:]]  # the first step includes compilation
     record.update({
@@ -393,7 +393,7 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
         "train_seconds": train_seconds if history else 0.0, "history": history,
     })
     if val_set is not None and not val_checks:
-        record["val_metrics"] = test(model, val_set, cfg, name="val")
+        record["val_metrics"] = evaluate_on(model, val_set, cfg, name="val")
     write_json(record_path, record)
     return record
 
