@@ -54,8 +54,9 @@ def method_row(config, method: str, workdir: str, data_dir: str, backbone: str, 
         t0 = time.time()
         rec = stages.train_and_test(cfg, method, run_dir, tree, test_set, val_set)
         m = rec["metrics"]
-        say(f"  {METHODS[method]}{'' if method == 'zero_shot' else f', seed {seed}'}: t2v R@1 {m['t2v']['R1']:.1f}, "
-            f"v2t R@1 {m['v2t']['R1']:.1f} ({'reused' if reused else f'{time.time() - t0:.0f}s'})")
+        label = METHODS[method] if method == "zero_shot" else f"{METHODS[method]}, seed {seed}"
+        took = "reused" if reused else f"{time.time() - t0:.0f}s"
+        say(f"  {label}: t2v R@1 {m['t2v']['R1']:.1f}, v2t R@1 {m['v2t']['R1']:.1f} ({took})")
         runs.append(rec)
     mean, std = stages.metrics_mean_std([r["metrics"] for r in runs])
     step_times = [r["step_time_s"] for r in runs if r["step_time_s"]]

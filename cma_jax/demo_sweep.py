@@ -59,21 +59,23 @@ def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: 
     for i, seed in enumerate(seeds):
         for n in sizes:
             for method in config.extra.methods:
-                if method == "zero_shot" and (i > 0 or n != sizes[0]):
-                    continue  # trains on nothing: one evaluation
                 if method == "zero_shot":
+                    if i or n != sizes[0]:
+                        continue  # trains on nothing: one evaluation
                     cfg, run_dir = base, os.path.join(workdir, "sweep", method)
                 else:
                     cfg = run_config(config, method, n, seed, data_dir, backbone)
                     run_dir = os.path.join(workdir, "sweep", method, f"n{n}", f"seed{seed}")
+                reused = os.path.exists(os.path.join(run_dir, stages.RECORD))
                 t0 = time.time()
                 rec = stages.train_and_test(cfg, method, run_dir, tree, test_set, val_set,
                                             val_checks=config.extra.sweep.val_checks)
                 records[method][n].append(rec)
                 sel = rec.get("selection")
                 chosen = f", val chose step {sel['best_step']}/{rec['num_steps']}" if sel else ""
+                took = "reused" if reused else f"{time.time() - t0:.0f}s"
                 stages.say(f"  seed {seed} ({i + 1}/{len(seeds)}) N={n:<5d} {stages.METHODS[method]}: test t2v R@1 "
-                           f"{rec['metrics']['t2v']['R1']:.1f}{chosen} ({time.time() - t0:.0f}s)")
+                           f"{rec['metrics']['t2v']['R1']:.1f}{chosen} ({took})")
     results = summarize(config, records, sizes, seeds)
     results.update(backbone=backbone, pretrain={k: v for k, v in pre.items() if k not in ("config", "history")},
                    test_videos=test_set.num_videos, wall_seconds_this_run=time.time() - t_start,
@@ -143,8 +145,8 @@ def markdown(results: dict) -> str:
     lines = [f"# Training-set-size sweep: test t2v R@1 (mean ± std over {n} seeds) vs training videos", "",
              f"Test split: {results['test_videos']} videos of `synthetic/adapt`. Batch min({p['batch_size']}, N), "
              f"{p['num_steps']} steps at every N; val t2v R@1 checked {p['val_checks']} times per run. "
-             f"Step time: median at the full batch on this machine "
-             f"({results['machine']['cpu_count']} CPU cores, shared or not). Wall time of this run: "
+             f"Step time: median at the full batch on this machine ({results['machine']['cpu']}, "
+             f"{results['machine']['cpu_count']} cores), which follows its load. Wall time of this run: "
              f"{results['wall_seconds_this_run'] / 60:.1f} min.", ""]
     for title, key in (("Checkpoint chosen on val (early stopping)", "t2v_R1"),
                        ("Last step (no early stopping)", "last_step_t2v_R1")):

@@ -133,7 +133,7 @@ def test_sweep_summary_pairs_seeds_and_writes_its_report(tmp_path):
     assert sharing["mean"] == 1.0 and sharing["std"] == pytest.approx(np.sqrt(3))
     assert res["methods"]["full"]["step_time_s"] == 0.1  # median at the full batch (64)
     res.update(test_videos=1000, wall_seconds_this_run=60.0, pretrain={"total_params": 225728},
-               machine={"cpu_count": 2})
+               machine={"cpu": "a CPU", "cpu_count": 2})
     md = demo_sweep.markdown(res)
     assert "| Cross-Modal Adapter | 15,936 | 100 | 22.0 ± 1.0 | 53.0 ± 1.0 |" in md
     assert "| CMA − uni-modal (paired by seed) |  |  | 1.0 ± 1.7 |" in md
