@@ -132,12 +132,18 @@ def _dir_bytes(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def shape_args(description: str) -> argparse.ArgumentParser:
+    """The step shape both benchmarks take: backbone preset, videos x frames per batch, words."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", default="vit_b32")
     p.add_argument("--videos", type=int, default=4)
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--words", type=int, default=32)
+    return p
+
+
+def main(argv=None):
+    p = shape_args(__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)

@@ -30,7 +30,6 @@ compile: lower + compile time of the cma and full steps for each of --compile_pr
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -43,7 +42,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_train_step import abstract_batch, bench_config, build, compile_step, make_batch, mb  # noqa: E402
+from bench_train_step import (abstract_batch, bench_config, build, compile_step, make_batch, mb,  # noqa: E402
+                              shape_args)
 from cma_jax.convert import to_cma  # noqa: E402
 from cma_jax.models import load  # noqa: E402
 from cma_jax.models.adapter import AdapterParam  # noqa: E402
@@ -255,11 +255,7 @@ SECTIONS = {"speed": speed, "remat": remat, "accum": accum, "compile": compile_t
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="vit_b32")
-    p.add_argument("--videos", type=int, default=4)
-    p.add_argument("--frames", type=int, default=4)
-    p.add_argument("--words", type=int, default=32)
+    p = shape_args(__doc__.split("\n")[0])
     p.add_argument("--head", default="text_conditioned")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--pause", type=float, default=0.2, help="seconds of idle before each timed step")

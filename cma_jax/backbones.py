@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from cma_jax import checkpoint, convert
 from cma_jax.convert.tables import TOKENIZER_FILES
+from cma_jax.models.clip import OPENAI_NAMES
 
 CACHE_ENV = "CMA_JAX_CACHE"
 OFFLINE_ENV = "CMA_JAX_OFFLINE"
@@ -70,7 +71,7 @@ OPENAI_URLS = {
     "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/"
                       "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
-ALIASES = {"vit_b32": "ViT-B/32", "vit_b16": "ViT-B/16", "vit_l14": "ViT-L/14", "vit_l14_336": "ViT-L/14@336px"}
+ALIASES = OPENAI_NAMES  # our preset names -> OpenAI's
 # OpenAI's BPE merges file, at a fixed commit of github.com/openai/CLIP (unchanged since 3bee281, Jan 2021).
 BPE_URL = ("https://raw.githubusercontent.com/openai/CLIP/d05afc436d78f1c48dc0dbf8e5980a9d471f35f6/clip/"
            "bpe_simple_vocab_16e6.txt.gz#sha256=924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a")

@@ -34,9 +34,6 @@ SCHEDULES = ("cosine", "constant")
 # CLIPConfig fields that a config may override (compute settings are model.dtype / model.remat).
 CLIP_FIELDS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
                "context_length", "vocab_size", "text_width", "text_heads", "text_layers")
-# OpenAI's published checkpoint of each preset: the default `backbone` of the dataset configs.
-PRESET_BACKBONES = {"vit_b32": "ViT-B/32", "vit_b16": "ViT-B/16", "vit_l14": "ViT-L/14",
-                    "vit_l14_336": "ViT-L/14@336px"}
 RENAMED = {"backbone_checkpoint": "backbone"}  # old field -> new field
 
 
@@ -133,9 +130,7 @@ def dataset_config(name: str, preset: str | None, *, reduction_dim: int, share_d
     """
     config = base_config()
     config.model.preset = preset or "vit_b32"
-    if config.model.preset not in PRESET_BACKBONES:
-        raise ValueError(f"unknown backbone preset {config.model.preset!r}; expected one of {sorted(PRESET_BACKBONES)}")
-    config.backbone = PRESET_BACKBONES[config.model.preset]
+    config.backbone = clip_lib.OPENAI_NAMES.get(config.model.preset, config.model.preset)  # its OpenAI checkpoint
     config.data.name = name
     config.data.num_frames = num_frames
     config.data.max_words = max_words

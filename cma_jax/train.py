@@ -16,6 +16,7 @@ when launched again with the same command and workdir.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -252,7 +253,7 @@ def _train(config, workdir: str, backbone, train_iter, eval_fn):
             state, metrics = step_fn(state, frozen, batch)
             metrics = jax.device_get(metrics)  # waits for the step: honest step times
             step += 1
-            guard.check(step, metrics, ckpt.latest_step())  # before anything of this state is saved or logged
+            guard.check(step, metrics, ckpt.latest_step)  # before anything of this state is saved or logged
             logger.step(step, metrics, time.perf_counter() - t0)
             if step % config.train.save_every_steps == 0 or step == num_steps:
                 ckpt.save(step, state, _iterator_state(train_iter, step), meta, force=step == num_steps,
@@ -298,10 +299,11 @@ class _DivergenceGuard:
 
     def __init__(self, max_loss_ratio: float):
         self.ratio = max_loss_ratio
-        self.recent, self.since_save = [], []
+        self.recent, self.since_save = collections.deque(maxlen=self.WINDOW), []
         self.healthy = True
 
-    def check(self, step: int, metrics: dict, last_saved: int | None) -> None:
+    def check(self, step: int, metrics: dict, last_saved) -> None:
+        """`last_saved()` gives the newest checkpoint's step (asked only when the run must stop)."""
         loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
         problem = None
         if not (np.isfinite(loss) and np.isfinite(gnorm)):
@@ -312,12 +314,13 @@ class _DivergenceGuard:
         if problem is not None:
             self.healthy = False
             fix = "a lower --config.train.lr (the usual cause) or a --config.train.grad_clip"
-            next_step = (f"the last checkpoint, step {last_saved}, is intact: run the same command with {fix} "
-                         "(and --config.train.allow_config_change=True) to resume from it" if last_saved else
+            saved = last_saved()
+            next_step = (f"the last checkpoint, step {saved}, is intact: run the same command with {fix} "
+                         "(and --config.train.allow_config_change=True) to resume from it" if saved else
                          f"no checkpoint was saved yet: start again with {fix}")
             raise TrainingDiverged(f"training diverged at step {step}: {problem}. Nothing of this step was saved; "
                                    f"{next_step}")
-        self.recent = (self.recent + [loss])[-self.WINDOW:]
+        self.recent.append(loss)
         self.since_save.append(loss)
 
     def mean_since_save(self) -> float | None:

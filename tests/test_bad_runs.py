@@ -59,14 +59,14 @@ def test_non_finite_loss_stops_before_saving_and_names_the_step(tmp_path):
 def test_loss_spike_guard_is_opt_in_and_names_the_factor():
     off = train_lib._DivergenceGuard(0.0)
     for step, loss in enumerate([1.0] * 20 + [1e6], 1):
-        off.check(step, {"loss": loss, "grad_norm": 1.0}, None)  # finite: only the opt-in factor would stop it
+        off.check(step, {"loss": loss, "grad_norm": 1.0}, lambda: None)  # finite: only the opt-in factor would stop it
     guard = train_lib._DivergenceGuard(3.0)
     for step in range(1, 21):
-        guard.check(step, {"loss": 1.0, "grad_norm": 1.0}, 20)
-    guard.check(21, {"loss": 2.9, "grad_norm": 1.0}, 20)
+        guard.check(step, {"loss": 1.0, "grad_norm": 1.0}, lambda: 20)
+    guard.check(21, {"loss": 2.9, "grad_norm": 1.0}, lambda: 20)
     with pytest.raises(TrainingDiverged, match=r"step 22: loss 3.5 is over 3x the median 1 of the last 21 steps "
                                                r"\(config.train.max_loss_ratio\)"):
-        guard.check(22, {"loss": 3.5, "grad_norm": 1.0}, 20)
+        guard.check(22, {"loss": 3.5, "grad_norm": 1.0}, lambda: 20)
     assert not guard.healthy
     config = tiny_config()
     config.train.max_loss_ratio = 0.5

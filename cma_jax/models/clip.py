@@ -80,9 +80,9 @@ PRESETS = {
     "vit_l14_336": CLIPConfig(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
                               vision_patch_size=14, text_width=768, text_heads=12),
 }
-# Accept OpenAI's spelling too.
-PRESETS.update({"ViT-B/32": PRESETS["vit_b32"], "ViT-B/16": PRESETS["vit_b16"],
-                "ViT-L/14": PRESETS["vit_l14"], "ViT-L/14@336px": PRESETS["vit_l14_336"]})
+# OpenAI's name of each preset (its published checkpoint); accepted as a preset name too.
+OPENAI_NAMES = {"vit_b32": "ViT-B/32", "vit_b16": "ViT-B/16", "vit_l14": "ViT-L/14", "vit_l14_336": "ViT-L/14@336px"}
+PRESETS.update({openai: PRESETS[ours] for ours, openai in OPENAI_NAMES.items()})
 
 
 def preset(name: str, **overrides) -> CLIPConfig:

@@ -25,6 +25,7 @@ from cma_jax.trees import flatten
 
 log = logging.getLogger(__name__)
 
+
 def backbone_state(model) -> dict:
     """The backbone weights of a RetrievalModel or CLIP as a CLIP-level pure dict."""
     return nnx.to_pure_dict(nnx.state(getattr(model, "clip", model), BACKBONE))
