@@ -16,13 +16,13 @@ import tensorflow_datasets as tfds
 import videofiles as vf
 from cma_jax.data import builders
 from cma_jax.data import video
-from cma_jax.data.builders import base
+from cma_jax.data.builders import base, decode_pool, media
 
 RES = 32
 
 
 def build(name, manual_dir, data_dir, config=None, workers=1):
-    config = config or f"{base.resolve_config(builders.REGISTRY[name], None).name}-{RES}px"
+    config = config or f"{builders.resolve_config(builders.REGISTRY[name], None).name}-{RES}px"
     b = builders.get_builder(name, data_dir, config, num_workers=workers)
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     return config
@@ -208,7 +208,7 @@ def test_a_crashing_decoder_costs_only_its_video(tmp_path, monkeypatch):
     )
     # video3's file is video3_crash.mp4, on which the test loader kills its worker process.
     monkeypatch.setattr(
-        base, "find_video", lambda index, vid, *alt: index.get(vid) or index.get(f"{vid}_crash")
+        media, "find_video", lambda index, vid, *alt: index.get(vid) or index.get(f"{vid}_crash")
     )
     monkeypatch.setattr(builders.REGISTRY["msrvtt"], "_frame_loader", lambda self: vf.crashing_loader)
     config = build("msrvtt", manual, tmp_path / "data", "9k-32px", workers=2)
@@ -226,7 +226,7 @@ def test_a_decoder_crash_while_the_writer_is_busy_costs_only_its_video(tmp_path)
     entries = [base.Entry(f"v{i}", ("c",), str(tmp_path / f"v{i}{'_crash' if i == 7 else ''}.mp4"))
                for i in range(12)]  # more than the 4 * workers look-ahead: some are submitted later
     got = []
-    for entry, result in base._load_all(vf.crashing_loader, entries, workers=2):
+    for entry, result in decode_pool.load_all(vf.crashing_loader, entries, workers=2):
         got.append((entry.video_id, str(result)))
         if len(got) == 1:
             time.sleep(3)  # writing the first record: v7's worker dies meanwhile
@@ -419,14 +419,14 @@ def test_order_is_kept_when_records_spill_to_disk_buckets(tmp_path, monkeypatch)
 
 
 def test_config_names_set_resolution_fps_and_quality():
-    cfg = base.resolve_config(builders.REGISTRY["msrvtt"], "7k-336px-2fps-q80")
+    cfg = builders.resolve_config(builders.REGISTRY["msrvtt"], "7k-336px-2fps-q80")
     assert (cfg.variant, cfg.resolution, cfg.fps, cfg.jpeg_quality) == ("7k", 336, 2.0, 80)
-    default = base.resolve_config(builders.REGISTRY["didemo"], None)
+    default = builders.resolve_config(builders.REGISTRY["didemo"], None)
     assert (default.name, default.resolution, default.fps) == ("default", 224, 1.0)
     with pytest.raises(ValueError, match="unknown config '8k'"):
-        base.resolve_config(builders.REGISTRY["msrvtt"], "8k")
+        builders.resolve_config(builders.REGISTRY["msrvtt"], "8k")
     with pytest.raises(ValueError, match="bad config suffix 'big'"):
-        base.resolve_config(builders.REGISTRY["msvd"], "default-big")
+        builders.resolve_config(builders.REGISTRY["msvd"], "default-big")
 
 
 def test_open_source_names_what_is_not_built(tmp_path):

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     for split in builder.info.splits:
         src = open_source(args.name, split, args.data_dir, builder.builder_config)
         print(
-            f"{args.name}/{builder.builder_config.name} {split}: {len(src)} videos, "
+            f"{args.name}/{builder.builder_config.name} {split}: {len(src)} {src.media}s, "
             f"{int(src.num_captions.sum())} captions, {len(src.skipped)} skipped"
             + (": " + ", ".join(s["video_id"] for s in src.skipped[:20]) if src.skipped else "")
         )

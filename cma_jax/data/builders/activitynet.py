@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from cma_jax.data.builders import base
+from cma_jax.data.builders import annotation_files, base, media
 
 SPLITS = {"train": "train.json", "test": "val_1.json"}
 
@@ -27,10 +27,10 @@ manual_dir/
     REQUIRED_FILES = tuple(SPLITS.values())
 
     def _split_entries(self, manual_dir: epath.Path):
-        videos = base.index_videos(manual_dir)
+        videos = media.index_videos(manual_dir)
         out = {}
         for split, name in SPLITS.items():
-            data = base.read_json(manual_dir / name)
+            data = annotation_files.read_json(manual_dir / name)
             if not isinstance(data, dict):
                 raise ValueError(f"{manual_dir / name}: expected a dict video id -> annotation")
             out[split] = []
@@ -39,5 +39,5 @@ manual_dir/
                     raise ValueError(f'{manual_dir / name}: video {vid} has no "sentences"')
                 text = paragraph(ann["sentences"])
                 alt = vid[2:] if vid.startswith("v_") else f"v_{vid}"
-                out[split].append(base.Entry(vid, (text,) if text else (), base.find_video(videos, vid, alt)))
+                out[split].append(base.Entry(vid, (text,) if text else (), media.find_video(videos, vid, alt)))
         return out

@@ -1,60 +1,17 @@
-"""Shared TFDS machinery for the video-text builders, and the reader the pipeline uses.
+"""The TFDS builder base of every benchmark: one ArrayRecord record per video (or image), in the order listed.
 
-Contract (the input pipeline and the synthetic builder rely on it):
-
-* One record per video, features `FEATURES`:
-    video_id    str
-    frames      Sequence of JPEG bytes, one per sampled frame (fps and resolution of the
-                builder config: shorter side resized to `resolution` (bicubic), centre crop to
-                resolution x resolution, RGB); at least one frame
-    num_frames  int32 == len(frames)
-    captions    Sequence of str (1 for MSR-VTT 1k-A test, several for multi-caption sets,
-                a single joined paragraph for ActivityNet / DiDeMo)
-* Files are ArrayRecord, written with `disable_shuffling=True`: record i of a split is the
-  i-th video `_split_entries` listed for it (skipped videos leave no hole). Records are not
-  shuffled on disk; the pipeline shuffles.
-* `builder.info.metadata[split]` = {'video_ids': [...], 'num_captions': [...],
-  'captions': [[...], ...], 'skipped': [{'video_id', 'path', 'reason'}, ...]}, the first three
-  in record order. It is what makes enumerating every (video, caption) pair cheap.
-* `open_source(name, split, data_dir, builder_config=None)` -> `VideoTextSource`: `len(src)`,
-  `src[i]` -> {'video_id': str, 'frames': list[bytes] (JPEG, not decoded), 'num_frames': int,
-  'captions': list[str]}; `src.num_captions` (int32 [N]), `src.video_ids`, `src.captions` come
-  from the metadata without reading any frames. The source pickles (grain workers).
-
-Subclasses set `name`, `BUILDER_CONFIGS` (VideoTextConfig), `MANUAL_DOWNLOAD_INSTRUCTIONS`,
-`REQUIRED_FILES` and implement `_split_entries(manual_dir) -> {split: [Entry, ...]}`. A builder
-that makes its own frames (no files) overrides `_frame_loader()` to return a picklable
-callable `source -> list[bytes]`, raising `video.VideoDecodeError` for a bad source.
-
-Where the files come from: a manual_dir that exists and is not empty is used, and must hold every
-required file. Without one, a builder whose benchmark has public archives (`download_urls()` ->
-{'annotations': URL, 'videos': URL}, from its module-level `URLS`) downloads and extracts them with
-TFDS's download manager (cached in DATA_DIR/downloads; checked against `checksums.tsv` beside the
-builders for the URLs that file lists), and its `_split_entries(annotations_dir, videos_dir)` reads
-the annotation files from the folder of the extracted archive that holds them and finds the videos
-anywhere in the other. A builder without public archives stops with its full manual instructions.
-
-Building without TensorFlow: TFDS' writer keeps up to 1 GiB of records in memory and then
-spills them to 1000 on-disk buckets through `tf.io.gfile`, which fails without TF.
-`_install_tf_free_io` gives that module (and TFDS's archive extractor, which writes extracted
-files through `tf.io.gfile` too) plain-file I/O, and the record keys are spread evenly over the
-128-bit key space so that, with shuffling disabled, bucket b holds records in [b/1000, (b+1)/1000)
-of the split in order: records stay in order and only ~1/1000 of a split is ever sorted in memory.
+Subclasses set `name`, `BUILDER_CONFIGS`, `MANUAL_DOWNLOAD_INSTRUCTIONS` and `REQUIRED_FILES` and implement
+`_split_entries`; the record format is `features()`, the caption index is `info.metadata` (see
+`VideoTextBuilder`). `ensure_built` and `open_source` (cma_jax/data/builders/reader.py) are importable from
+here too, the path the pipeline and tests use.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import concurrent.futures.process
-import csv
 import dataclasses
 import functools
-import json
-import multiprocessing
 import os
-import re
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -63,13 +20,19 @@ from etils import epath
 from tensorflow_datasets.core.download import download_manager
 
 from cma_jax.data import video
+from cma_jax.data.builders import decode_pool, tf_free
+from cma_jax.data.builders.reader import ensure_built, open_source  # noqa: F401  (the import path callers use)
 
-_KEY_SPACE = 2**128  # TFDS hashes keys to 128 bits; with shuffling disabled the key is used as is.
+# TFDS hashes keys to 128 bits, and with shuffling disabled uses a key as is: keys spread evenly over that space
+# put record i of N into spill bucket i * 1000 // N, so records stay in order and a bucket sort sees ~N/1000.
+_KEY_SPACE = 2**128
+
+tf_free.install()  # TFDS's writer spills to disk and its extractor writes through tf.io.gfile
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One video of a split: its id, its captions and where its frames come from."""
+    """One video (or image) of a split: its id, its captions and where its frames come from."""
 
     video_id: str
     captions: tuple[str, ...]
@@ -99,7 +62,8 @@ class VideoTextConfig(tfds.core.BuilderConfig):
 
 
 def features() -> tfds.features.FeaturesDict:
-    """The record features (frames stay JPEG bytes: stored and returned undecoded)."""
+    """One record: video_id, frames (JPEG bytes, stored and returned undecoded; at least one), num_frames,
+    captions (one for MSR-VTT's test, several for multi-caption sets, a joined paragraph for ActivityNet)."""
     return tfds.features.FeaturesDict(
         {
             "video_id": tfds.features.Text(),
@@ -111,7 +75,7 @@ def features() -> tfds.features.FeaturesDict:
 
 
 class NoVideosDecodedError(RuntimeError):
-    """Every video of a split failed to decode."""
+    """Every video (or image) of a split failed to load."""
 
 
 class ManualDirLayoutError(FileNotFoundError):
@@ -127,12 +91,27 @@ def _default_workers() -> int:
 
 
 class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base builder: one ArrayRecord record per video (see the module docstring)."""
+    """Base builder: one ArrayRecord record per video (or image, `MEDIA = 'image'`: a one-frame record).
+
+    Records are written with `disable_shuffling=True`: record i of a split is the i-th entry `_split_entries`
+    listed for it (skipped ones leave no hole); the pipeline shuffles. `info.metadata[split]` = {'video_ids',
+    'num_captions', 'captions' (record order), 'skipped': [{'video_id', 'path', 'reason'}]}: enumerating every
+    (video, caption) pair needs no frame read.
+
+    Where the files come from: a manual_dir that exists and is not empty is used and must hold every required
+    file. Without one, a builder with public archives (`download_urls()` -> {'annotations': URL, <media>: URL,
+    ...}, from its module's `URLS`) downloads and extracts them with TFDS's download manager (cached in
+    DATA_DIR/downloads, checked against checksums.tsv for the URLs it lists) and gets
+    `_split_entries(annotation folder, *media roots)`; without public archives it stops with its instructions.
+    A builder that makes its own frames overrides `_frame_loader()` (a picklable `source -> list[bytes]` raising
+    `video.VideoDecodeError` for a bad source).
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [VideoTextConfig()]
     REQUIRED_FILES: Sequence[str] = ()  # relative to manual_dir
+    MEDIA = "video"  # what a record holds, as messages name it
 
     def __init__(self, *, num_workers: int | None = None, file_format=None, **kwargs):
         # ArrayRecord is the only random-access format; it is the default, not an option.
@@ -150,7 +129,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     # --- what subclasses provide ---------------------------------------------------------
 
-    def _split_entries(self, manual_dir: epath.Path | None) -> dict[str, list[Entry]]:
+    def _split_entries(self, manual_dir: epath.Path | None, *media_roots: epath.Path) -> dict[str, list[Entry]]:
         raise NotImplementedError
 
     def required_files(self) -> Sequence[str]:
@@ -158,7 +137,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return self.REQUIRED_FILES
 
     def download_urls(self) -> dict[str, str]:
-        """{'annotations': URL, 'videos': URL} of the benchmark's public archives; {} = manual only."""
+        """{'annotations': URL, <media>: URL, ...} of the benchmark's public archives; {} = manual only."""
         return {}
 
     def needs_manual_dir(self) -> bool:
@@ -197,42 +176,46 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 self.check_manual_dir(manual_dir)
                 entries = self._split_entries(manual_dir)
             elif self.download_urls():
-                entries = self._split_entries(*self._download(dl_manager))
+                annotations_dir, media_roots = self._download(dl_manager)
+                entries = self._split_entries(annotations_dir, *media_roots)
             else:
                 raise ManualDirLayoutError(
                     f"{self.name}: its files must be downloaded by hand into a manual_dir (none given, or it is "
                     f"empty); pass it with --manual_dir=DIR.\nExpected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
         return {split: self._generate_examples(split, items) for split, items in entries.items()}
 
-    def _download(self, dl_manager) -> tuple[epath.Path, epath.Path]:
-        """Download and extract the public archives -> (folder holding the annotation files, video root)."""
+    def _download(self, dl_manager) -> tuple[epath.Path, list[epath.Path]]:
+        """Download and extract the public archives -> (folder holding the annotation files, media roots in
+        the order of `download_urls()`)."""
         urls = self.download_urls()
         try:
             paths = dl_manager.download_and_extract(urls)
         except download_manager.NonMatchingChecksumError as e:  # the file stays in a .tmp folder, never used
             raise DownloadChecksumError(f"{self.name}: {e}") from None
         extracted = epath.Path(paths["annotations"])
+        media_roots = [epath.Path(paths[k]) for k in urls if k != "annotations"]
         for folder, _, _ in os.walk(os.fspath(extracted)):  # the archive may wrap its files in a folder
             if self.has_required_files(folder):
-                return epath.Path(folder), epath.Path(paths["videos"])
+                return epath.Path(folder), media_roots
         raise ManualDirLayoutError(
             f"{self.name}: the archive {urls['annotations']} (extracted to {extracted}) has no folder holding "
             f"{', '.join(self.required_files())}; point {type(self).__module__}.URLS at a copy in the "
             f"expected layout, or build from a manual_dir.\nExpected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
     def _generate_examples(self, split: str, entries: list[Entry]):
-        """Yields (key, record) in entry order; skips (and lists) videos that fail to load."""
+        """Yields (key, record) in entry order; skips (and lists) entries that fail to load."""
+        what = self.MEDIA
         if not entries:
-            raise NoVideosDecodedError(f"{self.name}: split {split!r} lists no videos")
+            raise NoVideosDecodedError(f"{self.name}: split {split!r} lists no {what}s")
         stride = _KEY_SPACE // len(entries)
         kept: list[Entry] = []
         skipped: list[dict[str, str]] = []
-        for i, (entry, frames) in enumerate(_load_all(self._frame_loader(), entries, self._num_workers)):
+        for i, (entry, frames) in enumerate(decode_pool.load_all(self._frame_loader(), entries, self._num_workers)):
             if not entry.captions:
-                frames = video.VideoDecodeError("the annotations give this video no caption")
+                frames = video.VideoDecodeError(f"the annotations give this {what} no caption")
             if isinstance(frames, Exception):
                 skipped.append({"video_id": entry.video_id, "path": str(entry.source), "reason": str(frames)})
-                logging.warning("%s/%s: skipping video %s: %s", self.name, split, entry.video_id, frames)
+                logging.warning("%s/%s: skipping %s %s: %s", self.name, split, what, entry.video_id, frames)
                 continue
             kept.append(entry)
             yield (
@@ -247,25 +230,14 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if not kept:
             reasons = "; ".join(f"{s['video_id']}: {s['reason']}" for s in skipped[:5])
             raise NoVideosDecodedError(
-                f"{self.name}: none of the {len(entries)} videos of split {split!r} could be "
-                f"decoded (first failures: {reasons})"
+                f"{self.name}: none of the {len(entries)} {what}s of split {split!r} could be "
+                f"loaded (first failures: {reasons})"
             )
         if skipped:
-            logging.warning(
-                "%s/%s: skipped %d of %d videos: %s",
-                self.name,
-                split,
-                len(skipped),
-                len(entries),
-                ", ".join(s["video_id"] for s in skipped),
-            )
-        logging.info(
-            "%s/%s: wrote %d videos, %d captions",
-            self.name,
-            split,
-            len(kept),
-            sum(len(e.captions) for e in kept),
-        )
+            logging.warning("%s/%s: skipped %d of %d %ss: %s", self.name, split, len(skipped), len(entries), what,
+                            ", ".join(s["video_id"] for s in skipped))
+        logging.info("%s/%s: wrote %d %ss, %d captions", self.name, split, len(kept), what,
+                     sum(len(e.captions) for e in kept))
         self.info.metadata[split] = {
             "video_ids": [e.video_id for e in kept],
             "num_captions": [len(e.captions) for e in kept],
@@ -280,331 +252,3 @@ def _manual_dir(dl_manager) -> epath.Path | None:
         return epath.Path(dl_manager.manual_dir)
     except AssertionError:  # TFDS's way of saying "missing or empty"
         return None
-
-
-def _load_one(loader, entry: Entry):
-    if not entry.captions:
-        return None  # skipped by the caller; no need to decode
-    return video.load_or_error(loader, entry.source, entry.video_id)
-
-
-def _submit(pool, loader, entry: Entry) -> concurrent.futures.Future:
-    if not entry.captions:
-        done = concurrent.futures.Future()
-        done.set_result(None)
-        return done
-    # Only cma_jax.data.video travels: the workers never import TFDS.
-    try:
-        return pool.submit(video.load_or_error, loader, entry.source, entry.video_id)
-    except concurrent.futures.process.BrokenProcessPool as e:
-        # A worker died since the last result (e.g. while the build wrote a record): fail this future
-        # like the ones in flight, so `_load_all` retries it in isolation instead of stopping.
-        failed = concurrent.futures.Future()
-        failed.set_exception(e)
-        return failed
-
-
-def _load_all(loader, entries: list[Entry], workers: int) -> Iterator[tuple[Entry, Any]]:
-    """(entry, frames or the VideoDecodeError) in entry order, decoded by `workers` processes.
-
-    A decoder that kills its process (a crash in FFmpeg on a broken file) costs that one video:
-    the videos that were in flight are retried one by one, each in a fresh process.
-    """
-    if workers <= 1 or len(entries) < 2:
-        for entry in entries:
-            yield entry, _load_one(loader, entry)
-        return
-    # spawn: the parent may hold threads (JAX, TFDS) that fork would copy in a broken state.
-    ctx = multiprocessing.get_context("spawn")
-    pending = collections.deque(entries)
-    inflight: collections.deque = collections.deque()
-    window = 4 * workers  # bounded look-ahead keeps order and memory bounded
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
-    try:
-        while pending or inflight:
-            while pending and len(inflight) < window:
-                entry = pending.popleft()
-                inflight.append((entry, _submit(pool, loader, entry)))
-            entry, fut = inflight.popleft()
-            try:
-                result = fut.result()
-            except concurrent.futures.process.BrokenProcessPool:
-                pool.shutdown(cancel_futures=True)
-                inflight.appendleft((entry, fut))
-                for e, f in inflight:
-                    ok = f.done() and not f.cancelled() and f.exception() is None
-                    yield e, f.result() if ok else _load_isolated(loader, e, ctx)
-                inflight.clear()
-                pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
-                continue
-            yield entry, result
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-def _load_isolated(loader, entry: Entry, ctx):
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        try:
-            return _submit(pool, loader, entry).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            return video.VideoDecodeError(f"the decoder crashed on {entry.source}")
-
-
-# --- annotation helpers --------------------------------------------------------------------
-
-
-def read_json(path: epath.PathLike) -> Any:
-    """The parsed JSON file; ValueError naming the file if it is not JSON (a cut-off download)."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_list(path: epath.PathLike) -> list[str]:
-    """Non-empty stripped lines of a text file (a split's video ids)."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def read_csv(path: epath.PathLike, columns: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a CSV with a header that must contain `columns`."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{path}: expected columns {list(columns)}, missing {missing} (header: {reader.fieldnames})"
-            )
-        return list(reader)
-
-
-# --- video file lookup ---------------------------------------------------------------------
-
-
-def index_videos(root: epath.PathLike) -> dict[str, str]:
-    """Maps every video file under `root` by name and by name without its extension(s).
-
-    Tolerates the layouts people use (flat, `videos/all/`, `YouTubeClips/`, ...) and ids
-    given with or without an extension (DiDeMo ids carry `.mov`, files may be `.mov.mp4`).
-    """
-    index: dict[str, str] = {}
-    for dirpath, _, files in os.walk(os.fspath(root)):
-        for f in sorted(files):
-            if not f.lower().endswith(video.VIDEO_EXTENSIONS):
-                continue
-            path = os.path.join(dirpath, f)
-            name = f
-            while True:
-                index.setdefault(name, path)
-                stem, ext = os.path.splitext(name)
-                if not ext or ext.lower() not in video.VIDEO_EXTENSIONS:
-                    break
-                name = stem
-    return index
-
-
-def find_video(index: dict[str, str], video_id: str, *alternatives: str) -> str | None:
-    """The file of `video_id` (or of one of its alternative spellings), None if absent."""
-    for key in (video_id, *alternatives):
-        if key in index:
-            return index[key]
-        stem, ext = os.path.splitext(key)
-        if ext.lower() in video.VIDEO_EXTENSIONS and stem in index:
-            return index[stem]
-    return None
-
-
-
-def entries_from_lists(manual_dir: epath.Path, split_lists: dict[str, str],
-                       captions: dict[str, tuple[str, ...]], videos_dir: epath.Path | None = None
-                       ) -> dict[str, list[Entry]]:
-    """{split: [Entry]} for splits given as files of video ids (one a line) in `manual_dir`, captions by
-    video id, videos found under `videos_dir` (default: `manual_dir`)."""
-    videos = index_videos(videos_dir or manual_dir)
-    return {
-        split: [Entry(v, captions.get(v, ()), find_video(videos, v)) for v in read_list(manual_dir / f)]
-        for split, f in split_lists.items()
-    }
-
-# --- TF-free building ----------------------------------------------------------------------
-
-
-class _ResourceExhaustedError(Exception):
-    """Never raised: stands in for tf.errors.ResourceExhaustedError."""
-
-
-class _Gfile:
-    GFile = staticmethod(open)
-    exists = staticmethod(os.path.exists)
-    remove = staticmethod(os.remove)
-
-
-def _as_text(x) -> str:
-    return x.decode("utf-8") if isinstance(x, bytes) else x
-
-
-class _TfShim:
-    """The slice of `tf` that tfds.core.shuffle and the archive extractor use, on local files."""
-
-    class io:  # noqa: N801 (mirrors tf.io)
-        gfile = _Gfile
-
-    class errors:  # noqa: N801
-        ResourceExhaustedError = _ResourceExhaustedError
-
-    class compat:  # noqa: N801
-        as_text = staticmethod(_as_text)
-
-
-def _install_tf_free_io() -> None:
-    try:
-        import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    except ImportError:
-        from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
-        from tensorflow_datasets.core.download import extractor  # pylint: disable=import-outside-toplevel
-
-        shuffle.tf = _TfShim
-        extractor.tf = _TfShim
-
-
-_install_tf_free_io()
-
-
-# --- reading -------------------------------------------------------------------------------
-
-
-class VideoTextSource:
-    """Random access to a built split: items are dicts with undecoded JPEG frames."""
-
-    def __init__(self, data_source, meta: dict[str, Any], name: str):
-        self._source = data_source
-        self.name = name
-        self.video_ids: list[str] = meta["video_ids"]
-        self.captions: list[list[str]] = meta["captions"]
-        self.num_captions = np.asarray(meta["num_captions"], np.int32)  # [N]
-        self.skipped: list[dict[str, str]] = list(meta.get("skipped", []))
-        if len(self.video_ids) != len(data_source):
-            raise ValueError(
-                f"{name}: metadata lists {len(self.video_ids)} videos but the split "
-                f"holds {len(data_source)} records; rebuild the dataset"
-            )
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        rec = self._source[int(i)]
-        return {
-            "video_id": _text(rec["video_id"]),
-            "frames": [bytes(f) for f in rec["frames"]],
-            "num_frames": int(rec["num_frames"]),
-            "captions": [_text(c) for c in rec["captions"]],
-        }
-
-    def __repr__(self) -> str:
-        return f"VideoTextSource({self.name}, {len(self)} videos)"
-
-
-def _text(x) -> str:
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-_SUFFIX = re.compile(r"^(?:(?P<px>\d+)px|(?P<fps>\d+(?:\.\d+)?)fps|q(?P<q>\d+))$")
-
-
-def resolve_config(
-    builder_cls: type[VideoTextBuilder], builder_config: str | VideoTextConfig | None
-) -> VideoTextConfig:
-    """A config object from a name: a predefined config, optionally with `-<N>px`, `-<F>fps`,
-    `-q<Q>` suffixes overriding resolution, fps and JPEG quality (e.g. '9k-336px')."""
-    if isinstance(builder_config, VideoTextConfig):
-        return builder_config
-    predefined = {c.name: c for c in builder_cls.BUILDER_CONFIGS}
-    name = builder_config or builder_cls.BUILDER_CONFIGS[0].name
-    base, *suffixes = name.split("-")
-    if base not in predefined:
-        raise ValueError(
-            f"{builder_cls.name}: unknown config {name!r}; expected one of "
-            f"{sorted(predefined)} optionally followed by -<N>px, -<F>fps, -q<Q>"
-        )
-    if not suffixes:
-        return predefined[base]
-    overrides = {}
-    for suffix in suffixes:
-        m = _SUFFIX.match(suffix)
-        if not m:
-            raise ValueError(
-                f"{builder_cls.name}: bad config suffix {suffix!r} in {name!r}; "
-                "expected <N>px, <F>fps or q<Q>"
-            )
-        if m["px"]:
-            overrides["resolution"] = int(m["px"])
-        elif m["fps"]:
-            overrides["fps"] = float(m["fps"])
-        else:
-            overrides["jpeg_quality"] = int(m["q"])
-    return dataclasses.replace(predefined[base], name=name, **overrides)
-
-
-def get_builder(name: str, data_dir: epath.PathLike, builder_config=None, **kwargs) -> VideoTextBuilder:
-    """The registered builder `name` (see builders/__init__.py) for `data_dir`."""
-    from cma_jax.data.builders import REGISTRY  # pylint: disable=import-outside-toplevel
-
-    if name not in REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(REGISTRY)}")
-    cls = REGISTRY[name]
-    config = resolve_config(cls, builder_config)
-    if any(config is c for c in cls.BUILDER_CONFIGS):
-        # By name: TFDS rejects a copy of a predefined config object, which is what unpickling the
-        # builder (grain worker processes) would pass back.
-        config = config.name
-    # expanduser: `--data_dir=~/...` reaches us unexpanded (no shell expands `~` after `=`).
-    return cls(data_dir=os.path.expanduser(os.fspath(data_dir)), config=config, **kwargs)
-
-
-def build_command(builder: VideoTextBuilder) -> str:
-    """The command line that builds `builder`'s dataset."""
-    cmd = (f"python -m cma_jax.data.builders {builder.name} --data_dir={builder.data_dir_root} "
-           f"--config={builder.builder_config.name}")
-    return cmd + " --manual_dir=DIR" if builder.needs_manual_dir() else cmd
-
-
-def _not_built(builder: VideoTextBuilder) -> str:
-    msg = (f"dataset {builder.name} (config {builder.builder_config.name}) is not built in "
-           f"{builder.data_dir_root} (expected {builder.data_dir}); build it with: {build_command(builder)}")
-    if builder.needs_manual_dir():
-        msg += f"\nwhere DIR holds the files it needs, downloaded by hand:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-    return msg
-
-
-def ensure_built(name: str, data_dir: epath.PathLike, builder_config=None, *, build: bool = True) -> None:
-    """Builds the dataset if it is not built and needs no manual_dir (its files are public, or generated) and
-    `build` allows it; else raises FileNotFoundError saying how to build it.
-
-    Downloading and building show TFDS's progress bars; a later call finds the dataset built.
-    """
-    builder = get_builder(name, data_dir, builder_config)
-    if builder.is_prepared():
-        return
-    if not build or builder.needs_manual_dir():
-        raise FileNotFoundError(_not_built(builder))
-    logging.info("%s (config %s) is not built in %s: building it once (downloading its public files, if any)",
-                 name, builder.builder_config.name, builder.data_dir_root)
-    builder.download_and_prepare()
-
-
-def open_source(name: str, split: str, data_dir: epath.PathLike, builder_config=None) -> VideoTextSource:
-    """Random-access source over a built split (see the module docstring)."""
-    builder = get_builder(name, data_dir, builder_config)
-    if not builder.is_prepared():
-        raise FileNotFoundError(_not_built(builder))
-    if split not in builder.info.splits:
-        raise ValueError(f"{name} has no split {split!r}; built splits: {list(builder.info.splits)}")
-    meta = builder.info.metadata.get(split) if builder.info.metadata else None
-    if meta is None:
-        raise ValueError(
-            f"{name}/{split}: no caption index in {builder.data_dir}/metadata.json; rebuild the dataset"
-        )
-    return VideoTextSource(builder.as_data_source(split), meta, f"{name}/{split}")

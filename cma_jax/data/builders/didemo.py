@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from cma_jax.data.builders import base
+from cma_jax.data.builders import annotation_files, base, media
 from cma_jax.data.builders.activitynet import paragraph
 
 SPLITS = {"train": "train_data.json", "val": "val_data.json", "test": "test_data.json"}
@@ -24,11 +24,11 @@ manual_dir/
     REQUIRED_FILES = tuple(SPLITS.values())
 
     def _split_entries(self, manual_dir: epath.Path):
-        videos = base.index_videos(manual_dir)
+        videos = media.index_videos(manual_dir)
         out = {}
         for split, name in SPLITS.items():
             descriptions: dict[str, list[str]] = {}  # insertion order = first appearance
-            for item in base.read_json(manual_dir / name):
+            for item in annotation_files.read_json(manual_dir / name):
                 if "video" not in item or "description" not in item:
                     raise ValueError(
                         f'{manual_dir / name}: expected items with "video" and '
@@ -38,5 +38,5 @@ manual_dir/
             out[split] = []
             for vid, descs in descriptions.items():
                 text = paragraph(descs)
-                out[split].append(base.Entry(vid, (text,) if text else (), base.find_video(videos, vid)))
+                out[split].append(base.Entry(vid, (text,) if text else (), media.find_video(videos, vid)))
         return out

@@ -14,7 +14,7 @@ import collections
 
 from etils import epath
 
-from cma_jax.data.builders import base
+from cma_jax.data.builders import annotation_files, base, media
 
 # Point these elsewhere (a mirror, a test server) before building; same archives, same layout.
 URLS = {
@@ -58,24 +58,24 @@ without a manual_dir the builder downloads both.)
         return dict(URLS)
 
     def _split_entries(self, manual_dir: epath.Path, videos_dir: epath.Path | None = None):
-        data = base.read_json(manual_dir / "MSRVTT_data.json")
+        data = annotation_files.read_json(manual_dir / "MSRVTT_data.json")
         if "sentences" not in data:
             raise ValueError(f'{manual_dir / "MSRVTT_data.json"}: expected a "sentences" list')
         captions = collections.defaultdict(list)
         for s in data["sentences"]:
             captions[s["video_id"]].append(s["caption"].strip())
         train_csv = manual_dir / f"MSRVTT_train.{self.builder_config.variant}.csv"
-        train_ids = [r["video_id"] for r in base.read_csv(train_csv, ["video_id"])]
-        test_rows = base.read_csv(
+        train_ids = [r["video_id"] for r in annotation_files.read_csv(train_csv, ["video_id"])]
+        test_rows = annotation_files.read_csv(
             manual_dir / "MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"]
         )
-        videos = base.index_videos(videos_dir or manual_dir)
+        videos = media.index_videos(videos_dir or manual_dir)
         return {
             "train": [
-                base.Entry(v, tuple(captions.get(v, ())), base.find_video(videos, v)) for v in train_ids
+                base.Entry(v, tuple(captions.get(v, ())), media.find_video(videos, v)) for v in train_ids
             ],
             "test": [
-                base.Entry(r["video_id"], (r["sentence"].strip(),), base.find_video(videos, r["video_id"]))
+                base.Entry(r["video_id"], (r["sentence"].strip(),), media.find_video(videos, r["video_id"]))
                 for r in test_rows
             ],
         }

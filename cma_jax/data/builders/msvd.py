@@ -13,7 +13,7 @@ import pickle
 
 from etils import epath
 
-from cma_jax.data.builders import base
+from cma_jax.data.builders import base, media
 
 SPLITS = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
 # Point these elsewhere (a mirror, a test server) before building; same archives, same layout.
@@ -58,4 +58,4 @@ without a manual_dir the builder downloads both.)
             v: tuple(" ".join(t) if isinstance(t, (list, tuple)) else str(t).strip() for t in caps)
             for v, caps in raw.items()
         }
-        return base.entries_from_lists(manual_dir, SPLITS, captions, videos_dir)
+        return media.entries_from_lists(manual_dir, SPLITS, captions, videos_dir)

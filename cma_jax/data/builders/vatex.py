@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from cma_jax.data.builders import base
+from cma_jax.data.builders import annotation_files, base, media
 
 SPLITS = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
 CAPTION_FILES = ("vatex_training_v1.0.json", "vatex_validation_v1.0.json")
@@ -28,11 +28,11 @@ manual_dir/
     def _split_entries(self, manual_dir: epath.Path):
         captions = {}
         for name in CAPTION_FILES:
-            for item in base.read_json(manual_dir / name):
+            for item in annotation_files.read_json(manual_dir / name):
                 if "videoID" not in item or "enCap" not in item:
                     raise ValueError(
                         f'{manual_dir / name}: expected items with "videoID" and "enCap", '
                         f"got keys {sorted(item)}"
                     )
                 captions[item["videoID"]] = tuple(c.strip() for c in item["enCap"])
-        return base.entries_from_lists(manual_dir, SPLITS, captions)
+        return media.entries_from_lists(manual_dir, SPLITS, captions)
