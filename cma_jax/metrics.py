@@ -1,4 +1,4 @@
-"""Text-video retrieval metrics with CLIP4Clip's definitions (the numbers papers report).
+"""Retrieval metrics: text-video with CLIP4Clip's definitions, text-image with the image-text papers' (TR / IR).
 
 Given a score matrix ``sim [Nt, Nv]`` (higher = more similar) and ``text_video_index [Nt]`` (the
 video each caption describes):
@@ -22,6 +22,13 @@ Median: ``np.median`` (the middle two averaged), except text->video on multi-cap
 CLIP4Clip's code path uses ``torch.median`` (the lower middle value); we follow it so that MSVD /
 VATEX numbers are comparable. The two differ only for an even count whose middle ranks differ.
 
+Text-image (``media='image'``, Flickr30K / MSCOCO: every image has ~5 captions), as VSE++, ALBEF and
+CLIP's benchmarks define it: IR (image retrieval, text->image) ranks all images for each caption, exactly
+text->video above; TR (text retrieval, image->text) ranks *all captions* for each image and takes the
+position of its best-ranked own caption, so TR@K is the share of images with an own caption among the K
+top-ranked captions. (CLIP4Clip's video->text ranks caption *groups* instead, which counts another image's
+five captions above the own best one as one miss, not five.) Both use ``np.median``.
+
 Dual softmax (DSL, CAMoE / CLIP2Video inference re-scoring): ``sim * softmax(temp * sim)`` with
 the softmax over texts for text->video and over videos for video->text. CAMoE also multiplies by
 the matrix length, a positive constant that changes no ranking, so it is left out.
@@ -33,6 +40,9 @@ import numpy as np
 
 RECALL_KS = (1, 5, 10)
 METRIC_NAMES = ("R1", "R5", "R10", "MdR", "MnR")
+# The two directions of each kind of benchmark, in the order reports list them, and their labels.
+DIRECTIONS = {"video": ("t2v", "v2t"), "image": ("tr", "ir")}
+LABELS = {"t2v": "t2v", "v2t": "v2t", "tr": "TR", "ir": "IR"}
 # Rows per chunk when ranking, so a [chunk, C] boolean temporary stays ~16M entries.
 _CHUNK_ENTRIES = 1 << 24
 
@@ -78,6 +88,17 @@ def group_max(sim: np.ndarray, text_video_index: np.ndarray, num_videos: int) ->
     return np.maximum.reduceat(sim[order], starts, axis=0)
 
 
+def best_own_caption(scores: np.ndarray, text_video_index: np.ndarray, num_videos: int) -> np.ndarray:
+    """[Nt, Nv] -> [Nv]: the caption of each image that scores highest with it (the first of equals).
+
+    It is the image's best-ranked own caption in `target_ranks`' order (score, then index).
+    """
+    own = scores[np.arange(len(text_video_index)), text_video_index]
+    order = np.lexsort((np.arange(len(own)), -own, text_video_index))  # by image, best first, then index
+    starts = np.searchsorted(text_video_index[order], np.arange(num_videos))
+    return order[starts]
+
+
 def dual_softmax(sim: np.ndarray, temp: float = 1.0, axis: int = 0) -> np.ndarray:
     """DSL re-scoring ``sim * softmax(temp * sim, axis)``, computed in float64."""
     x = np.asarray(sim, np.float64)
@@ -108,18 +129,25 @@ def _check(sim, text_video_index):
     return sim, idx.astype(np.int64)
 
 
-def retrieval_metrics(sim, text_video_index, *, dsl_temp: float | None = None) -> dict:
-    """Both directions' metrics: ``{'t2v': {R1, R5, R10, MdR, MnR}, 'v2t': {...}}``.
+def retrieval_metrics(sim, text_video_index, *, dsl_temp: float | None = None, media: str = "video") -> dict:
+    """Both directions' metrics, each {R1, R5, R10, MdR, MnR}: ``{'t2v', 'v2t'}`` for videos (CLIP4Clip's
+    definitions), ``{'tr', 'ir'}`` for images (the image-text papers'; see the module doc).
 
     sim [Nt, Nv] scores (logits or cosines), text_video_index [Nt] int in [0, Nv).
     ``dsl_temp``: when given, rank the dual-softmax re-scored matrices instead (see module doc).
     """
+    if media not in DIRECTIONS:
+        raise ValueError(f"media must be one of {sorted(DIRECTIONS)}, got {media!r}")
     sim, idx = _check(sim, text_video_index)
     nv = sim.shape[1]
     t2v_scores, v2t_scores = sim, sim
     if dsl_temp is not None:
         t2v_scores = dual_softmax(sim, dsl_temp, axis=0)  # prior over texts, per video
         v2t_scores = dual_softmax(sim, dsl_temp, axis=1)  # prior over videos, per text
+    if media == "image":
+        ir = summarize_ranks(target_ranks(t2v_scores, idx))
+        tr = summarize_ranks(target_ranks(v2t_scores.T, best_own_caption(v2t_scores, idx, nv)))
+        return {"tr": tr, "ir": ir}
     multi_caption = len(idx) > nv
     t2v = summarize_ranks(target_ranks(t2v_scores, idx), lower_median=multi_caption)
     groups = group_max(v2t_scores, idx, nv)  # [Nv groups, Nv videos]
@@ -128,10 +156,11 @@ def retrieval_metrics(sim, text_video_index, *, dsl_temp: float | None = None) -
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """``{row name: {'t2v': {...}, 'v2t': {...}}}`` -> a markdown table, one row per name."""
-    cols = [f"{d} {m}" for d in ("t2v", "v2t") for m in METRIC_NAMES]
+    """``{row name: retrieval_metrics(...)}`` -> a markdown table, one row per name (columns from the first row)."""
+    directions = tuple(next(iter(results.values())))
+    cols = [f"{LABELS[d]} {m}" for d in directions for m in METRIC_NAMES]
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, res in results.items():
-        vals = [f"{res[d][m]:.1f}" for d in ("t2v", "v2t") for m in METRIC_NAMES]
+        vals = [f"{res[d][m]:.1f}" for d in directions for m in METRIC_NAMES]
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"

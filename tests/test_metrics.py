@@ -144,3 +144,100 @@ def test_markdown_table():
     table = metrics.markdown_table({"test": res})
     assert table.splitlines()[0].startswith("| | t2v R1 | t2v R5")
     assert "| test | 100.0 | 100.0 | 100.0 | 1.0 | 1.0 | 100.0 |" in table
+
+
+# --- text-image: TR (image -> all captions, best own caption) and IR (caption -> images) ---------------
+
+
+def _brute_force_image_text(scores_ir, scores_tr, idx):
+    """The image-text papers' loops: each caption sorts all images; each image sorts all captions (stable,
+    by index on ties) and takes the position of its first own caption."""
+    ir = [int(np.where(np.argsort(-row, kind="stable") == idx[c])[0][0]) for c, row in enumerate(scores_ir)]
+    tr = []
+    for v in range(scores_tr.shape[1]):
+        order = np.argsort(-scores_tr[:, v], kind="stable")
+        tr.append(int(np.min(np.where(idx[order] == v)[0])))
+    return np.array(tr), np.array(ir)
+
+
+def test_image_text_hand_computed_with_several_captions_per_image():
+    sim = np.array([[0.5, 0.1, 0.0],   # caption 0 of image 0
+                    [0.2, 0.3, 0.1],   # caption 1 of image 0
+                    [0.9, 0.4, 0.0],   # caption 0 of image 1
+                    [0.8, 0.6, 0.2],   # caption 1 of image 1
+                    [0.7, 0.2, 0.3],   # caption 2 of image 1
+                    [0.1, 0.7, 0.6]])  # caption 0 of image 2
+    idx = np.array([0, 0, 1, 1, 1, 2])
+    res = metrics.retrieval_metrics(sim, idx, media="image")
+    assert list(res) == ["tr", "ir"]
+    # IR: caption ranks [0, 1, 1, 1, 2, 1] (caption 4: images 0 and 2 score 0.7, 0.3 > 0.2).
+    _approx(res["ir"], R1=100 / 6, R5=100.0, R10=100.0, MdR=2.0, MnR=2.0)
+    # TR: image 0 sorts captions 2 (.9), 3 (.8), 4 (.7), 0 (.5), ...: its best own caption is 4th -> rank 3;
+    # image 1: 5 (.7), 3 (.6) -> rank 1; image 2: caption 5 (.6) first -> rank 0.
+    _approx(res["tr"], R1=100 / 3, R5=100.0, MdR=2.0, MnR=1 + 4 / 3)
+    # CLIP4Clip's video->text ranks caption groups: image 0 is then 2nd (one group above), not 4th.
+    assert metrics.retrieval_metrics(sim, idx)["v2t"]["MnR"] == pytest.approx(1 + 2 / 3)
+
+
+def test_tr_counts_every_caption_of_another_image_above_the_own_best_one():
+    # Image 0 has one caption; image 1's five captions all score higher with image 0.
+    sim = np.array([[0.3, 0.0], [0.4, 0.9], [0.5, 0.8], [0.6, 0.7], [0.7, 0.95], [0.8, 0.85]])
+    idx = np.array([0, 1, 1, 1, 1, 1])
+    res = metrics.retrieval_metrics(sim, idx, media="image")
+    # TR ranks [5, 0]: image 0's caption is 6th -> outside the top 5, inside the top 10.
+    _approx(res["tr"], R1=50.0, R5=50.0, R10=100.0, MdR=3.5, MnR=3.5)
+    _approx(res["ir"], R1=100.0, MdR=1.0, MnR=1.0)
+    # Ranking groups instead (video->text) would put image 0's caption 2nd and count it inside the top 5.
+    _approx(metrics.retrieval_metrics(sim, idx)["v2t"], R1=50.0, R5=100.0)
+
+
+def test_tr_ties_take_the_first_caption_by_index():
+    # Every score equal: image 0's first own caption is caption 0, image 1's is caption 2 (two before it).
+    res = metrics.retrieval_metrics(np.ones((4, 2)), np.array([0, 0, 1, 1]), media="image")
+    _approx(res["tr"], R1=50.0, MdR=2.0, MnR=2.0)
+    _approx(res["ir"], R1=50.0, MnR=1.5)
+    scores = np.array([[0.5, 0.0], [0.5, 0.0], [0.5, 0.0]])  # caption 0 (image 1) ties with image 0's two
+    np.testing.assert_array_equal(metrics.best_own_caption(scores, np.array([1, 0, 0]), 2), [1, 0])
+
+
+def test_image_text_dsl_hand_computed():
+    # Caption 1 (image 1) is a hub: it outscores image 0's own caption with image 0. DSL at temperature 10
+    # re-scores each caption by a softmax over the images: the hub's 0.9 * softmax([9, 10])[0] = 0.24 falls
+    # below caption 0's 0.5 * softmax([5, 0])[0] = 0.50, and image 0 finds its own caption first.
+    sim = np.array([[0.5, 0.0], [0.9, 1.0], [0.0, 0.2]])
+    idx = np.array([0, 1, 1])
+    plain = metrics.retrieval_metrics(sim, idx, media="image")
+    dsl = metrics.retrieval_metrics(sim, idx, media="image", dsl_temp=10.0)
+    _approx(plain["tr"], R1=50.0, MnR=1.5)
+    _approx(dsl["tr"], R1=100.0, MnR=1.0)
+    _approx(plain["ir"], R1=100.0)
+    _approx(dsl["ir"], R1=100.0)
+    hub = 0.9 / (1 + np.exp(10 * (1.0 - 0.9)))
+    own = 0.5 / (1 + np.exp(-10 * 0.5))
+    assert metrics.dual_softmax(sim, 10.0, axis=1)[1, 0] == pytest.approx(hub)
+    assert metrics.dual_softmax(sim, 10.0, axis=1)[0, 0] == pytest.approx(own) and own > hub
+
+
+@pytest.mark.parametrize("dsl_temp", [None, 3.0])
+def test_image_text_matches_brute_force_loops(dsl_temp):
+    rng = np.random.default_rng(3)
+    counts = [5, 5, 6, 5, 7, 5, 5, 4]  # COCO gives some images more than five captions
+    idx = np.repeat(np.arange(len(counts)), counts)
+    perm = rng.permutation(len(idx))
+    sim = np.round(rng.normal(size=(len(idx), len(counts))), 1)  # rounded: ties occur
+    sim, idx = sim[perm], idx[perm]
+    ir_scores = sim if dsl_temp is None else metrics.dual_softmax(sim, dsl_temp, axis=0)
+    tr_scores = sim if dsl_temp is None else metrics.dual_softmax(sim, dsl_temp, axis=1)
+    tr, ir = _brute_force_image_text(ir_scores, tr_scores, idx)
+    res = metrics.retrieval_metrics(sim, idx, media="image", dsl_temp=dsl_temp)
+    for key, ranks in (("tr", tr), ("ir", ir)):
+        _approx(res[key], R1=100 * np.mean(ranks < 1), R5=100 * np.mean(ranks < 5), R10=100 * np.mean(ranks < 10),
+                MdR=np.median(ranks) + 1, MnR=ranks.mean() + 1)
+
+
+def test_image_text_markdown_table_and_bad_media():
+    res = metrics.retrieval_metrics(np.eye(2)[[0, 0, 1]], np.array([0, 0, 1]), media="image")
+    table = metrics.markdown_table({"test": res})
+    assert table.splitlines()[0].startswith("| | TR R1 | TR R5 | TR R10 | TR MdR | TR MnR | IR R1")
+    with pytest.raises(ValueError, match="media must be one of"):
+        metrics.retrieval_metrics(np.eye(2), np.arange(2), media="audio")
