@@ -1,6 +1,7 @@
 """What the command-line programs print: their own log lines, real warnings, one line per error.
 
-`setup(verbose)` is called once by each CLI (`cma_jax.main`, `cma_jax.search`), never by library code:
+`setup(verbose)` is called once by each CLI (`cma_jax.main`, `cma_jax.demo`, `cma_jax.search`), never by
+library code:
 
 * INFO lines of other libraries are dropped (JAX's "Unable to initialize backend 'tpu'", Orbax's
   per-save chatter, TFDS's dataset-info lines); their warnings and errors stay, and so do cma_jax's
@@ -12,17 +13,21 @@
   `Event loop is closed` traceback (through sys.unraisablehook); its sibling read coroutines, never
   awaited, print the very error the failed restore already raised. Those, and only those, are dropped.
 
-`error_line(e, path)` turns bad input and a full disk into the one `error:` line a CLI ends with.
+`print_error_or_raise(e, path)` ends a CLI on bad input or a full disk with one `error:` line
+(`error_line`) and re-raises anything else; `parse_flags` is absl's flag parsing with `--help` exiting 0.
+`without_log_lines(...)` hushes, for one block, log lines that would mislead there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import sys
 import threading
 
+from absl import flags
 from absl import logging as absl_logging
 from tqdm import tqdm
 
@@ -68,6 +73,29 @@ def error_line(e: BaseException, path: str) -> str | None:
     if isinstance(e, (ValueError, OSError)):
         return f"error: {e}"
     return None
+
+
+def print_error_or_raise(e: BaseException, path: str) -> None:
+    """An entry point's `except Exception as e:`: print its one error line (the traceback is logged at
+    debug level: `--verbosity=1` shows it), or re-raise `e` when it is a bug, which keeps its traceback."""
+    line = error_line(e, path)
+    if line is None:
+        raise e
+    absl_logging.debug("traceback", exc_info=e)
+    print(line, file=sys.stderr, flush=True)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `app.run(main, flags_parser=console.parse_flags)`, except that asking for help
+    exits 0 (absl exits 1 after printing it) and a bad flag ends in one `error:` line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e} (--help lists the flags)")
+    except SystemExit as e:  # only absl's --help, --helpshort, --helpfull and --helpxml exit while parsing
+        if e.code == 1:
+            sys.exit(0)
+        raise
 
 
 # ----------------------------------------------------------------------------- logging
@@ -118,6 +146,30 @@ def _console_handler(handler: logging.Handler) -> logging.StreamHandler | None:
             and handler.stream in (sys.stdout, sys.stderr)):
         return handler
     return None
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def without_log_lines(*prefixes: str):
+    """While the block runs, drop the log lines that start with one of `prefixes` (a stage that does on
+    purpose what such a line warns about); every other line is kept."""
+    drop = _DropLines(prefixes)
+    targets = [logging.getLogger("absl"), *logging.getLogger().handlers]  # absl's logger and every handler
+    for t in targets:
+        t.addFilter(drop)
+    try:
+        yield
+    finally:
+        for t in targets:
+            t.removeFilter(drop)
 
 
 # ----------------------------------------------------------------------------- exceptions nobody can catch

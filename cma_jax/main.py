@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cma_jax import config as config_lib
-from cma_jax import console, sharding, train
+from cma_jax import console, loader, sharding, train
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msrvtt.py or configs/msrvtt.py:vit_b16.",
                                 lock_config=True)
@@ -44,13 +44,19 @@ def default_workdir(config) -> str:
     return os.path.join("runs", f"{config.data.name}_{config.method}")
 
 
-def run(config, workdir: str):
-    """Validate and run the config (what `main` does after flag parsing and distributed init)."""
-    config_lib.validate(config, num_devices=jax.device_count())
+def run(config, workdir: str, overridden=()):
+    """Validate the config, resolve its backbone once, and run it (what `main` does after flag parsing).
+
+    `overridden`: the dotted fields set on the command line (a method field the method does not use
+    is an error).
+    """
+    config_lib.validate(config, num_devices=jax.device_count(), overridden=overridden)
     sharding.select_partitioner(config, jax.device_count())
     logging.info("process %d/%d, %d devices (%s); workdir %s", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform, workdir)
-    return train.train_and_evaluate(config, workdir)
+    backbone = loader.backbone_from_config(config)
+    config_lib.check_architecture(config, backbone.clip)
+    return train.train_and_evaluate(config, workdir, backbone)
 
 
 def check_overrides(argv) -> None:
@@ -83,18 +89,13 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config)
     try:
-        run(config, workdir)
-    except Exception as e:
-        # Bad input (config value, missing or wrong file/checkpoint/dataset) or a full disk: one clear
-        # line, exit 1. Anything else is a bug and keeps its traceback; --verbosity=1 logs them all.
-        line = console.error_line(e, workdir)
-        if line is None:
-            raise
-        logging.debug("traceback", exc_info=True)
-        sys.exit(line)
+        run(config, workdir, overridden=tuple(config_flags.get_override_values(FLAGS["config"])))
+    except Exception as e:  # bad input or a full disk: one line, exit 1; a bug keeps its traceback
+        console.print_error_or_raise(e, workdir)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
     check_overrides(sys.argv)
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -309,7 +309,8 @@ def _retriever(args, manifest: dict | None):
     source = (manifest or {}).get("model_source", {})
     backbone = args.backbone or source.get("backbone")
     if not backbone:
-        raise SystemExit("--backbone is required (a backbone folder written by `python -m cma_jax.convert import`)")
+        raise SystemExit("--backbone is required (ViT-B/32, a Hugging Face repo id, a .pt file or URL, a converted "
+                         "folder)")
     adapters = args.adapters if args.adapters is not None else source.get("adapters")
     tokenizer = args.tokenizer or source.get("tokenizer")
     # Explicit flags, else the index's own settings; None leaves them to api.load (the adapters' training).
@@ -349,7 +350,8 @@ def main(argv=None) -> int:
                                 formatter_class=_Help)
     sub = p.add_subparsers(dest="cmd", required=True)
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--backbone", help="converted backbone folder (default for query/report: the index's)")
+    model.add_argument("--backbone", help="anything config.backbone takes: ViT-B/32, a Hugging Face repo id, a .pt "
+                                          "file or URL, a converted folder (default for query/report: the index's)")
     model.add_argument("--adapters", help="run workdir / checkpoints folder or converted adapter folder; "
                                           "'' = none (default for query/report: the index's)")
     model.add_argument("--tokenizer", help="tokenizer (default: the backbone's tokenizer/ folder)")
@@ -425,11 +427,8 @@ def main(argv=None) -> int:
             line += f", listing {_count(unreadable, 'unreadable video', 'unreadable videos')}"
         print(f"{line} -> {args.out}")
         return 0
-    except Exception as e:
-        line = console.error_line(e, args.index_dir)  # bad input or a full disk: one line; else a bug
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
+    except Exception as e:  # bad input or a full disk: one line, exit 2; a bug keeps its traceback
+        console.print_error_or_raise(e, args.index_dir)
         return 2
 
 

@@ -8,6 +8,7 @@ import os
 import types
 
 import pytest
+from absl import logging as absl_logging
 from tqdm import tqdm
 
 from cma_jax import console
@@ -99,3 +100,34 @@ def test_error_lines(monkeypatch):
     missing = FileNotFoundError("/data: no such folder")
     assert console.error_line(missing, "/runs/x") == "error: /data: no such folder"
     assert console.error_line(KeyError("params"), "/runs/x") is None  # a bug: keeps its traceback
+
+
+def test_an_entry_point_prints_one_error_line_or_reraises_a_bug(capsys):
+    try:
+        raise FileNotFoundError("/data: no such folder")
+    except Exception as e:
+        console.print_error_or_raise(e, "/runs/x")
+    assert capsys.readouterr().err == "error: /data: no such folder\n"
+    with pytest.raises(KeyError, match="params"):
+        try:
+            raise KeyError("params")
+        except Exception as e:
+            console.print_error_or_raise(e, "/runs/x")
+    assert capsys.readouterr().err == ""
+
+
+def test_without_log_lines_drops_only_those_lines_and_only_inside_the_block():
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.getMessage())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with console.without_log_lines("config.backbone=random"):
+            absl_logging.warning("config.backbone=random: the CLIP backbone is randomly initialised")
+            logging.getLogger("cma_jax.loader").warning("config.backbone=random: ...")
+            absl_logging.warning("a real warning")
+        absl_logging.warning("config.backbone=random: outside the block")
+    finally:
+        root.removeHandler(handler)
+    assert seen == ["a real warning", "config.backbone=random: outside the block"]

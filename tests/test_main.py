@@ -131,3 +131,19 @@ def test_a_full_disk_ends_in_one_error_line(tmp_path):
                          "params/d/ab12; free some space or write to another disk, then run the same command again")
     assert "Traceback" not in p.stderr and "Unable to initialize backend" not in p.stderr
     assert len(lines) == 2 and lines[0].endswith("a real warning")
+
+
+def _main(*args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "cma_jax.main", *args], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+
+
+def test_help_exits_0_and_a_bad_flag_is_one_error_line():
+    p = _main("--help")
+    assert p.returncode == 0, p.stderr
+    assert "--workdir: Run folder" in p.stdout
+    p = _main("--config=configs/msrvtt.py", "--num_processes=two")
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == ["error: flag --num_processes=two: invalid literal for int() with base 10: "
+                                     "'two' (--help lists the flags)"]
