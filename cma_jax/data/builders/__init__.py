@@ -3,6 +3,8 @@
 from cma_jax.data.builders.activitynet import ActivityNet
 from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
 from cma_jax.data.builders.didemo import DiDeMo
+from cma_jax.data.builders.flickr30k import Flickr30k
+from cma_jax.data.builders.mscoco import MsCoco
 from cma_jax.data.builders.msrvtt import MsrVtt
 from cma_jax.data.builders.msvd import Msvd
 from cma_jax.data.builders.reader import VideoTextSource, ensure_built, open_source
@@ -16,6 +18,8 @@ REGISTRY.update({
     'vatex': Vatex,
     'activitynet': ActivityNet,
     'didemo': DiDeMo,
+    'flickr30k': Flickr30k,  # text-image
+    'mscoco': MsCoco,  # text-image
     'synthetic': Synthetic,  # generated, no files needed
 })
 

@@ -3,8 +3,8 @@
   python -m cma_jax.data.builders msrvtt --data_dir=/data/tfds [--manual_dir=/data/msrvtt] \
       [--config=9k|7k|9k-336px|...] [--workers=N] [--register_checksums]
 
-MSR-VTT and MSVD download their public files when no --manual_dir is given; the other benchmarks
-need --manual_dir. (`tfds build` does the same but its command line imports TensorFlow at start-up.)
+MSR-VTT, MSVD and MSCOCO download their public files when no --manual_dir is given; the other benchmarks
+(Flickr30K among them) need --manual_dir. (`tfds build` does the same but its command line imports TensorFlow at start-up.)
 """
 
 import argparse
@@ -22,8 +22,8 @@ def main(argv=None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=sorted(REGISTRY))
-    parser.add_argument("--manual_dir", help="videos + annotation files (see the README); default for MSR-VTT "
-                        "and MSVD: download the public files")
+    parser.add_argument("--manual_dir", help="videos or images + annotation files (see the docs); default for "
+                        "MSR-VTT, MSVD and MSCOCO: download the public files")
     parser.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"))
     parser.add_argument(
         "--config", default=None, help="builder config, optionally with -<N>px, -<F>fps, -q<Q> suffixes"
