@@ -152,7 +152,8 @@ def _summary_line(name, step, res: dict) -> str:
         return (f"R@1 {d['R1']:.1f} R@5 {d['R5']:.1f} R@10 {d['R10']:.1f} "
                 f"MdR {d['MdR']:.1f} MnR {d['MnR']:.1f}")
     at = f" step {step}" if step is not None else ""
-    return f"eval {name}{at}: t2v {one(res['t2v'])} | v2t {one(res['v2t'])}"
+    directions = " | ".join(f"{metrics_lib.LABELS[d]} {one(v)}" for d, v in res.items())
+    return f"eval {name}{at}: {directions}"
 
 
 def write_reports(results: dict, workdir: str, name: str, step: int | None) -> tuple[str, str]:
@@ -163,7 +164,8 @@ def write_reports(results: dict, workdir: str, name: str, step: int | None) -> t
     if "dsl" in results:
         rows[f"{name} + DSL"] = results["dsl"]
     table = (f"# Retrieval: {name}" + (f", step {step}" if step is not None else "") + "\n\n"
-             f"{results['num_texts']} captions x {results['num_videos']} videos, head {results['head']}.\n\n"
+             f"{results['num_texts']} captions x {results['num_videos']} {results.get('media', 'video')}s, "
+             f"head {results['head']}.\n\n"
              + metrics_lib.markdown_table(rows))
     write_atomic(stem + ".json", json.dumps(results, indent=2))
     write_atomic(stem + ".md", table)
@@ -175,8 +177,8 @@ def _write_scalars(writer, results: dict, name: str, step: int | None):
         if key not in results:
             continue
         prefix = name if key == "metrics" else f"{name}_dsl"
-        for direction in ("t2v", "v2t"):
-            for metric, value in results[key][direction].items():
+        for direction, values in results[key].items():
+            for metric, value in values.items():
                 writer.add_scalar(f"{prefix}/{direction}_{metric}", value, step if step is not None else 0)
     writer.flush()
 
@@ -185,13 +187,14 @@ def _write_scalars(writer, results: dict, name: str, step: int | None):
 def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict], *, block_size: int = 1024,
              dsl: bool = False, dsl_temp: float = 1.0, workdir: str | None = None, writer=None,
              step: int | None = None, mesh: Mesh | None = None, name: str = "test",
-             num_batches: tuple[int, int] | None = None) -> dict:
+             num_batches: tuple[int, int] | None = None, media: str = "video") -> dict:
     """Text->video and video->text retrieval metrics of `model` on one evaluation set.
 
     Batches follow the eval batch contract (`video_index`, `valid`). The head and tau are the
     model's. With `dsl`, dual-softmax re-scored metrics are added under 'dsl'. Files (process 0
     only): `eval_{name}[_step{N}].json` + `.md` in `workdir`; TensorBoard scalars to `writer`.
-    `num_batches` = (text, video) batch counts for the progress bars.
+    `num_batches` = (text, video) batch counts for the progress bars. `media='image'` (one-frame
+    records: Flickr30K, MSCOCO) reports TR / IR instead of t2v / v2t (see cma_jax.metrics).
     """
     t0 = time.time()
     text_emb, text_idx, frame_emb, frame_mask = encode_eval_set(model, text_batches, video_batches, mesh,
@@ -201,11 +204,11 @@ def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict],
     t2 = time.time()
     results = {
         "name": name, "step": step, "num_texts": int(len(text_emb)), "num_videos": int(len(frame_emb)),
-        "head": model.head, "tau": float(model.tau), "block_size": block_size,
-        "metrics": metrics_lib.retrieval_metrics(sim, text_idx),
+        "head": model.head, "tau": float(model.tau), "block_size": block_size, "media": media,
+        "metrics": metrics_lib.retrieval_metrics(sim, text_idx, media=media),
     }
     if dsl:
-        results["dsl"] = metrics_lib.retrieval_metrics(sim, text_idx, dsl_temp=dsl_temp)
+        results["dsl"] = metrics_lib.retrieval_metrics(sim, text_idx, dsl_temp=dsl_temp, media=media)
         results["dsl_temp"] = dsl_temp
     results["seconds"] = {"encode": round(t1 - t0, 3), "similarity": round(t2 - t1, 3),
                           "metrics": round(time.time() - t2, 3)}
