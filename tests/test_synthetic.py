@@ -159,3 +159,19 @@ def test_adapt_subsets_are_the_first_training_videos_and_the_same_eval_splits(tm
            ["adapt_train30", "adapt_train90", "adapt_train300", "adapt_train900", "adapt"]
     with pytest.raises(ValueError, match="no adapt config with 100 training videos"):
         S.adapt_train_config(100)
+
+
+def test_image_variant_has_one_frame_and_both_wordings_per_image(tmp_path):
+    get_builder("synthetic_images", tmp_path, "adapt_mini").download_and_prepare()
+    src = open_source("synthetic_images", "test", tmp_path, "adapt_mini")
+    assert (len(src), src.media, src.num_captions.tolist()) == (128, "image", [2] * 128)
+    for i in (0, 5, 127):
+        rec = src[i]
+        adapt, pretrain = rec["captions"]
+        scene = S.parse_caption("adapt", adapt)
+        assert S.parse_caption("pretrain", pretrain) == S.Scene(scene.shape, scene.colour, scene.size,
+                                                                scene.position, scene.background)  # no texture
+        assert rec["num_frames"] == 1 and len(rec["frames"]) == 1
+        check_frame_matches(_decode(rec["frames"][0]), scene)
+        assert rec["captions"][0] == S.make_clip("adapt", "test", i)[2]  # the video variant's scene i
+    assert get_builder("synthetic", tmp_path, "adapt_mini").builder_config.both_wordings is False

@@ -29,7 +29,8 @@ API (the trainer and the evaluator call these once per process):
         contiguous slice, padded with valid=False rows so that every process yields the same number of
         batches (`.num_video_batches`, `.num_text_batches`): multi-host jit needs equal steps.
         Padding rows are zeros: frame_mask all False, text_mask all 0, video_index/text_index -1.
-        Also `.num_videos`, `.num_texts`, `.video_ids`, `.text_video_index` (global).
+        Also `.num_videos`, `.num_texts`, `.video_ids`, `.text_video_index` (global), and `.media`: 'video',
+        or 'image' for the image-text sets (one-frame records, T = 1: Flickr30K, MSCOCO), which report TR / IR.
 
     train_iterator_from_config(config, process_index=None, process_count=None) -> TrainIterator
     eval_batches_from_config(config, process_index=None, process_count=None) -> EvalBatches
@@ -261,6 +262,7 @@ class EvalBatches:
     num_text_batches: int
     video_ids: tuple[str, ...]
     text_video_index: np.ndarray  # [num_texts] int32: video index of every caption
+    media: str = "video"  # 'image': one-frame image-text records (evaluate reports TR / IR)
 
 
 def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int, max_words: int,
@@ -288,7 +290,8 @@ def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int,
     return EvalBatches(videos=videos, texts=texts, num_videos=num_videos, num_texts=len(pairs),
                        num_video_batches=len(video_idx) // batch_size_per_process,
                        num_text_batches=len(text_idx) // batch_size_per_process,
-                       video_ids=tuple(source.video_ids[:num_videos]), text_video_index=pairs[:, 0].copy())
+                       video_ids=tuple(source.video_ids[:num_videos]), text_video_index=pairs[:, 0].copy(),
+                       media=source.media)
 
 
 # --- from a run config (cma_jax/config.py) ----------------------------------------------------------

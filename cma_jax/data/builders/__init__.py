@@ -9,7 +9,7 @@ from cma_jax.data.builders.msrvtt import MsrVtt
 from cma_jax.data.builders.msvd import Msvd
 from cma_jax.data.builders.reader import VideoTextSource, ensure_built, open_source
 from cma_jax.data.builders.registry import REGISTRY, get_builder, resolve_config
-from cma_jax.data.builders.synthetic import Synthetic
+from cma_jax.data.builders.synthetic import Synthetic, SyntheticImages
 from cma_jax.data.builders.vatex import Vatex
 
 REGISTRY.update({
@@ -21,6 +21,7 @@ REGISTRY.update({
     'flickr30k': Flickr30k,  # text-image
     'mscoco': MsCoco,  # text-image
     'synthetic': Synthetic,  # generated, no files needed
+    'synthetic_images': SyntheticImages,  # the same scenes as images, two captions each
 })
 
 __all__ = ['REGISTRY', 'Entry', 'VideoTextBuilder', 'VideoTextConfig', 'VideoTextSource', 'ensure_built',

@@ -21,6 +21,10 @@ Two variants, as two builder configs:
 
 Everything is a pure function of (variant, split, seed, index), so builds are deterministic.
 The word vocabulary of both variants is ``VOCABULARY`` (for the word-level tokenizer).
+
+``synthetic_images`` (`SyntheticImages`) is the image-text variant of the same scenes: one frame per record
+(`MEDIA = 'image'`, T = 1) and two captions per image, its variant's wording and the other variant's (which
+names no texture), so that TR / IR run on several captions per image as on Flickr30K and MSCOCO.
 """
 
 from __future__ import annotations
@@ -228,6 +232,7 @@ class SyntheticConfig(base.VideoTextConfig):
     num_test: int = 1000
     num_frames: int = 4
     seed: int = 0
+    both_wordings: bool = False  # each record also gets the other variant's caption of its scene
 
     def __post_init__(self):
         super().__post_init__()
@@ -240,10 +245,11 @@ class SyntheticConfig(base.VideoTextConfig):
                                  f"got {getattr(self, field)}")
 
 
-def _config(name, variant, num_train, num_val, num_test):
+def _config(name, variant, num_train, num_val, num_test, media="video"):
     return SyntheticConfig(name=name, variant=variant, resolution=32, jpeg_quality=95,
                            num_train=num_train, num_val=num_val, num_test=num_test,
-                           description=f"{variant} variant, {num_train}/{num_val}/{num_test} videos")
+                           num_frames=4 if media == "video" else 1, both_wordings=media == "image",
+                           description=f"{variant} variant, {num_train}/{num_val}/{num_test} {media}s")
 
 
 def clip_jpegs(source: tuple, jpeg_quality: int = 95) -> list[bytes]:
@@ -301,9 +307,24 @@ class Synthetic(base.VideoTextBuilder):
             for i in range(n):
                 scene = sample_scene(cfg.variant, _rng(cfg.variant, split, cfg.seed, i))
                 source = (cfg.variant, split, i, cfg.seed, cfg.num_frames, cfg.resolution)
-                entries[split].append(base.Entry(f"{cfg.variant}_{split}_{i:05d}", (scene.caption(cfg.variant),),
-                                                 source))
+                captions = (scene.caption(cfg.variant),)
+                if cfg.both_wordings:
+                    captions += (scene.caption(VARIANTS[1 - VARIANTS.index(cfg.variant)]),)
+                entries[split].append(base.Entry(f"{cfg.variant}_{split}_{i:05d}", captions, source))
         return entries
 
     def _frame_loader(self):
         return functools.partial(clip_jpegs, jpeg_quality=self.builder_config.jpeg_quality)
+
+
+class SyntheticImages(Synthetic):
+    """The same scenes as images (one frame, T = 1) with two captions each: an image-text set (see the module doc)."""
+
+    name = "synthetic_images"
+    MEDIA = "image"
+    BUILDER_CONFIGS = [
+        _config("pretrain", "pretrain", 4000, 500, 500, media="image"),
+        _config("adapt", "adapt", ADAPT_TRAIN_VIDEOS, 500, 1000, media="image"),
+        _config("pretrain_mini", "pretrain", 256, 64, 64, media="image"),
+        _config("adapt_mini", "adapt", 256, 64, 128, media="image"),
+    ]
