@@ -1,14 +1,20 @@
-"""The demo (configs/demo.py + cma_jax.demo*): stage configs, error bars, the sweep's protocol and
+"""The demo (configs/demo.py + cma_jax.demo): stage configs, error bars, the sweep's protocol and
 report, and the quick variant end to end (it must learn: adapters far above zero-shot)."""
 
 import json
+import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cma_jax import demo, demo_stages, demo_sweep, train
+from cma_jax import demo, train
+from cma_jax.demo import stages as demo_stages
+from cma_jax.demo import sweep as demo_sweep
+from cma_jax.demo import table as demo_table
 from cma_jax import config as config_lib
 from cma_jax.data import pipeline
 from cma_jax.data.builders.synthetic import Synthetic
@@ -82,7 +88,8 @@ def test_mean_std_and_the_plus_minus_cells():
     assert mean["t2v"]["R1"] == 48.0 and std["t2v"]["R1"] == 1.0 and std["v2t"]["R5"] == 0.0
     row = {"name": "Cross-Modal Adapter", "metrics": mean, "metrics_std": std, "num_seeds": 3,
            "trainable_params": 15936, "trainable_percent": 6.59, "step_time_s": 0.077, "checkpoint_bytes": 2048}
-    table = demo.markdown_table([row], "# t")
+    table = demo_table.markdown_table([row], "# t")
+    assert "| Method | Trainable params | Trained share | t2v R@1 |" in table  # trained / all, not d_s
     assert "| Cross-Modal Adapter | 15,936 | 6.59 % | 48.0 ± 1.0 | 0.0 ± 0.0 |" in table
     assert "| 77 ms | 2.0 KiB |" in table
 
@@ -141,6 +148,39 @@ def test_sweep_summary_pairs_seeds_and_writes_its_report(tmp_path):
     with Image.open(tmp_path / "sweep.png") as png:
         assert png.size[0] > 1000 and png.size[1] > 300
     assert os.path.getsize(tmp_path / "sweep.png") < 200_000
+
+
+def test_a_rerun_that_reuses_everything_keeps_the_wall_time_of_the_run_that_made_it(tmp_path):
+    path = str(tmp_path / "results.json")
+    made = {"methods": {"cma": {"t2v": 49.3}}, "wall_seconds_this_run": 430.0, "machine": {"cpu": "a"}}
+    assert demo_stages.write_results(path, dict(made)) == "430s this run"
+    again = {**made, "wall_seconds_this_run": 0.178, "machine": {"cpu": "b"}}
+    assert demo_stages.write_results(path, again) == "every stage reused; 430s when they ran"
+    assert json.load(open(path))["wall_seconds_this_run"] == again["wall_seconds_this_run"] == 430.0
+    retrained = {**made, "methods": {"cma": {"t2v": 49.4}}, "wall_seconds_this_run": 120.0}
+    assert demo_stages.write_results(path, retrained) == "120s this run"
+    assert json.load(open(path))["wall_seconds_this_run"] == 120.0
+
+
+def test_building_the_data_says_what_it_builds_without_tfds_download_wording(tmp_path, capsys, caplog):
+    caplog.set_level(logging.WARNING)
+    demo_stages.prepare_data(str(tmp_path), ["pretrain_mini"])
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "  synthetic/pretrain_mini: generating 384 videos and their captions"
+    assert out.splitlines()[-1].startswith("  synthetic/pretrain_mini: built (train 256, val 64, test 64 videos) in ")
+    for tfds_words in ("Downloading and preparing", "downloaded and prepared", "Shuffling", "Generating splits"):
+        assert tfds_words not in out + err
+    assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]
+    demo_stages.prepare_data(str(tmp_path), ["pretrain_mini"])
+    assert capsys.readouterr().out.startswith("  synthetic/pretrain_mini: already built in ")
+
+
+def test_help_exits_0():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "cma_jax.demo", "--help"], capture_output=True, text=True, cwd=root,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "--workdir: Folder for the demo's data, runs and results." in p.stdout
 
 
 class _InterruptAfter:
@@ -240,6 +280,7 @@ def test_quick_demo_learns_and_survives_interrupt_resume_reuse(tmp_path, monkeyp
     demo.run(config, workdir)
     second = _check_results(workdir, config)
     assert second["methods"] == first["methods"]
+    assert second["wall_seconds_this_run"] == first["wall_seconds_this_run"]  # of the run that trained
 
 
 def test_a_workdir_made_with_another_config_is_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""The demo's stages, shared by its table (`cma_jax.demo`) and its training-set-size sweep (`cma_jax.demo_sweep`).
+"""The demo's stages, shared by its table (`cma_jax.demo.table`) and its training-set-size sweep (`.sweep`).
 
   demo_config(arg)     the demo's config: '' (the table), 'quick' (CI) or 'sweep', optionally ',width=N'
   stage_config(...)    the plain cma_jax config of one stage: pre-training, zero-shot, or a method and seed
@@ -12,6 +12,8 @@ reuses it when the same config comes again; another config in the same folder is
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import platform
@@ -21,9 +23,10 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from flax import nnx
 
-from cma_jax import checkpoint, evaluate, optim, train
+from cma_jax import checkpoint, console, evaluate, optim, train
 from cma_jax import config as config_lib
 from cma_jax.data import pipeline
 from cma_jax.data.builders import get_builder, synthetic
@@ -75,7 +78,7 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
       extra.uni_lr          learning rate of uni-modal adapters (d_s = 0)
       extra.full_lr         learning rate of full fine-tuning (every weight)
       extra.eval_val        table: also evaluate every run on the val split (written, not tabulated)
-      extra.sweep.*         the sweep: training-set sizes, val checks (see cma_jax.demo_sweep)
+      extra.sweep.*         the sweep: training-set sizes, val checks (see cma_jax.demo.sweep)
     The hyper-parameters were chosen on the val split and the training curves, never on test.
     """
     variant, width = _parse_arg(arg)
@@ -212,14 +215,30 @@ def prepare_data(data_dir: str, builder_configs) -> None:
         synthetic.write_vocabulary(tmp)
         os.replace(tmp, vocab)
     for name in dict.fromkeys(builder_configs):
-        builder = get_builder("synthetic", data_dir, name)
-        if builder.is_prepared():
-            say(f"  synthetic/{name}: already built in {builder.data_dir}")
-            continue
-        t0 = time.time()
-        builder.download_and_prepare()
+        with console.without_log_lines("Variant folder"):  # TFDS: the folder it fills has no dataset_info yet
+            builder = get_builder("synthetic", data_dir, name)
+            if builder.is_prepared():
+                say(f"  synthetic/{name}: already built in {builder.data_dir}")
+                continue
+            t0 = time.time()
+            c = builder.builder_config
+            say(f"  synthetic/{name}: generating {c.num_train + c.num_val + c.num_test:,} videos and their captions")
+            with _without_download_wording():
+                builder.download_and_prepare()
         counts = ", ".join(f"{s} {builder.info.splits[s].num_examples}" for s in builder.info.splits)
         say(f"  synthetic/{name}: built ({counts} videos) in {time.time() - t0:.1f}s")
+
+
+@contextlib.contextmanager
+def _without_download_wording():
+    """TFDS preparing a generated dataset, minus what reads as a download: no progress bars (`Shuffling
+    …incomplete…`), no `Downloading and preparing dataset Unknown size` (TFDS prints it to stdout)."""
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(True)
 
 
 # ----------------------------------------------------------------------------- saved results
@@ -230,6 +249,24 @@ def read_json(path: str):
 
 def write_json(path: str, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2))
+
+
+def write_results(path: str, results: dict) -> str:
+    """Write the demo's results (results.json, sweep.json) -> how long they took, for its last line.
+
+    A re-run that reused every stage finds the same results in `path` and keeps their
+    `wall_seconds_this_run`: the time of the run that made them, not of the one that only read them.
+    """
+    previous = read_json(path) if os.path.exists(path) else None
+    now = json.loads(json.dumps(results))  # as it reads back
+    if previous is not None and all(previous.get(k) == v for k, v in now.items()
+                                    if k not in ("wall_seconds_this_run", "machine")):
+        results["wall_seconds_this_run"] = previous["wall_seconds_this_run"]
+        took = f"every stage reused; {results['wall_seconds_this_run']:.0f}s when they ran"
+    else:
+        took = f"{results['wall_seconds_this_run']:.0f}s this run"
+    write_json(path, results)
+    return took
 
 
 # Fields that do not change a stage's result (paths move with the workdir; logging, I/O).

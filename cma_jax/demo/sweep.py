@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from cma_jax import checkpoint
-from cma_jax import demo_stages as stages
+from cma_jax.demo import stages
 from cma_jax.data.builders import synthetic
 from cma_jax.files import write_atomic
 
@@ -50,6 +50,8 @@ def run_config(config, method: str, num_videos: int, seed: int, data_dir: str, b
 # ----------------------------------------------------------------------------- runs
 def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: float) -> dict:
     """Every (seed, N, method) run, then sweep.{json,md,png} -> the sweep's results."""
+    stages.say(f"[3/3] training-set-size sweep: {len(config.extra.sweep.train_videos)} sizes x "
+               f"{config.extra.seeds} seeds, evaluated on the test split")
     sizes = sorted(config.extra.sweep.train_videos)
     base = stages.stage_config(config, "zero_shot", data_dir, backbone)  # val and test of `adapt`
     test_set, val_set = stages.eval_set(base, "test"), stages.eval_set(base, "val")
@@ -80,12 +82,12 @@ def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: 
     results.update(backbone=backbone, pretrain={k: v for k, v in pre.items() if k not in ("config", "history")},
                    test_videos=test_set.num_videos, wall_seconds_this_run=time.time() - t_start,
                    machine=stages.machine())
-    stages.write_json(os.path.join(workdir, "sweep.json"), results)
+    took = stages.write_results(os.path.join(workdir, "sweep.json"), results)
     table = markdown(results)
     write_atomic(os.path.join(workdir, "sweep.md"), table)
     plot(results, os.path.join(workdir, "sweep.png"))
     print("\n" + table, flush=True)
-    stages.say(f"written: {workdir}/sweep.md, sweep.json, sweep.png ({results['wall_seconds_this_run']:.0f}s this run)")
+    stages.say(f"written: {workdir}/sweep.md, sweep.json, sweep.png ({took})")
     return results
 
 

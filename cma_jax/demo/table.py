@@ -1,42 +1,17 @@
-"""The end-to-end demo: synthetic data -> a small CLIP pre-trained here -> CMA vs baselines, with error bars.
-
-    python -m cma_jax.demo [--config=configs/demo.py[:quick|:sweep]] [--workdir=DIR]   (default: the table)
-
-Stages (cma_jax.demo_stages), each reused from the workdir when already done (so an interrupted run
-resumes, and a finished one only prints its results again):
-  1. build the synthetic `pretrain` and `adapt` datasets (TFDS builder, cma_jax.data.builders.synthetic)
-     and write the word vocabulary beside them;
-  2. pre-train a small CLIP from scratch on `pretrain` (every weight trains: the stand-in for CLIP's
-     web-scale image-text pre-training) and save it as a read-only backbone checkpoint, once;
-  3. the table: from that backbone, train on `adapt` with cma_jax.train, `extra.seeds` times each (seeds
-     vary adapter init and data order): uni-modal adapters (d_s = 0), the Cross-Modal Adapter, full
-     fine-tuning; evaluate them and zero-shot on the `adapt` test split and write `results.md` (mean ±
-     std over seeds), `results.json` (every seed's numbers too) and `curves.png`.
-     Or, with `configs/demo.py:sweep`, the training-set-size sweep (cma_jax.demo_sweep).
-
-Workdir layout: data/ (TFDS + synthetic_vocab.txt), pretrain/ (its run), backbone/, xla_cache/,
-runs/<method>/seed<S>/, results.{md,json}, curves.png; the sweep: sweep/<method>/n<N>/seed<S>/,
-sweep.{md,json,png}.
-"""
+"""The demo's table: every method of `extra.methods` trained from the one backbone, `extra.seeds` times,
+tested on the `adapt` test split -> results.md (mean ± std over seeds), results.json, curves.png."""
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
-
-import jax
 import numpy as np
 
-from cma_jax import checkpoint, console, demo_sweep, sharding
-from cma_jax import config as config_lib
-from cma_jax import demo_stages as stages
+from cma_jax import checkpoint
 from cma_jax.data.builders import open_source
-from cma_jax.demo_stages import METHODS, demo_config, say
+from cma_jax.demo import stages
+from cma_jax.demo.stages import METHODS, say
 from cma_jax.files import write_atomic
 
 
@@ -85,7 +60,7 @@ def _fmt_bytes(n: int) -> str:
 def markdown_table(rows: list[dict], header: str) -> str:
     """The paper's main table in miniature: both directions (mean ± std over seeds), parameters, step
     time, checkpoint size."""
-    cols = ["Method", "Trainable params", "Share", "t2v R@1", "R@5", "R@10", "MdR", "MnR",
+    cols = ["Method", "Trainable params", "Trained share", "t2v R@1", "R@5", "R@10", "MdR", "MnR",
             "v2t R@1", "R@5", "R@10", "MdR", "MnR", "Step time", "Checkpoint"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -163,43 +138,17 @@ def _header(config, rows, pre, ceiling) -> str:
             f"backbone (its Orbax params folder on disk, per-array metadata included).")
 
 
-# ----------------------------------------------------------------------------- entry point
-def run(config, workdir: str) -> dict:
-    """The demo: every stage, then the table (or the sweep, extra.task = 'sweep') -> results dict."""
-    t_start = time.time()
-    workdir = os.path.abspath(workdir)
-    data_dir = os.path.abspath(config.data.data_dir) if config.data.data_dir else os.path.join(workdir, "data")
-    unknown = [m for m in config.extra.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"config.extra.methods: unknown {unknown}; expected some of {list(METHODS)}")
-    if config.extra.task not in ("table", "sweep"):
-        raise ValueError(f"config.extra.task: unknown {config.extra.task!r}; expected 'table' or 'sweep'")
-    sweep = config.extra.task == "sweep"
-    stages.seeds(config)  # checks extra.seeds before anything runs
-    os.makedirs(workdir, exist_ok=True)
-    try:
-        say(f"[1/3] synthetic datasets -> {data_dir}")
-        stages.prepare_data(data_dir, [config.extra.pretrain.builder_config, config.data.builder_config,
-                                       *(demo_sweep.builder_configs(config) if sweep else ())])
-        say(f"[2/3] pre-training a small CLIP from scratch -> {workdir}/backbone")
-        backbone, pre = stages.pretrain(config, workdir, data_dir)
-        if sweep:
-            say(f"[3/3] training-set-size sweep: {len(config.extra.sweep.train_videos)} sizes x "
-                f"{config.extra.seeds} seeds, evaluated on the test split")
-            return demo_sweep.run(config, workdir, data_dir, backbone, pre, t_start)
-        n = config.extra.seeds
-        say(f"[3/3] adapting to the shifted task ({n} seed{'s' * (n > 1)} per method) and evaluating on its test split")
-        base = stages.stage_config(config, "zero_shot", data_dir, backbone)
-        test_set = stages.eval_set(base, config.data.eval_split)
-        val_set = stages.eval_set(base, "val") if config.extra.eval_val else None
-        tree = checkpoint.load_backbone(backbone)[1]  # loaded once, shared by every run
-        rows = [method_row(config, m, workdir, data_dir, backbone, tree, test_set, val_set)
-                for m in config.extra.methods]
-    except KeyboardInterrupt:
-        say(f"\ninterrupted: finished stages and the last checkpoint are kept in {workdir}; "
-            "run the same command again to resume")
-        raise SystemExit(130) from None  # the shell's code for Ctrl-C, without a traceback
-    wall = time.time() - t_start
+# ----------------------------------------------------------------------------- the table
+def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: float) -> dict:
+    """Every method's row, then results.{md,json} and curves.png -> the results dict."""
+    n = config.extra.seeds
+    say(f"[3/3] adapting to the shifted task ({n} seed{'s' * (n > 1)} per method) and evaluating on its test split")
+    base = stages.stage_config(config, "zero_shot", data_dir, backbone)
+    test_set = stages.eval_set(base, config.data.eval_split)
+    val_set = stages.eval_set(base, "val") if config.extra.eval_val else None
+    tree = checkpoint.load_backbone(backbone)[1]  # loaded once, shared by every run
+    rows = [method_row(config, m, workdir, data_dir, backbone, tree, test_set, val_set)
+            for m in config.extra.methods]
     ceiling = r1_ceiling(config, data_dir)
     table = markdown_table(rows, _header(config, rows, pre, ceiling))
     results = {
@@ -207,44 +156,11 @@ def run(config, workdir: str) -> dict:
         "r1_ceiling": ceiling, "backbone": backbone, "seeds": stages.seeds(config),
         "pretrain": {k: v for k, v in pre.items() if k not in ("config", "history")},
         "methods": {r["method"]: {k: v for k, v in r.items() if k != "histories"} for r in rows},
-        "wall_seconds_this_run": wall, "machine": stages.machine(),
+        "wall_seconds_this_run": time.time() - t_start, "machine": stages.machine(),
     }
-    stages.write_json(os.path.join(workdir, "results.json"), results)
+    took = stages.write_results(os.path.join(workdir, "results.json"), results)
     write_atomic(os.path.join(workdir, "results.md"), table)
     plot_curves(pre["history"], rows, os.path.join(workdir, "curves.png"))
     print("\n" + table, flush=True)
-    say(f"written: {workdir}/results.md, results.json, curves.png ({wall:.0f}s this run)")
+    say(f"written: {workdir}/results.md, results.json, curves.png ({took})")
     return results
-
-
-def _cache_compiled_steps(workdir: str) -> None:
-    """Persistent XLA cache in the workdir (unless one is set): seeds after the first reuse the compiled steps."""
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "xla_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    console.setup(verbose=FLAGS.verbosity >= 1)
-    config = FLAGS.config if FLAGS.config is not None else demo_config()
-    try:
-        config_lib.validate(config, num_devices=jax.device_count())
-        sharding.select_partitioner(config, jax.device_count())
-        _cache_compiled_steps(FLAGS.workdir)
-        run(config, FLAGS.workdir)
-    except Exception as e:  # bad input or a full disk: one line (console.error_line); anything else is a bug
-        line = console.error_line(e, FLAGS.workdir)
-        if line is None:
-            raise
-        logging.debug("traceback", exc_info=True)
-        sys.exit(line)
-
-
-if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Demo config file, e.g. configs/demo.py:quick or :sweep "
-                                    "(default: the full demo embedded in cma_jax.demo_stages).", lock_config=True)
-    flags.DEFINE_string("workdir", "runs/demo", "Folder for the demo's data, runs and results.")
-    FLAGS = flags.FLAGS
-    app.run(main)
