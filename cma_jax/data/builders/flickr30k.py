@@ -17,7 +17,7 @@ class Flickr30k(karpathy.KarpathyBuilder):
 manual_dir/
   dataset_flickr30k.json           (Karpathy's split: {"images": [{"filename", "split", "sentences": [{"raw"}, ...]},
                                     ...]}; in caption_datasets.zip from cs.stanford.edu/people/karpathy/deepimagesent/)
-  flickr30k-images/<filename>      (the 31,783 images, e.g. 1000092795.jpg, anywhere below manual_dir: from
+  flickr30k-images/<filename>      (the images, e.g. 1000092795.jpg, anywhere below manual_dir: from
                                     flickr30k-images.tar, given out after the form at
                                     https://shannon.cs.illinois.edu/DenotationGraph/)
 """
