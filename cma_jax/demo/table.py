@@ -134,6 +134,8 @@ def _header(config, rows, pre, ceiling) -> str:
             f"Backbone: a {pre['total_params']:,}-parameter CLIP pre-trained here on "
             f"`synthetic/{config.extra.pretrain.builder_config}` "
             f"(its val t2v R@1 {pre['val_metrics']['t2v']['R1']:.1f}). {spread}"
+            f"Trained share: trained / all parameters, not the paper's shared width d_s (0 for uni-modal "
+            f"adapters, {config.adapter.share_dim} for the Cross-Modal Adapter). "
             f"Step time: median train step on this machine; checkpoint: what each task stores beyond the "
             f"backbone (its Orbax params folder on disk, per-array metadata included).")
 
