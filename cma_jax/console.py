@@ -91,7 +91,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"error: {e} (--help lists the flags)")
+        line = str(e).splitlines()[0]
+        wrapped = "Error whilst parsing config file:"  # ml_collections: a traceback of the config's own error follows
+        if line.endswith(wrapped):
+            *_, cause = _chain(e)
+            line = line[:-len(wrapped)] + str(cause)
+        sys.exit(f"error: {line} (--help lists the flags)")
     except SystemExit as e:  # only absl's --help, --helpshort, --helpfull and --helpxml exit while parsing
         if e.code == 1:
             sys.exit(0)

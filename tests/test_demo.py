@@ -175,12 +175,21 @@ def test_building_the_data_says_what_it_builds_without_tfds_download_wording(tmp
     assert capsys.readouterr().out.startswith("  synthetic/pretrain_mini: already built in ")
 
 
-def test_help_exits_0():
+def _demo(*args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-m", "cma_jax.demo", "--help"], capture_output=True, text=True, cwd=root,
-                       timeout=300)
+    return subprocess.run([sys.executable, "-m", "cma_jax.demo", *args], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+
+
+def test_help_exits_0_and_a_bad_variant_is_one_error_line():
+    p = _demo("--help")
     assert p.returncode == 0, p.stderr
     assert "--workdir: Folder for the demo's data, runs and results." in p.stdout
+    p = _demo("--config=configs/demo.py:fast")
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == ["error: flag --config=configs/demo.py:fast: demo config: unknown variant 'fast'; "
+                                     "expected '', 'quick' or 'sweep' (optionally followed by ',width=N') "
+                                     "(--help lists the flags)"]
 
 
 class _InterruptAfter:
