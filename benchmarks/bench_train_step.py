@@ -34,7 +34,7 @@ from cma_jax import checkpoint as ckpt_lib  # noqa: E402
 from cma_jax import config as config_lib  # noqa: E402
 from cma_jax import optim  # noqa: E402
 from cma_jax import train as train_lib  # noqa: E402
-from cma_jax.models import load  # noqa: E402
+from cma_jax.models import state  # noqa: E402
 from cma_jax.models.summary import count  # noqa: E402
 
 
@@ -75,8 +75,8 @@ def build(config, remat: str = "none", abstract: bool = False):
     clip_cfg = dataclasses.replace(config_lib.clip_config(config), remat=remat)
 
     def make():
-        return load.build_model(clip_cfg, config_lib.adapter_config(config), head=config.model.head,
-                                tau=config.model.tau, seed=config.seed)[0]
+        return state.new_model(clip_cfg, config_lib.method(config), head=config.model.head,
+                               tau=config.model.tau, seed=config.seed)
     return nnx.eval_shape(make) if abstract else make()
 
 
@@ -179,7 +179,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = ckpt_lib.RunCheckpointer(tmp)
-        ckpt.save(args.rounds + 1, steps["cma"].state, {"next_batch": args.rounds + 1}, ckpt_lib.run_meta(model, "cma"),
+        ckpt.save(args.rounds + 1, steps["cma"].state, {"next_batch": args.rounds + 1}, ckpt_lib.run_meta(model),
                   force=True)
         ckpt.wait()
         size = _dir_bytes(os.path.join(tmp, "checkpoints"))

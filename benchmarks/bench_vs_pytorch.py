@@ -45,7 +45,7 @@ from flax import nnx  # noqa: E402
 from bench_train_step import (abstract_batch, bench_config, build, compile_step, make_batch, mb,  # noqa: E402
                               shape_args)
 from cma_jax.convert import to_cma  # noqa: E402
-from cma_jax.models import load  # noqa: E402
+from cma_jax.models import state  # noqa: E402
 from cma_jax.models.adapter import AdapterParam  # noqa: E402
 from cma_jax.models.clip import REMAT_POLICIES  # noqa: E402
 
@@ -61,11 +61,11 @@ def torch_reference(model, config):
     import torch
     from torch_reference import RetrievalReference
 
-    cfg, adapter = model.clip.config, model.clip.adapter_config
+    cfg, adapter = model.clip.config, model.clip.method  # a Cross-Modal Adapter
     ref = RetrievalReference(cfg, adapter.reduction_dim, adapter.share_dim, head=config.model.head,
                              tau=config.model.tau)
     adapters = nnx.to_pure_dict(nnx.state(model.clip, AdapterParam))
-    sd = {k: torch.from_numpy(np.array(v)) for k, v in to_cma(adapters, cfg, load.backbone_state(model)).items()}
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in to_cma(adapters, cfg, state.backbone_state(model)).items()}
     missing, unexpected = ref.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"clip.input_resolution", "clip.context_length", "clip.vocab_size"}, \
         (missing, unexpected)

@@ -10,7 +10,8 @@ id, a .pt file; see cma_jax.backbones). `adapters` may be a run workdir / its ch
 adapter folder written by cma_jax.convert; without it the model is the zero-shot backbone. Frames and
 words per video / caption default to what the adapters were trained with. Videos are decoded with
 cma_jax.data.video (frames at `fps`, shorter side resized + centre crop) and sampled to T frames as
-the eval pipeline does (CLIP4Clip's uniform sampling).
+the eval pipeline does (CLIP4Clip's uniform sampling). Several Retrievers can share one backbone in
+memory: `shared_backbone(...)` loads it once and `load(shared, adapters)` builds each on it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from cma_jax import checkpoint, sharding
+from cma_jax import checkpoint, loader, sharding
 from cma_jax.data.pipeline import pad_clip, sample_frame_indices
 from cma_jax.data.tokenizer import load_tokenizer
 from cma_jax.evaluate import block_similarity
-from cma_jax.models import load as load_lib
+from cma_jax.models import state as state_lib
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.models.retrieval import RetrievalModel
 
@@ -44,11 +45,21 @@ def params_hash(model) -> str:
     return h.hexdigest()
 
 
+def tree_hash(tree: dict) -> str:
+    """sha256 over a pure dict of arrays (dotted path + float32 bytes, in path order): identifies a backbone."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(model) -> dict:
-    """What determines the embeddings: the CLIP and adapter configs and a hash of the parameters."""
-    clip = model.clip
-    return {"clip": dataclasses.asdict(clip.config),
-            "adapter": dataclasses.asdict(clip.adapter_config) if clip.adapter_config is not None else None,
+    """What determines the embeddings: the model a checkpoint records (architecture, method and its
+    fields: `checkpoint.run_meta`), the compute dtype, and a hash of the parameters."""
+    meta = checkpoint.run_meta(model)
+    clip = {**meta["clip"], "dtype": model.clip.config.dtype}  # bfloat16 embeddings differ from float32 ones
+    return {"clip": clip, "method": meta["method"], "method_config": meta["method_config"],
             "params_sha256": params_hash(model)}
 
 
@@ -99,7 +110,7 @@ class Retriever:
             batch_size = -(-batch_size // mesh.size) * mesh.size
         self.batch_size = batch_size
         self._enc_text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
-        self._enc_frames = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_frames(x))
+        self._enc_frames = jax.jit(lambda s, x, m: nnx.merge(graphdef, s).encode_frames(x, m))
         self._fingerprint = None
 
     @property
@@ -108,14 +119,16 @@ class Retriever:
             self._fingerprint = fingerprint(self.model)
         return self._fingerprint
 
-    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
-        """Run fn over x in fixed-size batches (last one padded, so one compilation)."""
-        b, out = self.batch_size, []
-        for s in range(0, len(x), b):
-            chunk = x[s:s + b]
+    def _batched(self, fn, *xs: np.ndarray) -> np.ndarray:
+        """Run fn over the rows of xs (same length) in fixed-size batches (last one padded: one compilation)."""
+        b, out, n = self.batch_size, [], len(xs[0])
+
+        def put(chunk):
             pad = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), 0)]) if len(chunk) < b else chunk
-            dev = jnp.asarray(pad) if self._batch_sharding is None else jax.device_put(pad, self._batch_sharding)
-            out.append(np.asarray(fn(self._state, dev))[: len(chunk)])
+            return jnp.asarray(pad) if self._batch_sharding is None else jax.device_put(pad, self._batch_sharding)
+
+        for s in range(0, n, b):
+            out.append(np.asarray(fn(self._state, *(put(x[s:s + b]) for x in xs)))[: min(b, n - s)])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
@@ -135,16 +148,17 @@ class Retriever:
             frames = fit_frames(video, self.resolution)
         return sample_clip(frames, self.num_frames)
 
-    def encode_clips(self, frames: np.ndarray) -> np.ndarray:
-        """Prepared clips [M, T, R, R, 3] uint8 -> per-frame embeddings [M, T, D]."""
-        return self._batched(self._enc_frames, frames)
+    def encode_clips(self, frames: np.ndarray, frame_mask: np.ndarray | None = None) -> np.ndarray:
+        """Prepared clips [M, T, R, R, 3] uint8 (+ frame_mask [M, T], default all real) -> per-frame embeddings [M, T, D]."""
+        mask = np.ones(frames.shape[:2], bool) if frame_mask is None else np.asarray(frame_mask, bool)
+        return self._batched(self._enc_frames, frames, mask)
 
     def encode_videos(self, videos: Sequence) -> tuple[np.ndarray, np.ndarray]:
         """Paths or frame arrays -> (frame_emb [M, T, D], frame_mask [M, T])."""
         clips = [self.load_video(v) for v in videos]
         frames = np.stack([c[0] for c in clips])
         masks = np.stack([c[1] for c in clips])
-        return self.encode_clips(frames), masks
+        return self.encode_clips(frames, masks), masks
 
     def similarity(self, text_emb, frame_emb, frame_mask, block_size: int = 1024) -> np.ndarray:
         """Cosine similarity [N, M] with the model's head, computed block-wise on device."""
@@ -159,18 +173,21 @@ def load(backbone: str | None, adapters: str | None = None, *, tokenizer=None, h
          seed: int = 0) -> Retriever:
     """A Retriever from a backbone (its tokenizer unless `tokenizer` is given) + optional adapters.
 
-    `backbone=None` builds a randomly initialised `clip_config` (tests). num_frames / max_words / fps
-    default to what the adapters were trained with (recorded in their checkpoint), else 12 / 32 / 1.
+    `backbone=None` builds a randomly initialised `clip_config` (tests); a `cma_jax.loader.Backbone`
+    is used as it is. num_frames / max_words / fps default to what the adapters were trained with
+    (recorded in their checkpoint), else 12 / 32 / 1.
     """
-    folder = load_lib.resolve_backbone(backbone) if backbone is not None else None
+    if backbone is None:
+        backbone = loader.Backbone.random(clip_config)
+    elif not isinstance(backbone, loader.Backbone):
+        backbone = loader.resolve(backbone)
+    tokenizer = tokenizer or backbone.tokenizer
     if tokenizer is None:
-        tokenizer = checkpoint.tokenizer_dir(folder) if folder else None
-        if tokenizer is None:
-            raise ValueError(f"no tokenizer: backbone {backbone} has no tokenizer/ folder; pass a tokenizer "
-                             "(Hugging Face CLIP tokenizer folder, bpe_simple_vocab_16e6.txt.gz or word list)")
+        raise ValueError(f"no tokenizer: backbone {backbone.folder} has no tokenizer/ folder; pass a tokenizer "
+                         "(Hugging Face CLIP tokenizer folder, bpe_simple_vocab_16e6.txt.gz or word list)")
     trained = (checkpoint.saved_data_config(adapters) if adapters else None) or {}
-    model, step = load_lib.build_model(clip_config, head=head, tau=tau, backbone=folder, adapters=adapters,
-                                       dtype=dtype, seed=seed)
+    model, step = loader.build_model(clip_config, head=head, tau=tau, backbone=backbone, adapters=adapters,
+                                     dtype=dtype, seed=seed)
     return Retriever(model, tokenizer, num_frames=num_frames or trained.get("num_frames", 12),
                      max_words=max_words or trained.get("max_words", 32), fps=fps or trained.get("fps", 1.0),
                      batch_size=batch_size, step=step)

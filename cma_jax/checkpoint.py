@@ -3,18 +3,20 @@
 * Backbone folder (converted once, read-only, shared by every dataset):
       BACKBONE/{clip_config.json, params/ (Orbax, dotted keys), tokenizer/}
 * Run checkpoint: trainable params, optimizer state, RNG state, data-iterator state, meta. It never
-  holds the frozen backbone: for method=cma `params` is the adapter tree only (for method=full it is
-  every weight, which is that baseline's point). One folder per step:
+  holds the frozen backbone: `params` is the tree the method trains (the adapters for method=cma, the
+  prompts for a prompt method, the last blocks for partial; every weight for method=full, which is
+  that baseline's point). One folder per step:
       WORKDIR/checkpoints/<step>/{params, opt_state, rngs, data, meta}
-* Adapter folder (adapters converted from the original repo): the run layout with params + meta only,
+* Adapter folder (trained parameters alone, e.g. converted from the original repo): the run layout
+  with params + meta only,
       ADAPTERS/checkpoints/0/{params, meta}
   so that loading trained parameters has one path (`load_adapters`) whatever made them.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a save that is
 interrupted never replaces or corrupts the previous checkpoint; the manager keeps the last N.
 `data` holds each process's iterator state (`process_<i>-of-<n>.json`); `meta` records the
-architecture, adapter shape, method and data settings so that restoring into another model fails
-with a message, and evaluation / search default to what the model was trained with.
+architecture, the method and its hyper-parameters, and data settings so that restoring into another
+model fails with a message, and evaluation / search default to what the model was trained with.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from etils import epath
 from flax import nnx
 
 from cma_jax import optim
+from cma_jax.config import TRAINING_FIELDS
 from cma_jax.errors import CheckpointError, CheckpointMismatch
 from cma_jax.files import write_dir_atomic
-from cma_jax.models.adapter import AdapterConfig, AdapterParam
+from cma_jax.models import peft
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.trees import flatten, unflatten
 
@@ -101,28 +104,20 @@ def decode_iterator_state(state):
 
 # ----------------------------------------------------------------------------- meta
 DATA_FIELDS = ("num_frames", "fps", "max_words")  # what encoding a video / caption needs to match training
-# What a resumed run must share with the run that saved (the training objective and data); logging,
-# saving and evaluation knobs may change between runs.
-TRAINING_FIELDS = {
-    "train": ("batch_size", "epochs", "num_steps", "lr", "backbone_lr", "b1", "b2", "eps", "weight_decay",
-              "schedule", "warmup_fraction", "grad_clip", "grad_accum_steps"),
-    "data": ("name", "builder_config", "train_split", "num_frames", "max_words", "fps"),
-}
 
 
-def run_meta(model, method: str, train_logit_scale: bool = False, data=None, config=None) -> dict:
-    """What a run checkpoint must match to be restored into `model`.
+def run_meta(model, train_logit_scale: bool = False, data=None, config=None) -> dict:
+    """What a run checkpoint must match to be restored into `model`: its architecture and method.
 
     `data` (config.data) is recorded so that evaluation and search default to the frames and words the
     model was trained with; `config` (the whole run config) records the training settings that a
-    resumed run must keep (`TRAINING_FIELDS`, plus the seed).
+    resumed run must keep (`config.TRAINING_FIELDS`, plus the seed).
     """
     clip = model.clip
-    adapter = clip.adapter_config
     meta = {
         "clip": _arch(clip.config),
-        "adapter": dataclasses.asdict(adapter) if adapter is not None else None,
-        "method": method,
+        "method": clip.method.name,
+        "method_config": clip.method.to_dict(),
         "train_logit_scale": bool(train_logit_scale),
         "data": {k: data[k] for k in DATA_FIELDS} if data is not None else None,
     }
@@ -132,12 +127,28 @@ def run_meta(model, method: str, train_logit_scale: bool = False, data=None, con
     return meta
 
 
+def method_of(meta: dict) -> peft.Method:
+    """The method a checkpoint's metadata records (checkpoints of cma_jax before the method layer: `adapter`)."""
+    if "method_config" in meta:
+        return peft.make(meta["method"], meta["method_config"])
+    if meta.get("adapter"):
+        return peft.make("cma", meta["adapter"])
+    return peft.make(meta.get("method") or "zero_shot")
+
+
+def differences(saved: dict, current: dict, names=("saved", "now"), ignore=()) -> list[str]:
+    """'key: saved X, now Y' for every key of two flat dicts that differs (the one config-difference printer)."""
+    a, b = names
+    return [f"{k}: {a} {saved.get(k)!r}, {b} {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if k not in ignore and saved.get(k) != current.get(k)]
+
+
 def _check_training(saved: dict, wanted: dict, where: str) -> None:
     """Refuse to resume a run under another training configuration, naming the fields that differ."""
     s, w = saved.get("training"), wanted.get("training")
     if s is None or w is None:
         return
-    diffs = [f"config.{k}: checkpoint {s.get(k)!r}, now {w[k]!r}" for k in w if s.get(k) != w[k]]
+    diffs = ["config." + d for d in differences({k: s.get(k) for k in w}, w, ("checkpoint", "now"))]
     if diffs:
         raise CheckpointMismatch(
             f"{where} was saved by a run with another training configuration:\n  " + "\n  ".join(diffs) +
@@ -150,18 +161,21 @@ def _arch(cfg: CLIPConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CLIPConfig.COMPUTE_FIELDS}
 
 
+def model_differences(saved: dict, wanted: dict, names=("checkpoint", "config")) -> list[str]:
+    """How two metadata records' models differ: method, architecture, the method's weight-defining fields."""
+    saved_method, wanted_method = method_of(saved), method_of(wanted)
+    top = {"method": saved_method.name, "train_logit_scale": saved.get("train_logit_scale", False)}
+    now = {"method": wanted_method.name, "train_logit_scale": wanted.get("train_logit_scale", False)}
+    diffs = differences(top, now, names)
+    diffs += ["clip." + d for d in differences(saved.get("clip") or {}, wanted.get("clip") or {}, names)]
+    if saved_method.name == wanted_method.name:
+        diffs += [f"{wanted_method.section or wanted_method.name}.{d}"
+                  for d in differences(saved_method.architecture(), wanted_method.architecture(), names)]
+    return diffs
+
+
 def _check_meta(saved: dict, wanted: dict, where: str) -> None:
-    diffs = []
-    for key in ("method", "train_logit_scale"):
-        if saved.get(key) != wanted[key]:
-            diffs.append(f"{key}: checkpoint {saved.get(key)!r}, config {wanted[key]!r}")
-    for section in ("clip", "adapter"):
-        s, w = saved.get(section), wanted[section]
-        if (s is None) != (w is None):
-            diffs.append(f"{section}: checkpoint {s}, config {w}")
-        elif s is not None:
-            diffs += [f"{section}.{k}: checkpoint {s.get(k)!r}, config {w[k]!r}"
-                      for k in w if k not in ("dtype", "dropout", "init_std") and s.get(k) != w[k]]
+    diffs = model_differences(saved, wanted)
     if diffs:
         raise CheckpointMismatch(f"run checkpoint {where} does not match this model/config:\n  " + "\n  ".join(diffs))
 
@@ -333,9 +347,9 @@ def load_adapters(path: str, model, step: int | None = None) -> int:
     """
     ckpt, step, saved = _open_run(path, step)
     try:
-        method, train_ls = saved.get("method"), saved.get("train_logit_scale", False)
-        _check_meta(saved, run_meta(model, method, train_ls), f"{ckpt.directory}/{step}")
-        params = nnx.state(model, optim.trainable_filter(method, train_ls))
+        train_ls = saved.get("train_logit_scale", False)
+        _check_meta(saved, run_meta(model, train_ls), f"{ckpt.directory}/{step}")
+        params = nnx.state(model, optim.trainable_filter(model.clip.method, train_ls))
         restored = ckpt.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract(params))))["params"]
     finally:
@@ -351,10 +365,9 @@ def saved_meta(path: str) -> dict:
     return saved
 
 
-def saved_adapter_config(path: str) -> AdapterConfig | None:
-    """The adapter shape of a run checkpoint or adapter folder (None: trained without adapters)."""
-    saved = saved_meta(path)
-    return AdapterConfig(**saved["adapter"]) if saved.get("adapter") else None
+def saved_method(path: str) -> peft.Method:
+    """The method (with its hyper-parameters) of a run checkpoint or adapter folder."""
+    return method_of(saved_meta(path))
 
 
 def saved_data_config(path: str) -> dict | None:
@@ -363,11 +376,11 @@ def saved_data_config(path: str) -> dict | None:
 
 
 def save_adapters(path: str, model, overwrite: bool = False) -> None:
-    """Save `model`'s AdapterParams as an adapter folder (the run layout, step 0), atomically."""
-    if model.clip.adapter_config is None:
-        raise ValueError("the model has no adapters to save")
-    meta = run_meta(model, "cma")
-    params = nnx.state(model, optim.trainable_filter("cma"))
+    """Save what `model`'s method trains as an adapter folder (the run layout, step 0), atomically."""
+    if not model.clip.method.trains:
+        raise ValueError(f"method {model.clip.method.name} has no trained parameters to save")
+    meta = run_meta(model)
+    params = nnx.state(model, optim.trainable_filter(model.clip.method))
 
     def write(tmp: str):
         ckpt = RunCheckpointer(tmp)
@@ -446,6 +459,6 @@ def load_backbone(path: str, abstract_state: dict | None = None) -> tuple[CLIPCo
 
 
 def tokenizer_dir(path: str) -> str | None:
-    """The tokenizer files saved beside a backbone, or None when the source had none."""
-    d = os.path.join(path, TOKENIZER_DIR)
-    return d if os.path.isdir(d) else None
+    """The tokenizer files saved beside a backbone (local or gs://), or None when the source had none."""
+    d = _folder(path) / TOKENIZER_DIR
+    return os.fspath(d) if d.is_dir() else None

@@ -24,24 +24,36 @@ import ml_collections
 from ml_collections import config_dict
 
 from cma_jax.models import clip as clip_lib
-from cma_jax.models.adapter import AdapterConfig
+from cma_jax.models import peft
 from cma_jax.models.retrieval import HEADS
 from cma_jax.sharding import mesh_shape
 
 MODES = ("train", "eval", "train_and_eval")
-METHODS = ("cma", "full", "zero_shot")
+METHODS = tuple(peft.METHODS)
 SCHEDULES = ("cosine", "constant")
 # CLIPConfig fields that a config may override (compute settings are model.dtype / model.remat).
 CLIP_FIELDS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
                "context_length", "vocab_size", "text_width", "text_heads", "text_layers")
 RENAMED = {"backbone_checkpoint": "backbone"}  # old field -> new field
+# What a resumed run must share with the run that saved (the training objective and data); logging,
+# saving and evaluation knobs may change between runs. The method and its fields are checked apart
+# (they define the trained weights: cma_jax.checkpoint).
+TRAINING_FIELDS = {
+    "train": ("batch_size", "epochs", "num_steps", "lr", "backbone_lr", "b1", "b2", "eps", "weight_decay",
+              "schedule", "warmup_fraction", "grad_clip", "grad_accum_steps"),
+    "data": ("name", "builder_config", "train_split", "num_frames", "max_words", "fps"),
+}
+# Fields that say where things are or how a run reports, not what it computes: the same run moved to
+# another folder, or logged more often, gives the same result (the demo's reuse key leaves them out).
+PLACE_FIELDS = ("backbone", "adapter_checkpoint", "data.data_dir", "data.tokenizer", "data.workers",
+                "train.progress_bar", "train.log_every_steps", "train.save_every_steps", "train.keep_checkpoints")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default (MSR-VTT / ViT-B/32 values of the paper)."""
     c = ml_collections.ConfigDict()
     c.mode = "train_and_eval"  # train | eval | train_and_eval
-    c.method = "cma"  # cma (adapters only train) | full (all weights train) | zero_shot (no adapters, eval)
+    c.method = "cma"  # a name of cma_jax.models.peft.METHODS: cma, unimodal, full, zero_shot (eval), ...
     c.seed = 0
     # The pre-trained CLIP: a name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px: OpenAI's weights,
     # downloaded once and cached), a Hugging Face repo id (openai/clip-vit-base-patch32[@revision]), a
@@ -61,12 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tau = 5.0  # temperature of the text-conditioned frame weights
     c.model.train_logit_scale = False  # frozen with the backbone, as in the original; if trained, <= log(100)
 
-    c.adapter = ml_collections.ConfigDict()
-    c.adapter.reduction_dim = 8  # r
-    c.adapter.share_dim = 16  # d_s; 0 = uni-modal adapters (ablation)
-    c.adapter.activation = "quick_gelu"
-    c.adapter.dropout = 0.0
-    c.adapter.init_std = 0.01
+    # One section per method with hyper-parameters (config.adapter: r, d_s, ... of cma and unimodal;
+    # config.vpt, ...), their defaults from the method's declaration in cma_jax/models/peft/.
+    for section, fields in method_sections().items():
+        c[section] = ml_collections.ConfigDict(fields)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "msrvtt"  # TFDS builder name
@@ -120,13 +130,40 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def config_fields(cls) -> tuple[str, ...]:
+    """The fields a method class reads from its config section."""
+    return cls.config_fields or tuple(f.name for f in dataclasses.fields(cls))
+
+
+def method_sections() -> dict[str, dict]:
+    """{section: {field: default}} over every method with hyper-parameters (methods may share a section)."""
+    sections: dict[str, dict] = {}
+    for cls in peft.METHODS.values():
+        if cls.section:
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+            sections.setdefault(cls.section, {}).update({k: defaults[k] for k in config_fields(cls)})
+    return sections
+
+
+def method(config) -> peft.Method:
+    """The fine-tuning method `config.method` with its hyper-parameters from `config.<section>`."""
+    if config.method not in peft.METHODS:
+        raise ValueError(f"config.method: expected one of {METHODS}, got {config.method!r}")
+    cls = peft.get(config.method)
+    fields = {f: config[cls.section][f] for f in config_fields(cls)} if cls.section else {}
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as e:
+        raise _named(e, {f: f"{cls.section}.{f}" for f in fields}, cls.section or "method") from None
+
+
 def dataset_config(name: str, preset: str | None, *, reduction_dim: int, share_dim: int, num_frames: int = 12,
                    max_words: int = 32, epochs: int = 5) -> ml_collections.ConfigDict:
     """A benchmark preset with the paper's settings: `base_config()` plus what differs per dataset.
 
-    `preset` is the backbone (the config file's `:arg`, default vit_b32). Baselines need config
-    fields only: `--config.method=full` (CLIP4Clip full fine-tuning), `--config.method=zero_shot
-    --config.mode=eval`, uni-modal adapters `--config.adapter.share_dim=0`.
+    `preset` is the backbone (the config file's `:arg`, default vit_b32). Every baseline is
+    `--config.method=NAME` (cma_jax.models.peft.METHODS; zero_shot with `--config.mode=eval`), its
+    hyper-parameters in `config.<section>`; r and d_s here are the Cross-Modal Adapter's.
     """
     config = base_config()
     config.model.preset = preset or "vit_b32"
@@ -151,23 +188,10 @@ def clip_config(config) -> clip_lib.CLIPConfig:
         raise _named(e, paths, "model") from None
 
 
-def adapter_config(config) -> AdapterConfig | None:
-    """The AdapterConfig for method=cma; None (no adapters) for full fine-tuning and zero-shot."""
-    return _adapter(config) if config.method == "cma" else None
-
-
-def _adapter(config) -> AdapterConfig:
-    names = [f.name for f in dataclasses.fields(AdapterConfig)]
-    try:
-        return AdapterConfig(**{f: config.adapter[f] for f in names})
-    except (ValueError, TypeError) as e:
-        raise _named(e, {f: f"adapter.{f}" for f in names}, "adapter") from None
-
-
 def _named(error: Exception, paths: dict[str, str], section: str) -> ValueError:
     """A model dataclass's own message, prefixed with the config path of the field it names."""
     msg = str(error)
-    named = [f for f in paths if f in msg]
+    named = [getattr(error, "field")] if getattr(error, "field", None) in paths else [f for f in paths if f in msg]
     where = paths[max(named, key=len)] if named else section
     return ValueError(f"config.{where}: {msg}")
 
@@ -235,8 +259,49 @@ def _suggest(name: str) -> str:
     return f" (did you mean {' or '.join('config.' + c for c in close)}?)" if close else ""
 
 
-def validate(config, num_devices: int | None = None) -> None:
-    """Raise ValueError naming the field for unknown fields or impossible values (once, at the entry point)."""
+def unused_fields(config, overridden) -> list[str]:
+    """The overridden dotted fields that belong to a method section `config.method` does not read."""
+    cls = peft.get(config.method)
+    mine = {f"{cls.section}.{f}" for f in config_fields(cls)} if cls.section else set()
+    sections = method_sections()
+    out = []
+    for name in overridden:
+        section = name.split(".", 1)[0]
+        if section in sections and name not in mine:
+            users = [m for m, c in peft.METHODS.items() if c.section == section and name.split(".", 1)[-1]
+                     in config_fields(c)]
+            out.append(f"config.{name} is set, but config.method={config.method} does not use it "
+                       f"(a field of method {' / '.join(users)}): set config.method to match, or drop the field")
+    return out
+
+
+def check_architecture(config, clip: clip_lib.CLIPConfig) -> None:
+    """The checks that need the backbone's architecture (ValueError naming the field): the method fits
+    the towers, a caption fits the text context, and so do the method's prompt tokens with words left
+    (captions longer than the context minus the prompts lose their last words, as in CoOp)."""
+    m = method(config)
+    paths = {f: f"{m.section}.{f}" for f in config_fields(type(m))}
+    try:
+        m.check(clip)
+    except ValueError as e:
+        raise _named(e, paths, m.section or "method") from None
+    if not 2 <= config.data.max_words <= clip.context_length:
+        raise ValueError(f"config.data.max_words: must be in [2, context_length={clip.context_length}], "
+                         f"got {config.data.max_words}")
+    extra = m.extra_text_tokens()
+    if extra > clip.context_length - 2:
+        raise ValueError(f"config.{m.section}: {extra} prompt tokens leave no room for a caption in the text "
+                         f"context of {clip.context_length}")
+
+
+def validate(config, num_devices: int | None = None, overridden=()) -> None:
+    """Raise ValueError naming the field for unknown fields or impossible values (once, at the entry point).
+
+    `overridden`: the dotted fields set on the command line; a field of a method section that
+    `config.method` does not read is an error (e.g. config.vpt.num_tokens with method=cma). Checks
+    that need the backbone's architecture run here for `backbone=random` (its architecture is the
+    config's), else once the backbone is resolved (`check_architecture`).
+    """
     bad = _unknown_fields(config, base_config())
     if bad:
         raise ValueError("unknown config field(s): " + ", ".join(f"config.{b}{_suggest(b)}" for b in bad))
@@ -246,25 +311,26 @@ def validate(config, num_devices: int | None = None) -> None:
             raise ValueError(f"config.{field}: {msg}")
 
     check(config.mode in MODES, "mode", f"expected one of {MODES}, got {config.mode!r}")
-    check(config.method in METHODS, "method", f"expected one of {METHODS}, got {config.method!r}")
-    check(not (config.method == "zero_shot" and config.mode != "eval"), "mode",
-          f"method=zero_shot has nothing to train; use mode=eval (got mode={config.mode!r})")
+    m = method(config)  # the method's declaration checks its own fields
+    check(m.trains or config.mode == "eval", "mode",
+          f"method={config.method} has nothing to train; use mode=eval (got mode={config.mode!r})")
+    unused = unused_fields(config, overridden)
+    if unused:
+        raise ValueError(unused[0])
     check(config.model.head in HEADS, "model.head", f"expected one of {HEADS}, got {config.model.head!r}")
     check(config.model.tau > 0, "model.tau", f"must be > 0, got {config.model.tau}")
     for f in CLIP_FIELDS:
         v = config.model.clip[f]
         check(v is None or (isinstance(v, int) and v >= 1), f"model.clip.{f}", f"must be a positive int, got {v!r}")
     clip = clip_config(config)  # CLIPConfig checks its own fields (dtype, remat, ...)
-    try:
-        clip_lib.check_adapter_fits(clip, _adapter(config))  # AdapterConfig checks its own fields
-    except ValueError as e:
-        raise ValueError(f"config.adapter.share_dim: {e}") from None
-    check(config.adapter.init_std >= 0, "adapter.init_std", f"must be >= 0, got {config.adapter.init_std}")
+    if config.backbone in ("", "random") or config.backbone in clip_lib.PRESETS:
+        # The architecture is known before anything is downloaded: check now, not after the download.
+        named = config.backbone in clip_lib.PRESETS and config.backbone != config.model.preset
+        check_architecture(config, clip_lib.preset(config.backbone) if named else clip)
 
     d = config.data
     check(d.num_frames >= 1, "data.num_frames", f"must be >= 1, got {d.num_frames}")
-    check(2 <= d.max_words <= clip.context_length, "data.max_words",
-          f"must be in [2, context_length={clip.context_length}], got {d.max_words}")
+    check(d.max_words >= 2, "data.max_words", f"must be >= 2, got {d.max_words}")
     check(d.fps > 0, "data.fps", f"must be > 0, got {d.fps}")
     check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
 

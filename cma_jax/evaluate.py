@@ -29,11 +29,12 @@ from flax import nnx
 from jax.sharding import Mesh
 from tensorboardX import SummaryWriter
 
+from cma_jax import config as config_lib
+from cma_jax import loader
 from cma_jax import metrics as metrics_lib
 from cma_jax import sharding
 from cma_jax.data import pipeline
 from cma_jax.files import write_atomic
-from cma_jax.models import load
 
 # ----------------------------------------------------------------------------- jitted model calls
 def _split_eval(model):
@@ -50,8 +51,8 @@ def _encode_text(graphdef, state, ids):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_frames(graphdef, state, frames):
-    return nnx.merge(graphdef, state).encode_frames(frames)
+def _encode_frames(graphdef, state, frames, frame_mask):
+    return nnx.merge(graphdef, state).encode_frames(frames, frame_mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -83,7 +84,7 @@ def encode_eval_set(model, text_batches: Iterable[dict], video_batches: Iterable
             if missing:
                 raise KeyError(f"eval batch is missing {missing}; expected keys {keys}")
             arrays = {k: sharding.global_array(b[k], mesh) for k in keys}
-            arrays["emb"] = fn(graphdef, state, arrays.pop(key))
+            arrays["emb"] = fn(graphdef, state, arrays.pop(key), *(arrays[k] for k in extra))
             outs.append(arrays)  # device arrays: dispatch of the next batch overlaps this one
         if not outs:
             raise ValueError(f"no eval batches with {key!r} were given")
@@ -224,16 +225,22 @@ def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict],
 
 
 # ----------------------------------------------------------------------------- from a config
-def evaluate_from_config(config, workdir: str, model=None, *, mesh: Mesh | None = None, step: int | None = None,
-                         writer=None) -> dict:
+def evaluate_from_config(config, workdir: str, model=None, *, backbone=None, mesh: Mesh | None = None,
+                         step: int | None = None, writer=None) -> dict:
     """Evaluate on config.data.eval_split; results to `workdir` (what `main.py` runs for mode=eval).
 
-    model=None loads one: the backbone (config.backbone) plus, unless method=zero_shot, the trained
-    parameters of config.adapter_checkpoint (or the workdir's latest run checkpoint).
+    backbone: the entry point's `cma_jax.loader.Backbone` (None: config.backbone is resolved here), or
+    a module / pure dict (then config.data.tokenizer must be set). model=None loads one: the backbone
+    plus, unless the method trains nothing (zero-shot), the trained parameters of
+    config.adapter_checkpoint (or the workdir's latest run checkpoint). TensorBoard scalars go to
+    WORKDIR/tb, beside training's.
     """
+    if backbone is None and (model is None or config.data.tokenizer in ("", "clip")):
+        backbone = loader.backbone_from_config(config)
     if model is None:
-        adapters = None if config.method == "zero_shot" else (config.adapter_checkpoint or workdir)
-        model, loaded = load.from_config(config, adapters=adapters)
+        trains = config_lib.method(config).trains
+        adapters = (config.adapter_checkpoint or workdir) if trains else None
+        model, loaded = loader.from_config(config, backbone, adapters=adapters)
         if adapters is not None:
             step = loaded if step is None else step
             logging.info("evaluating the trained parameters of %s (step %s)", adapters, loaded)
@@ -242,12 +249,12 @@ def evaluate_from_config(config, workdir: str, model=None, *, mesh: Mesh | None 
     mesh = sharding.make_mesh(config) if mesh is None else mesh
     own_writer = writer is None and jax.process_index() == 0
     if own_writer:
-        writer = SummaryWriter(workdir)
+        writer = SummaryWriter(os.path.join(workdir, "tb"))
     try:
-        batches = pipeline.eval_batches_from_config(config)
+        batches = pipeline.eval_batches_from_config(config, loader.tokenizer(config, backbone))
         return evaluate(model, batches.texts, batches.videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
                         workdir=workdir, writer=writer, step=step, mesh=mesh, name=config.data.eval_split,
-                        num_batches=(batches.num_text_batches, batches.num_video_batches))
+                        num_batches=(batches.num_text_batches, batches.num_video_batches), media=batches.media)
     finally:
         if own_writer:
             writer.close()

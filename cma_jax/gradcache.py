@@ -61,7 +61,7 @@ def value_and_grad(graphdef, params, rngs, frozen, batch: dict, num_micro: int, 
 
     def embed(p, r, mb):
         m = model(p, r)
-        emb = (m.encode_text(mb["text_ids"]), m.encode_frames(mb["frames"]))
+        emb = (m.encode_text(mb["text_ids"]), m.encode_frames(mb["frames"], mb["frame_mask"]))
         return emb, nnx.state(m, nnx.RngState)
 
     micro = jax.tree.map(lambda x: _micro(x, k, micro_sharding), batch)

@@ -1,7 +1,9 @@
 """What trains and how: the trainable/frozen split of the model, the train state, the optax optimizer.
 
-The split is a filter on variable *types*: `AdapterParam` for the Cross-Modal Adapter (method=cma),
-every `nnx.Param` for full fine-tuning (method=full). `logit_scale` stays frozen unless
+The split is a filter on variable *types*, the one the method declares (`Method.trainable`,
+cma_jax.models.peft): `AdapterParam` for the adapter methods, `PromptParam` for prompts, `TunedParam`
+for the pre-trained weights partial tuning trains, every `nnx.Param` for full fine-tuning.
+`logit_scale` stays frozen unless
 `train_logit_scale` (then clipped at log(100) after each update, `clamp_logit_scale`); it is the one
 parameter picked by its path (`is_logit_scale`), as it has no type of its own. Random-number state
 (adapter dropout) is split out separately so it can be carried through the jitted step.
@@ -17,7 +19,8 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from cma_jax.models.adapter import AdapterParam
+from cma_jax.models import peft
+from cma_jax.models.params import MethodParam, TunedParam
 
 LOGIT_SCALE = "logit_scale"
 MAX_LOGIT_SCALE = float(np.log(100.0))
@@ -42,21 +45,19 @@ def is_logit_scale(path) -> bool:
     return any(getattr(p, "key", p) == LOGIT_SCALE for p in path)
 
 
-def trainable_filter(method: str, train_logit_scale: bool = False):
-    """The nnx filter selecting the variables that train under `method` ('cma' or 'full')."""
-    if method == "cma":
-        base = AdapterParam
-    elif method == "full":
-        base = nnx.Param
-    else:
-        raise ValueError(f"method={method!r} has no trainable parameters (expected 'cma' or 'full')")
+def trainable_filter(method, train_logit_scale: bool = False):
+    """The nnx filter selecting the variables that train under `method` (a peft Method or its name)."""
+    method = peft.get(method)() if isinstance(method, str) else method
+    if not method.trains:
+        raise ValueError(f"method={method.name!r} has no trainable parameters (it is evaluated, not trained)")
+    base = method.trainable
     named = nnx.PathContains(LOGIT_SCALE)
     if train_logit_scale:
         return nnx.Any(base, nnx.All(nnx.Param, named))
     return nnx.All(base, nnx.Not(named))
 
 
-def split(model: nnx.Module, method: str, train_logit_scale: bool = False):
+def split(model: nnx.Module, method, train_logit_scale: bool = False):
     """model -> (graphdef, trainable, rngs, frozen) states; `nnx.merge(graphdef, trainable, rngs, frozen)`."""
     return nnx.split(model, trainable_filter(method, train_logit_scale), nnx.RngState, ...)
 
@@ -68,9 +69,10 @@ def clamp_logit_scale(params):
 
 
 def _labels(trainable: nnx.State):
-    """'head' (peak lr: adapters, logit_scale) or 'backbone' (backbone_lr) per leaf, by variable type."""
+    """'head' (peak lr: what a method adds or tunes, logit_scale) or 'backbone' (backbone_lr: full
+    fine-tuning's pre-trained weights) per leaf, by variable type."""
     def label(path, v):
-        head = isinstance(v, AdapterParam) or is_logit_scale(path)
+        head = isinstance(v, (MethodParam, TunedParam)) or is_logit_scale(path)
         return v.replace("head" if head else "backbone")  # same pytree structure as the params
     return jax.tree_util.tree_map_with_path(label, trainable, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

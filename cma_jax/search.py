@@ -13,7 +13,7 @@ because the text-conditioned head weighs each video's frames by the query.
   command) skips videos already indexed or already reported unreadable, so a killed run loses at most
   one shard of work, and new files added to the folder are picked up.
 * Unreadable videos are reported, recorded in the manifest and skipped (`--retry_failed` retries).
-* The model that builds the index is fingerprinted (CLIP config, adapter config, sha256 of the
+* The model that builds the index is fingerprinted (CLIP config, method and its fields, sha256 of the
   weights); querying or extending an index with any other model is refused with a message.
 * `query` / `report` default to the backbone, adapters, tokenizer and dtype the index was built with.
 * Frames (T), fps and words per query default to what the adapters were trained with (recorded in
@@ -35,7 +35,7 @@ import sys
 
 import numpy as np
 
-from cma_jax import console
+from cma_jax import checkpoint, console
 from cma_jax.files import write_atomic
 
 MANIFEST = "manifest.json"
@@ -65,14 +65,7 @@ def read_manifest(index_dir: str) -> dict | None:
 
 
 def _describe_difference(saved: dict, current: dict) -> str:
-    diffs = []
-    for section in ("clip", "adapter"):
-        s, c = saved.get(section), current.get(section)
-        if (s is None) != (c is None):
-            diffs.append(f"{section}: index {'none' if s is None else s}, model {'none' if c is None else c}")
-        elif s is not None:
-            diffs += [f"{section}.{k}: index {s.get(k)!r}, model {c.get(k)!r}"
-                      for k in sorted(set(s) | set(c)) if s.get(k) != c.get(k)]
+    diffs = checkpoint.model_differences(saved, current, ("index", "model"))
     if not diffs and saved.get("params_sha256") != current.get("params_sha256"):
         diffs.append(f"weights: index {saved.get('params_sha256', '')[:12]}, "
                      f"model {current.get('params_sha256', '')[:12]} (sha256)")
@@ -192,7 +185,7 @@ def build_index(retriever, video_dir: str, index_dir: str, *, shard_size: int = 
                 masks.append(clip[1])
             bar.set_postfix(unreadable=len(manifest["failed"]))
             if names:
-                emb = retriever.encode_clips(np.stack(frames))
+                emb = retriever.encode_clips(np.stack(frames), np.stack(masks))
                 file = f"shard_{len(manifest['shards']):05d}.npz"
                 write_atomic(os.path.join(index_dir, file), lambda f: np.savez(
                     f, frame_emb=emb.astype(np.float16), frame_mask=np.stack(masks), videos=np.array(names)))
@@ -264,11 +257,10 @@ def render_report(results: list[list[dict]], texts: list[str], index: dict, *, t
     manifest = index["manifest"]
     root = manifest["video_root"]
     fp = manifest["fingerprint"]
-    adapter = fp["adapter"]
+    method = ", ".join(f"{k}={v}" for k, v in fp["method_config"].items())
     model_line = (f"CLIP embed {fp['clip']['embed_dim']}, {fp['clip']['vision_layers']}+{fp['clip']['text_layers']} "
-                  f"layers, patch {fp['clip']['vision_patch_size']}; adapters "
-                  + (f"r={adapter['reduction_dim']} d_s={adapter['share_dim']}" if adapter else "none")
-                  + f"; weights {fp['params_sha256'][:12]}")
+                  f"layers, patch {fp['clip']['vision_patch_size']}; method {fp['method']}"
+                  + (f" ({method})" if method else "") + f"; weights {fp['params_sha256'][:12]}")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Video search report</title>"
              f"<style>{_CSS}</style></head><body><h1>Video search report</h1>",
              f"<div class='sub'>{len(index['videos'])} videos in {html.escape(root)} &middot; "

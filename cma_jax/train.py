@@ -32,11 +32,11 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from cma_jax import checkpoint as ckpt_lib
-from cma_jax import evaluate, gradcache, lock, optim
+from cma_jax import config as config_lib
+from cma_jax import evaluate, gradcache, loader, lock, optim
 from cma_jax import sharding as shd
 from cma_jax.data import pipeline
 from cma_jax.errors import TrainingDiverged
-from cma_jax.models import load
 from cma_jax.models.summary import count
 from cma_jax.optim import TrainState
 
@@ -177,14 +177,15 @@ class _Logger:
 def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     """Train per config in `workdir` (resuming from its last checkpoint) -> (model, history).
 
-    The config is taken as validated (cma_jax.main does it once). backbone: None -> config.backbone,
-    else a backbone folder, module or pure dict (`cma_jax.models.load.build_model`); train_iter: see
+    The config is taken as validated (cma_jax.main does it once). backbone: a `cma_jax.loader.Backbone`
+    (resolved once by the entry point), a module or pure dict of the config's architecture, or None
+    (config.backbone is resolved here); train_iter: see
     the module docstring (default: config.data's grain pipeline); eval_fn(model, step) is called every
     train.eval_every_steps (if > 0). The returned model holds the trained parameters; history is one
     dict per step run here (step, loss, lr, grad_norm, step_time, examples_per_s).
     """
-    if config.method == "zero_shot":
-        raise ValueError("config.method=zero_shot has nothing to train; use config.mode=eval")
+    if not config_lib.method(config).trains:
+        raise ValueError(f"config.method={config.method} has nothing to train; use config.mode=eval")
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     with lock.workdir_lock(workdir):  # one run per workdir
         return _train(config, workdir, backbone, train_iter, eval_fn)
@@ -193,18 +194,20 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
 def _train(config, workdir: str, backbone, train_iter, eval_fn):
     # ------------------------------------------------------------------------- model and optimizer
     mesh = shd.make_mesh(config)
-    model, _ = load.from_config(config, backbone=backbone)
+    if backbone is None:
+        backbone = loader.backbone_from_config(config)
+    model, _ = loader.from_config(config, backbone)
     train_ls = bool(config.model.train_logit_scale)
-    graphdef, params, rngs, frozen = optim.split(model, config.method, train_ls)
+    graphdef, params, rngs, frozen = optim.split(model, model.clip.method, train_ls)
     own_iter = train_iter is None
     if own_iter:
-        train_iter = pipeline.train_iterator_from_config(config)
+        train_iter = pipeline.train_iterator_from_config(config, loader.tokenizer(config, backbone))
     num_steps = num_train_steps(config, train_iter)
     tx, lr_fn = optim.make_optimizer(config.train, params, num_steps)
     total, trainable = count(nnx.state(model, nnx.Param)), count(params)
     log.info("parameters: %s total, %s trainable (%.3f %%), method=%s", f"{total:,}", f"{trainable:,}",
              100.0 * trainable / total, config.method)
-    meta = ckpt_lib.run_meta(model, config.method, train_ls, data=config.data, config=config)
+    meta = ckpt_lib.run_meta(model, train_ls, data=config.data, config=config)
     del model  # its arrays are the unsharded copies; the step uses the sharded ones
 
     # ------------------------------------------------------------------------- shardings
@@ -331,21 +334,24 @@ class _DivergenceGuard:
 
 
 # ----------------------------------------------------------------------------- train and evaluate
-def train_and_evaluate(config, workdir: str):
+def train_and_evaluate(config, workdir: str, backbone=None):
     """The program `python -m cma_jax.main` runs: train and/or evaluate as config.mode says.
 
     Evaluation (cma_jax.evaluate) runs on config.data.eval_split at the end of training and every
     train.eval_every_steps; mode=eval loads the backbone plus, unless zero-shot, the trained
     parameters of config.adapter_checkpoint (default: the workdir's latest run checkpoint).
+    `backbone`: the entry point's resolved `cma_jax.loader.Backbone` (None: resolved here).
     Returns the final evaluation results (None for mode=train).
     """
     mesh = shd.make_mesh(config)
+    if backbone is None:
+        backbone = loader.backbone_from_config(config)
     model, step = None, None
     if config.mode in ("train", "train_and_eval"):
         def eval_fn(model, step):
-            evaluate.evaluate_from_config(config, workdir, model, mesh=mesh, step=step)
-        model, history = train(config, workdir, eval_fn=eval_fn)
+            evaluate.evaluate_from_config(config, workdir, model, backbone=backbone, mesh=mesh, step=step)
+        model, history = train(config, workdir, backbone, eval_fn=eval_fn)
         step = history[-1]["step"] if history else None
     if config.mode in ("eval", "train_and_eval"):
-        return evaluate.evaluate_from_config(config, workdir, model, mesh=mesh, step=step)
+        return evaluate.evaluate_from_config(config, workdir, model, backbone=backbone, mesh=mesh, step=step)
     return None

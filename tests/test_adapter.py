@@ -150,7 +150,7 @@ def test_share_dim_equal_to_narrow_width_and_zero():
     assert model.visual.transformer.resblocks[0].attn_adapter.up_kernel[...].shape == (4, 16)
     assert all(np.isfinite(x).all() for x in encode(model))
     model = tiny_clip(d_s=0)  # plain uni-modal adapters: no shared bank
-    assert model.shared_adapters is None
+    assert "shared_adapters" not in model.method_modules
     assert all(np.isfinite(x).all() for x in encode(model))
 
 

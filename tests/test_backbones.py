@@ -25,7 +25,7 @@ from flax import nnx  # noqa: E402
 
 from cma_jax import backbones, checkpoint, convert  # noqa: E402
 from cma_jax.models.clip import CLIP, CLIPConfig  # noqa: E402
-from cma_jax.models.load import apply_state  # noqa: E402
+from cma_jax.models.state import apply_state  # noqa: E402
 from cma_jax.trees import flatten  # noqa: E402
 from loopback import Server  # noqa: E402
 

@@ -51,7 +51,7 @@ def test_non_finite_loss_stops_before_saving_and_names_the_step(tmp_path):
     assert msg.startswith("training diverged at step 6: loss nan")
     assert "the last checkpoint, step 4, is intact: run the same command with a lower --config.train.lr" in msg
     assert _steps(workdir) == [2, 4]  # nothing of step 6 (nor later) reached the disk
-    model = train_lib.load.from_config(config)[0]
+    model = train_lib.loader.from_config(config)[0]
     ckpt_lib.load_adapters(workdir, model)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, AdapterParam)))
 
@@ -84,11 +84,11 @@ def test_learning_rate_must_be_finite_and_positive(lr):
 
 def test_best_checkpoint_is_kept_out_of_rotation(tmp_path, ):
     config = tiny_config()
-    model = train_lib.load.from_config(config)[0]
+    model = train_lib.loader.from_config(config)[0]
     graphdef, params, rngs, _ = train_lib.optim.split(model, "cma")
     tx, _ = train_lib.optim.make_optimizer(config.train, params, 10)
     state = train_lib.optim.TrainState(params=params, opt_state=tx.init(params), rngs=rngs, step=0)
-    meta = ckpt_lib.run_meta(model, "cma")
+    meta = ckpt_lib.run_meta(model)
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path), keep=1)
     for step, loss in ((2, 3.0), (4, 1.0), (6, 2.5), (8, 2.0)):
         ckpt.save(step, state, {}, meta, force=True, loss=loss)

@@ -32,11 +32,11 @@ def _dir_bytes(path):
 
 def test_vit_b32_run_checkpoint_is_small_and_holds_no_backbone(tmp_path):
     config = config_lib.base_config()  # MSR-VTT: ViT-B/32, r=8, d_s=16
-    model = nnx.eval_shape(lambda: RetrievalModel(config_lib.clip_config(config), config_lib.adapter_config(config),
+    model = nnx.eval_shape(lambda: RetrievalModel(config_lib.clip_config(config), config_lib.method(config),
                                                   rngs=nnx.Rngs(0)))
     state = _run_state(model, config)
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path))
-    ckpt.save(7, state, {"next_batch": 7}, ckpt_lib.run_meta(model, config.method), force=True)
+    ckpt.save(7, state, {"next_batch": 7}, ckpt_lib.run_meta(model), force=True)
     ckpt.wait()
     size = _dir_bytes(os.path.join(tmp_path, "checkpoints", "7"))
     n = count(state.params)
@@ -52,13 +52,13 @@ def tiny():
                      context_length=8, vocab_size=64, text_width=32, text_heads=2, text_layers=2).items():
         config.model.clip[k] = v
     config.adapter.reduction_dim, config.adapter.share_dim = 4, 8
-    model = RetrievalModel(config_lib.clip_config(config), config_lib.adapter_config(config), rngs=nnx.Rngs(0))
+    model = RetrievalModel(config_lib.clip_config(config), config_lib.method(config), rngs=nnx.Rngs(0))
     return config, model
 
 
 def test_keep_last_n_and_restore_roundtrip(tmp_path, tiny):
     config, model = tiny
-    meta = ckpt_lib.run_meta(model, config.method)
+    meta = ckpt_lib.run_meta(model)
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path), keep=2)
     states = {s: _run_state(model, config, seed=s) for s in (1, 2, 3)}
     for s, st in states.items():
@@ -75,7 +75,7 @@ def test_keep_last_n_and_restore_roundtrip(tmp_path, tiny):
 
 def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, tiny, monkeypatch):
     config, model = tiny
-    meta = ckpt_lib.run_meta(model, config.method)
+    meta = ckpt_lib.run_meta(model)
     good = _run_state(model, config, seed=1)
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path))
     ckpt.save(1, good, {"next_batch": 1}, meta, force=True)
@@ -106,16 +106,16 @@ def test_grain_bytes_state_roundtrip():
 def test_restore_into_other_architecture_names_the_difference(tmp_path, tiny):
     config, model = tiny
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path))
-    ckpt.save(1, _run_state(model, config), {"next_batch": 1}, ckpt_lib.run_meta(model, config.method), force=True)
+    ckpt.save(1, _run_state(model, config), {"next_batch": 1}, ckpt_lib.run_meta(model), force=True)
     ckpt.wait()
     other = config_lib.base_config()
     for k, v in config.model.clip.items():
         other.model.clip[k] = v
     other.model.clip.vision_layers = 3
     other.adapter.reduction_dim, other.adapter.share_dim = 4, 4
-    model2 = RetrievalModel(config_lib.clip_config(other), config_lib.adapter_config(other), rngs=nnx.Rngs(0))
+    model2 = RetrievalModel(config_lib.clip_config(other), config_lib.method(other), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError) as e:
-        ckpt.restore(1, ckpt_lib.abstract(_run_state(model2, other)), ckpt_lib.run_meta(model2, other.method))
+        ckpt.restore(1, ckpt_lib.abstract(_run_state(model2, other)), ckpt_lib.run_meta(model2))
     assert "clip.vision_layers: checkpoint 2, config 3" in str(e.value)
     assert "adapter.share_dim: checkpoint 8, config 4" in str(e.value)
     with pytest.raises(FileNotFoundError, match="no run checkpoint"):

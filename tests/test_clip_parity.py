@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cma_jax.convert import convert_checkpoint, convert_state_dict  # noqa: E402
-from cma_jax.models.load import apply_state  # noqa: E402
+from cma_jax.models.state import apply_state  # noqa: E402
 from cma_jax.models.clip import CLIP, CLIPConfig  # noqa: E402
 from torch_reference import OpenAICLIP  # noqa: E402
 

@@ -89,14 +89,17 @@ def test_unknown_field_fails_naming_it():
 
 def test_baselines_are_config_changes_only():
     c = config_lib.base_config()
-    assert config_lib.adapter_config(c).share_dim == 16
-    c.adapter.share_dim = 0  # uni-modal ablation
-    assert config_lib.adapter_config(c).share_dim == 0
+    assert config_lib.method(c).name == "cma" and config_lib.method(c).share_dim == 16
+    c.adapter.share_dim = 0  # d_s = 0 by hand is still the Cross-Modal Adapter's code path
+    assert config_lib.method(c).share_dim == 0
+    c.method = "unimodal"  # the ablation as its own method: d_s is 0 whatever config.adapter.share_dim says
+    c.adapter.share_dim = 16
+    assert config_lib.method(c).share_dim == 0 and config_lib.method(c).reduction_dim == 8
     c.method = "full"
-    assert config_lib.adapter_config(c) is None
+    assert config_lib.method(c).name == "full"
     c.method, c.mode = "zero_shot", "eval"
     config_lib.validate(c)
-    assert config_lib.adapter_config(c) is None
+    assert not config_lib.method(c).trains
 
 
 def test_main_rejects_unknown_override_and_bad_value():

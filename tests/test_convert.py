@@ -12,7 +12,8 @@ from flax import nnx  # noqa: E402
 
 from cma_jax import checkpoint, convert  # noqa: E402
 from cma_jax.convert.__main__ import main as convert_main  # noqa: E402
-from cma_jax.models import load  # noqa: E402
+from cma_jax.models import peft  # noqa: E402
+from cma_jax.models.state import apply_state  # noqa: E402
 from cma_jax.trees import flatten  # noqa: E402
 from cma_jax.convert import CheckpointError  # noqa: E402
 from cma_jax.models.adapter import AdapterConfig, AdapterParam  # noqa: E402
@@ -95,8 +96,8 @@ def test_converted_adapters_land_in_the_model():
     sd = cma_state_dict(8)
     conv = convert.convert_state_dict(sd)
     model = CLIP(conv.clip_config, conv.adapter_config, rngs=nnx.Rngs(0))
-    load.apply_state(model, conv.backbone)
-    load.apply_state(model, conv.adapters)
+    apply_state(model, conv.backbone)
+    apply_state(model, conv.adapters)
     block = model.visual.transformer.resblocks[2]
     np.testing.assert_array_equal(block.mlp_adapter.down_kernel[...], sd["clip.visual_adapter_down_weight"][5].T)
     np.testing.assert_array_equal(block.attn_adapter.up_kernel[...], sd["clip.visual_adapter_up_unique_weight"][4].T)
@@ -196,7 +197,7 @@ def test_apply_state_rejects_a_tree_for_another_architecture():
     conv = convert.convert_state_dict(cma_state_dict(8))
     other = CLIP(dataclasses.replace(conv.clip_config, text_layers=1), None, rngs=nnx.Rngs(0))
     with pytest.raises(CheckpointError, match=r"unexpected \(12\): transformer.resblocks.1"):
-        load.apply_state(other, conv.backbone)
+        apply_state(other, conv.backbone)
 
 
 # ----------------------------------------------------------------------------- backbone storage
@@ -223,7 +224,7 @@ def test_save_load_backbone_round_trip(tmp_path, converted):
     assert sorted(os.listdir(tmp_path)) == ["backbone", "src"]
     # and it loads into a model
     model = CLIP(dataclasses.replace(cfg, dtype="bfloat16"), AdapterConfig(R, 8), rngs=nnx.Rngs(0))
-    load.apply_state(model, state)
+    apply_state(model, state)
     np.testing.assert_array_equal(model.visual.proj[...], converted.backbone["visual"]["proj"])
 
 
@@ -274,7 +275,7 @@ def test_cli_import_and_export(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "backbone" in out and "adapters" in out
     meta = checkpoint.saved_meta(str(tmp_path / "ad"))  # the run layout: one loading path for adapters
-    assert checkpoint.saved_adapter_config(str(tmp_path / "ad")) == AdapterConfig(R, 8)
+    assert checkpoint.saved_method(str(tmp_path / "ad")) == peft.as_method(AdapterConfig(R, 8))
     assert meta["clip"]["vision_layers"] == 3 and meta["method"] == "cma"
     with pytest.raises(SystemExit):
         convert_main(["import", str(tmp_path / "cma.pth"), str(tmp_path / "bb")])

@@ -37,7 +37,8 @@ def test_stage_configs_are_valid_and_differ_as_intended(arg):
     assert pre.data.builder_config.startswith("pretrain") and pre.data.num_frames == 1
     assert stages["pretrain_eval"].mode == "eval" and stages["pretrain_eval"].data.eval_split == "val"
     assert (stages["zero_shot"].method, stages["zero_shot"].mode) == ("zero_shot", "eval")
-    assert stages["uni"].adapter.share_dim == 0 and stages["cma"].adapter.share_dim == config.adapter.share_dim > 0
+    assert stages["uni"].method == "unimodal" and config_lib.method(stages["uni"]).share_dim == 0
+    assert stages["cma"].adapter.share_dim == config.adapter.share_dim > 0
     assert stages["full"].method == "full" and stages["full"].train.backbone_lr == config.extra.full_lr
     for s in ("zero_shot", "uni", "cma", "full"):  # same starting point, same task, same test split
         c = stages[s]
@@ -257,8 +258,8 @@ def test_quick_demo_learns_and_survives_interrupt_resume_reuse(tmp_path, monkeyp
     # Run 1: Ctrl-C in the middle of the CMA training.
     real_iterator = pipeline.train_iterator_from_config
 
-    def interrupting(cfg):
-        it = real_iterator(cfg)
+    def interrupting(cfg, *args, **kwargs):
+        it = real_iterator(cfg, *args, **kwargs)
         return _InterruptAfter(it, 7) if cfg.method == "cma" and cfg.adapter.share_dim > 0 else it
 
     monkeypatch.setattr(pipeline, "train_iterator_from_config", interrupting)

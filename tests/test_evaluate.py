@@ -227,7 +227,7 @@ def test_evaluate_from_config_zero_shot(eval_setup, tmp_path):
             assert res["metrics"][d][k] == pytest.approx(v), (d, k)
     assert res["dsl"] == metrics.retrieval_metrics(sim, idx, dsl_temp=1.0)
     assert (tmp_path / "eval_test.json").exists() and (tmp_path / "eval_test.md").exists()
-    assert any(f.startswith("events") for f in os.listdir(tmp_path))
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))  # beside training's, not in WORKDIR
 
     # eval.max_videos: the first 3 videos and their 6 captions only.
     config.eval.max_videos = 3

@@ -108,7 +108,7 @@ def late_thread():  # and a writer thread whose queue is gone by then
     t.start()
     t.join()
 
-def run(config, workdir):
+def run(config, workdir, overridden=()):
     jax.devices()  # JAX logs "Unable to initialize backend 'tpu'" at INFO where there is no TPU
     logging.getLogger("somelib").warning("a real warning")
     atexit.register(flush_events)

@@ -245,6 +245,7 @@ def test_from_config_splits_the_global_batch(data_dir, tmp_path):
     config.train.batch_size = 5
     with pytest.raises(ValueError, match="config.train.batch_size=5 must be divisible"):
         pipeline.train_iterator_from_config(config, process_index=0, process_count=2)
-    config.data.tokenizer = "clip"
-    with pytest.raises(ValueError, match="config.backbone"):
+    config.data.tokenizer = "clip"  # = the backbone's, which the caller passes (cma_jax.loader.tokenizer)
+    with pytest.raises(ValueError, match="config.data.tokenizer is empty and no tokenizer was given"):
         pipeline.train_iterator_from_config(config, process_index=0, process_count=1)
+    assert next(pipeline.train_iterator_from_config(config, str(vocab), 0, 1))["text_ids"].shape == (5, 6)

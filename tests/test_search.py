@@ -17,6 +17,7 @@ from flax import nnx
 
 import videofiles
 from cma_jax import api, checkpoint, console, search
+from cma_jax.models import peft
 from cma_jax.models.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.models.retrieval import RetrievalModel
@@ -89,7 +90,7 @@ def test_index_resume_query_and_refusal(trained, tmp_path, capsys):
     # sorted: [blue, broken] [green, more/purple] [red, yellow]: the unreadable one leaves a gap
     assert [s["count"] for s in manifest["shards"]] == [1, 2, 2]
     assert list(manifest["failed"]) == ["broken.mp4"]  # reported and skipped
-    assert manifest["fingerprint"]["adapter"]["reduction_dim"] == 8
+    assert manifest["fingerprint"]["method_config"]["reduction_dim"] == 8
 
     # The index's embeddings are the trained model's own.
     index = search.load_index(str(index_dir))
@@ -128,7 +129,7 @@ def test_index_resume_query_and_refusal(trained, tmp_path, capsys):
     # Another model (the same backbone without the adapters) is refused, for indexing and querying.
     assert search.main(index_args(t, index_dir, "--adapters", "")) == 2
     err = capsys.readouterr().err
-    assert "different model" in err and "adapter: index" in err
+    assert "different model" in err and "method: index 'cma', model 'zero_shot'" in err
     assert search.main(["query", str(index_dir), "red", "--adapters", ""]) == 2
     assert "different model" in capsys.readouterr().err
     # Same architecture, other weights: the hash tells them apart.
@@ -243,11 +244,11 @@ def test_api_loads_a_run_checkpoint(trained, tmp_path):
     params = nnx.state(t["model"], optim.trainable_filter("cma"))
     state = optim.TrainState(params=params, opt_state=optax.adam(1e-3).init(params), rngs={}, step=7)
     ckpt = checkpoint.RunCheckpointer(str(tmp_path / "run"))
-    ckpt.save(7, state, {"i": 0}, checkpoint.run_meta(t["model"], "cma"))
+    ckpt.save(7, state, {"i": 0}, checkpoint.run_meta(t["model"]))
     ckpt.wait()
     ckpt.close()
     r = api.load(t["backbone"], str(tmp_path / "run"), tokenizer=t["vocab"], num_frames=2, max_words=8)
-    assert r.step == 7 and r.model.clip.adapter_config == ADAPTER
+    assert r.step == 7 and r.model.clip.method == peft.as_method(ADAPTER)
     assert r.fingerprint == api.fingerprint(t["model"])  # the very same weights
     with pytest.raises(FileNotFoundError, match="no finished checkpoint|neither"):
         api.load(t["backbone"], str(tmp_path / "nothing"), tokenizer=t["vocab"])

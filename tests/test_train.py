@@ -9,7 +9,7 @@ from flax import nnx
 
 from cma_jax import checkpoint as ckpt_lib
 from cma_jax import optim
-from cma_jax.models import load
+from cma_jax import loader
 from cma_jax.models.summary import count
 from cma_jax import train as train_lib
 from cma_jax.models.adapter import AdapterParam
@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
 
 def test_frozen_weights_bit_identical_and_adapters_learn(trained):
     config, _, model, history = trained
-    init = load.from_config(config)[0]  # same seed -> the starting point of the run
+    init = loader.from_config(config)[0]  # same seed -> the starting point of the run
     before, after = _frozen(init), _frozen(model)
     assert before.keys() == after.keys() and len(before) > 20
     for k in before:
@@ -55,7 +55,7 @@ def test_frozen_weights_bit_identical_and_adapters_learn(trained):
 
 def test_logit_scale_frozen_unless_configured():
     config = tiny_config()
-    model = load.from_config(config)[0]
+    model = loader.from_config(config)[0]
     _, params, _, frozen = optim.split(model, config.method, config.model.train_logit_scale)
     assert "logit_scale" not in jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params)[0])
     config.model.train_logit_scale = True
@@ -67,7 +67,7 @@ def test_logit_scale_frozen_unless_configured():
 
 def test_weight_decay_skips_biases():
     config = tiny_config()
-    model = load.from_config(config)[0]
+    model = loader.from_config(config)[0]
     _, params, _, _ = optim.split(model, config.method, config.model.train_logit_scale)
     mask = _flat(optim.decay_mask(params))
     assert all(v == ("kernel" in k) for k, v in mask.items()), mask
@@ -79,7 +79,7 @@ def test_adapter_step_computes_no_backbone_weight_gradients():
     for method in ("cma", "full"):
         config = tiny_config()
         config.method = method
-        model = load.from_config(config)[0]
+        model = loader.from_config(config)[0]
         graphdef, params, rngs, frozen = optim.split(model, config.method, config.model.train_logit_scale)
         tx, lr = optim.make_optimizer(config.train, params, 10)
         step = jax.jit(train_lib.make_train_step(graphdef, tx, lr, 1))
@@ -97,7 +97,7 @@ def test_full_finetuning_trains_backbone_but_not_logit_scale(tmp_path):
     config.method = "full"
     config.train.backbone_lr = 1e-3
     model, _ = train_lib.train(config, str(tmp_path), train_iter=SyntheticBatches(config))
-    init = load.from_config(config)[0]
+    init = loader.from_config(config)[0]
     before, after = _frozen(init), _frozen(model)
     moved = [k for k in before if not np.array_equal(before[k], after[k])]
     assert len(moved) == len(before) - 1 and not any("logit_scale" in k for k in moved)
@@ -107,7 +107,7 @@ def test_full_finetuning_trains_backbone_but_not_logit_scale(tmp_path):
 def test_grad_accumulation_is_the_whole_batch_objective():
     """k micro-batches take the InfoNCE over the whole batch (gradient caching): same loss, same update."""
     config = tiny_config(grad_accum_steps=2, grad_clip=0.0)
-    model = load.from_config(config)[0]
+    model = loader.from_config(config)[0]
     graphdef, params, rngs, frozen = optim.split(model, config.method, config.model.train_logit_scale)
     tx = optax.sgd(1.0)  # new params = params - gradient
     state = optim.TrainState(params=params, opt_state=tx.init(params), rngs=rngs, step=jnp.int32(0))
@@ -149,7 +149,7 @@ def test_killed_run_resumes_to_the_same_parameters(trained, tmp_path, exc):
 
 def test_load_adapters_for_eval_and_wrong_checkpoint_message(trained, tmp_path):
     config, workdir, model, _ = trained
-    fresh = load.from_config(config)[0]
+    fresh = loader.from_config(config)[0]
     assert ckpt_lib.load_adapters(workdir, fresh) == 4
     a, b = _adapters(model), _adapters(fresh)
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -157,7 +157,7 @@ def test_load_adapters_for_eval_and_wrong_checkpoint_message(trained, tmp_path):
     other = tiny_config()
     other.adapter.reduction_dim = 2
     with pytest.raises(ValueError, match="adapter.reduction_dim: checkpoint 4, config 2"):
-        ckpt_lib.load_adapters(workdir, load.from_config(other)[0])
+        ckpt_lib.load_adapters(workdir, loader.from_config(other)[0])
     with pytest.raises(ValueError, match="reduction_dim"):  # resuming a run with another r
         train_lib.train(other, workdir, train_iter=SyntheticBatches(other))
 
@@ -168,7 +168,7 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     model, history = train_lib.train(config, str(tmp_path), train_iter=SyntheticBatches(config))
     assert all(np.isfinite(h["loss"]) for h in history)
     assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype("float32")}
-    init = load.from_config(config)[0]
+    init = loader.from_config(config)[0]
     before, after = _frozen(init), _frozen(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
@@ -203,7 +203,7 @@ def test_trained_logit_scale_is_clamped_at_log_100():
     """As CLIP / the original train.py: after each update, logit_scale <= log(100)."""
     config = tiny_config()
     config.model.train_logit_scale = True
-    model = load.from_config(config)[0]
+    model = loader.from_config(config)[0]
     model.clip.logit_scale[...] = jnp.float32(4.5)
     graphdef, params, rngs, frozen = optim.split(model, config.method, config.model.train_logit_scale)
     plus_one = optax.GradientTransformation(lambda p: optax.EmptyState(),

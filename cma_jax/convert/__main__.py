@@ -13,7 +13,7 @@ from flax import nnx
 from cma_jax import checkpoint
 from cma_jax.convert.mapping import convert_checkpoint, export_adapters
 from cma_jax.errors import CheckpointError
-from cma_jax.models import load
+from cma_jax.models import state
 from cma_jax.models.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.models.retrieval import RetrievalModel
@@ -60,17 +60,19 @@ def _run(args) -> None:
             acfg = dataclasses.replace(conv.adapter_config, activation=args.activation)
             if args.adapters_out:
                 model = _abstract_model(conv.clip_config, acfg)
-                load.apply_state(model, conv.adapters)
+                state.apply_state(model, conv.adapters)
                 checkpoint.save_adapters(args.adapters_out, model, args.overwrite)
                 print(f"adapters {acfg} -> {args.adapters_out}")
             else:
                 print("the checkpoint has adapters; pass --adapters_out DIR to keep them")
         return
     meta = checkpoint.saved_meta(args.adapters)
-    if not meta.get("adapter"):
-        raise CheckpointError(f"{args.adapters}: holds no adapters (method={meta.get('method')!r})")
+    method = checkpoint.method_of(meta)
+    if not isinstance(method, AdapterConfig):  # only the original's own adapters have its format
+        raise CheckpointError(f"{args.adapters}: holds no Cross-Modal Adapters (method={method.name!r}); only "
+                              "they export to the original repo's format")
     cfg = CLIPConfig(**meta["clip"])
-    model = _abstract_model(cfg, AdapterConfig(**meta["adapter"]))
+    model = _abstract_model(cfg, method)
     checkpoint.load_adapters(args.adapters, model)
     backbone = None
     if args.backbone:

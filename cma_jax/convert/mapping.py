@@ -6,7 +6,7 @@ Formats (the architecture is inferred from tensor shapes):
   * The original Cross-Modal-Adapter repo: a CLIP4Clip state dict (`clip.` + OpenAI names) with the
     adapters stacked per tower (`CMA_KEYS`, `cma_layout`).
 Our trees are nested pure dicts keyed like `nnx.state(CLIP(...))`: `backbone` holds every `nnx.Param`
-that is not an `AdapterParam`, `adapters` the AdapterParams (`cma_jax.models.load.apply_state` puts
+that is not an `AdapterParam`, `adapters` the AdapterParams (`cma_jax.models.state.apply_state` puts
 either into a model).
 """
 

@@ -32,8 +32,8 @@ API (the trainer and the evaluator call these once per process):
         Also `.num_videos`, `.num_texts`, `.video_ids`, `.text_video_index` (global), and `.media`: 'video',
         or 'image' for the image-text sets (one-frame records, T = 1: Flickr30K, MSCOCO), which report TR / IR.
 
-    train_iterator_from_config(config, process_index=None, process_count=None) -> TrainIterator
-    eval_batches_from_config(config, process_index=None, process_count=None) -> EvalBatches
+    train_iterator_from_config(config, tokenizer=None, process_index=None, process_count=None) -> TrainIterator
+    eval_batches_from_config(config, tokenizer=None, process_index=None, process_count=None) -> EvalBatches
         The same from a run config (cma_jax/config.py): config.data.*, config.seed, the global
         config.train.batch_size / config.eval.batch_size split over the processes (jax's by default).
         config.data.tokenizer '' = the tokenizer/ folder that config.backbone resolves to. A dataset that is
@@ -297,24 +297,11 @@ def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int,
 # --- from a run config (cma_jax/config.py) ----------------------------------------------------------
 
 
-def tokenizer_spec(config) -> str:
-    """config.data.tokenizer, where '' (or 'clip') means the tokenizer/ folder of config.backbone."""
-    spec = config.data.tokenizer
-    if spec not in ("", "clip"):
-        return spec
-    # jax + orbax behind it, which grain's worker processes (they import this module) do not need.
-    from cma_jax import backbones, checkpoint  # pylint: disable=import-outside-toplevel
-
-    folder = backbones.resolve(config.backbone)  # the loader resolved it already: a cache lookup
-    tokenizer = checkpoint.tokenizer_dir(folder) if folder else None
+def _from_config(config, global_batch: int, field: str, tokenizer, process_index, process_count) -> dict[str, Any]:
+    tokenizer = tokenizer or (config.data.tokenizer if config.data.tokenizer not in ("", "clip") else None)
     if tokenizer is None:
-        raise ValueError(f"config.data.tokenizer='' takes the tokenizer/ folder of config.backbone "
-                         f"({config.backbone!r}), which has none; set config.data.tokenizer to a Hugging Face CLIP "
-                         "tokenizer folder or to OpenAI's bpe_simple_vocab_16e6.txt.gz")
-    return tokenizer
-
-
-def _from_config(config, global_batch: int, field: str, process_index, process_count) -> dict[str, Any]:
+        raise ValueError("config.data.tokenizer is empty and no tokenizer was given: pass the backbone's "
+                         "(cma_jax.loader.tokenizer) or set config.data.tokenizer")
     if process_index is None or process_count is None:
         import jax  # pylint: disable=import-outside-toplevel
 
@@ -327,19 +314,24 @@ def _from_config(config, global_batch: int, field: str, process_index, process_c
     data_dir = d.data_dir or constants.DATA_DIR
     # Several processes would each download and build: only a single process builds on its own.
     ensure_built(d.name, data_dir, d.builder_config or None, build=process_count == 1)
-    return dict(name=d.name, data_dir=data_dir, tokenizer=tokenizer_spec(config),
+    return dict(name=d.name, data_dir=data_dir, tokenizer=tokenizer,
                 num_frames=d.num_frames, max_words=d.max_words, batch_size_per_process=global_batch // process_count,
                 process_index=process_index, process_count=process_count, workers=d.workers,
                 builder_config=d.builder_config or None)
 
 
-def train_iterator_from_config(config, process_index=None, process_count=None) -> TrainIterator:
-    """train_iterator for config.data / config.train.batch_size (global) / config.seed; processes from jax."""
-    args = _from_config(config, config.train.batch_size, "config.train.batch_size", process_index, process_count)
+def train_iterator_from_config(config, tokenizer=None, process_index=None, process_count=None) -> TrainIterator:
+    """train_iterator for config.data / config.train.batch_size (global) / config.seed; processes from jax.
+
+    `tokenizer`: the backbone's (a folder or file); None = config.data.tokenizer, which must then be set.
+    """
+    args = _from_config(config, config.train.batch_size, "config.train.batch_size", tokenizer, process_index,
+                        process_count)
     return train_iterator(split=config.data.train_split, seed=config.seed, **args)
 
 
-def eval_batches_from_config(config, process_index=None, process_count=None) -> EvalBatches:
+def eval_batches_from_config(config, tokenizer=None, process_index=None, process_count=None) -> EvalBatches:
     """eval_batches for config.data.eval_split / config.eval.batch_size (global) / config.eval.max_videos."""
-    args = _from_config(config, config.eval.batch_size, "config.eval.batch_size", process_index, process_count)
+    args = _from_config(config, config.eval.batch_size, "config.eval.batch_size", tokenizer, process_index,
+                        process_count)
     return eval_batches(split=config.data.eval_split, max_videos=config.eval.max_videos, **args)

@@ -26,12 +26,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from cma_jax import checkpoint, console, evaluate, optim, train
+from cma_jax import checkpoint, console, evaluate, loader, optim, train
 from cma_jax import config as config_lib
 from cma_jax.data import pipeline
 from cma_jax.data.builders import get_builder, synthetic
 from cma_jax.files import write_atomic
-from cma_jax.models import load
+from cma_jax.models import state
 from cma_jax.models.summary import count
 
 METHODS = {  # table row name, in the paper's terms
@@ -190,8 +190,7 @@ def stage_config(config, stage: str, data_dir: str, backbone: str = "", seed: in
     elif stage == "zero_shot":
         c.method, c.mode = "zero_shot", "eval"
     elif stage == "uni":
-        c.method = "cma"
-        c.adapter.share_dim = 0
+        c.method = "unimodal"
         c.train.lr = extra.uni_lr
     elif stage == "cma":
         c.method = "cma"
@@ -269,21 +268,15 @@ def write_results(path: str, results: dict) -> str:
     return took
 
 
-# Fields that do not change a stage's result (paths move with the workdir; logging, I/O).
-_NOT_IN_KEY = {"backbone_checkpoint": None, "adapter_checkpoint": None,
-               "data": ("data_dir", "tokenizer", "workers"),
-               "train": ("progress_bar", "log_every_steps", "save_every_steps", "keep_checkpoints")}
-
-
 def config_key(cfg) -> str:
-    """What a saved stage result depends on: its config minus paths and logging knobs."""
+    """What a saved stage result depends on: its config minus paths and logging knobs (config.PLACE_FIELDS)."""
     d = cfg.to_dict()
-    for key, sub in _NOT_IN_KEY.items():
-        if sub is None:
-            d.pop(key, None)
-        else:
-            for k in sub:
-                d[key].pop(k, None)
+    for name in config_lib.PLACE_FIELDS:
+        *sections, key = name.split(".")
+        node = d
+        for sec in sections:
+            node = node.get(sec, {})
+        node.pop(key, None)
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -323,7 +316,7 @@ def _run_checkpoint_bytes(workdir: str) -> int:
 
 def _param_counts(model, cfg) -> dict:
     total = count(nnx.state(model, nnx.Param))
-    trainable = 0 if cfg.method == "zero_shot" else count(
+    trainable = 0 if not config_lib.method(cfg).trains else count(
         nnx.state(model, optim.trainable_filter(cfg.method, cfg.model.train_logit_scale)))
     return {"total_params": int(total), "trainable_params": int(trainable),
             "trainable_percent": 100.0 * trainable / total}
@@ -347,8 +340,9 @@ def pretrain(config, workdir: str, data_dir: str) -> tuple[str, dict]:
         return backbone, summary
     _claim(run_dir, cfg)
     t0 = time.time()
-    model, _ = train.train(cfg, run_dir)
-    checkpoint.save_backbone(backbone, config_lib.clip_config(cfg), jax.device_get(load.backbone_state(model)),
+    clip = config_lib.clip_config(cfg)
+    model, _ = train.train(cfg, run_dir, backbone=loader.Backbone.random(clip, cfg.data.tokenizer))  # on purpose
+    checkpoint.save_backbone(backbone, clip, jax.device_get(state.backbone_state(model)),
                              tokenizer_files=(cfg.data.tokenizer,), overwrite=True)
     # How well it does on its own task (pretrain val): the backbone is a working CLIP.
     val = evaluate.evaluate_from_config(stage_config(config, "pretrain_eval", data_dir), run_dir, model=model)
@@ -406,7 +400,7 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
             best.update(r1=r1, step=step, params=jax.device_get(nnx.state(model, trainable)))
 
     if stage == "zero_shot":
-        model, _ = load.from_config(cfg, backbone=backbone)
+        model, _ = loader.from_config(cfg, backbone)
     else:
         model, _ = train.train(cfg, run_dir, backbone=backbone, eval_fn=check_on_val if val_checks else None)
         history = _history(run_dir)

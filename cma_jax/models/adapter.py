@@ -22,15 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cma_jax.models.params import AdapterParam
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
 }
-
-
-class AdapterParam(nnx.Param):
-    """The trainable parameters: every "what trains" decision filters on this type."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +48,8 @@ class AdapterConfig:
             raise ValueError(f"adapter activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        if self.init_std < 0:
+            raise ValueError(f"adapter init_std must be >= 0, got {self.init_std}")
 
 
 def shared_layer_index(layer: int, num_layers: int, num_shared: int) -> int:
@@ -57,7 +57,8 @@ def shared_layer_index(layer: int, num_layers: int, num_shared: int) -> int:
     return layer * num_shared // num_layers
 
 
-def _truncated_normal(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
+def truncated_normal(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
+    """std * N(0, 1) truncated at 2 std (the original code's `trunc_normal_`), float32."""
     return std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
 
 
@@ -65,7 +66,7 @@ class SharedUp(nnx.Module):
     """The shared slice of `up` for one (depth, position): r -> d_s."""
 
     def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
-        self.kernel = AdapterParam(_truncated_normal(rngs, (cfg.reduction_dim, cfg.share_dim), cfg.init_std))
+        self.kernel = AdapterParam(truncated_normal(rngs, (cfg.reduction_dim, cfg.share_dim), cfg.init_std))
         self.bias = AdapterParam(jnp.zeros((cfg.share_dim,), jnp.float32))
 
 
@@ -87,10 +88,10 @@ class Adapter(nnx.Module):
         self.dtype = dtype
         self.share_dim = cfg.share_dim
         self.activation = cfg.activation
-        self.down_kernel = AdapterParam(_truncated_normal(rngs, (width, r), cfg.init_std))
+        self.down_kernel = AdapterParam(truncated_normal(rngs, (width, r), cfg.init_std))
         self.down_bias = AdapterParam(jnp.zeros((r,), jnp.float32))
         if unique > 0:
-            self.up_kernel = AdapterParam(_truncated_normal(rngs, (r, unique), cfg.init_std))
+            self.up_kernel = AdapterParam(truncated_normal(rngs, (r, unique), cfg.init_std))
             self.up_bias = AdapterParam(jnp.zeros((unique,), jnp.float32))
         else:
             self.up_kernel = self.up_bias = None

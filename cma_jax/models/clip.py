@@ -1,9 +1,11 @@
-"""OpenAI's CLIP (ViT image tower + causal text tower) in Flax NNX, with optional adapters.
+"""OpenAI's CLIP (ViT image tower + causal text tower) in Flax NNX, with a fine-tuning method's modules.
 
 Module and parameter names mirror OpenAI's state dict (`visual.transformer.resblocks.3.attn...`)
-so that conversion is a readable table (see `cma_jax/convert.py`). Parameters are float32;
+so that conversion is a readable table (see `cma_jax/convert/tables.py`). Parameters are float32;
 `CLIPConfig.dtype` sets the compute dtype of matmuls and attention, while LayerNorm and softmax
-always run in float32.
+always run in float32. A fine-tuning method (`cma_jax.models.peft`: the Cross-Modal Adapter, prompts,
+other adapters) enters through the block slots and tower hooks of `cma_jax.models.peft.base`; the
+image tower takes videos as [B, T] frames, so methods that work across frames see that structure.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cma_jax.models.adapter import Adapter, AdapterConfig, AdapterParam, SharedBlock, shared_layer_index
-
-BACKBONE = nnx.All(nnx.Param, nnx.Not(AdapterParam))  # the frozen, pre-trained CLIP weights
+from cma_jax.models import peft
+from cma_jax.models.params import BACKBONE  # noqa: F401 - the pre-trained CLIP weights, named here for callers
+from cma_jax.models.peft.base import SLOTS, TowerContext, TowerHooks
 
 # What the backward pass keeps of each residual block's forward (CLIPConfig.remat): everything
 # (none); nothing, recomputing the block (block); the matmul outputs, recomputing only the cheap
@@ -97,14 +99,6 @@ def backbone_shapes(cfg: CLIPConfig) -> dict[str, tuple[int, ...]]:
     model = nnx.eval_shape(lambda: CLIP(cfg, None, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, BACKBONE))
     return {".".join(str(p) for p in path): tuple(v.shape) for path, v in flat}
-
-
-def check_adapter_fits(cfg: CLIPConfig, adapter: AdapterConfig | None) -> None:
-    """The shared slice must fit both towers: d_s <= the narrower width (ValueError otherwise)."""
-    narrow = min(cfg.vision_width, cfg.text_width)
-    if adapter is not None and adapter.share_dim > narrow:
-        raise ValueError(f"d_s must be in [0, {narrow}]: d_s={adapter.share_dim} exceeds the narrower tower "
-                         f"width {narrow}")
 
 
 def quick_gelu(x):
@@ -199,26 +193,45 @@ class MLP(nnx.Module):
 
 
 class ResidualAttentionBlock(nnx.Module):
-    """Pre-LN block; adapters act on each sub-layer output before its residual add."""
+    """Pre-LN block with the method's slots (cma_jax.models.peft.base.SLOTS):
 
-    def __init__(self, width: int, heads: int, dtype, adapter: AdapterConfig | None, *, rngs: nnx.Rngs):
+        x = pre_adapter(x)                                   (on the residual stream; ST-Adapter)
+        x = x + attn_adapter(attn(ln_1(x)))                  (on the attention output; CMA, Adapter-ATTN)
+        x = mid_adapter(x)                                   (on the residual stream; ST-Adapter before the MLP)
+        x = x + mlp_adapter(mlp(ln_2(x)) + parallel_adapter(x))   (AdaptFormer beside, CMA after the MLP)
+
+    An empty slot is the identity. `method` is a peft Method (or an AdapterConfig, read as the
+    Cross-Modal Adapter, or None); its modules are created after the block's own weights.
+    """
+
+    def __init__(self, width: int, heads: int, dtype, method=None, *, rngs: nnx.Rngs, tower: str = "vision",
+                 layer: int = 0, num_layers: int = 1):
         self.ln_1 = LayerNorm(width, rngs=rngs)
         self.attn = Attention(width, heads, dtype, rngs=rngs)
         self.ln_2 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, dtype, rngs=rngs)
-        if adapter is not None:
-            self.attn_adapter = Adapter(width, adapter, dtype=dtype, rngs=rngs)
-            self.mlp_adapter = Adapter(width, adapter, dtype=dtype, rngs=rngs)
-        else:
-            self.attn_adapter = self.mlp_adapter = None
+        slots = peft.as_method(method).block_modules(tower, layer, num_layers, width, dtype, rngs)
+        unknown = set(slots) - set(SLOTS)
+        if unknown:
+            raise ValueError(f"unknown block slot(s) {sorted(unknown)}; expected some of {SLOTS}")
+        for name in SLOTS:
+            setattr(self, name, slots.get(name))
 
-    def __call__(self, x, mask, shared: SharedBlock | None, dropout_keys=(None, None)):
+    def __call__(self, x, mask, shared=None, ctx: TowerContext | None = None, dropout_keys=(None, None)):
+        """x [N, S, W]; `shared`: the Cross-Modal Adapter's bank entry of this depth; `ctx`: the call's
+        frame structure (for slots that work across frames); dropout keys for the two adapters."""
+        if self.pre_adapter is not None:
+            x = self.pre_adapter(x, ctx)
         x = residual_boundary(x)
         h = self.attn(self.ln_1(x), mask)
         if self.attn_adapter is not None:
             h = self.attn_adapter(h, shared.attn if shared is not None else None, dropout_keys[0])
         x = residual_boundary(x + h)
+        if self.mid_adapter is not None:
+            x = self.mid_adapter(x, ctx)
         h = self.mlp(self.ln_2(x))
+        if self.parallel_adapter is not None:
+            h = h + self.parallel_adapter(x)
         if self.mlp_adapter is not None:
             h = self.mlp_adapter(h, shared.mlp if shared is not None else None, dropout_keys[1])
         return x + h
@@ -226,13 +239,13 @@ class ResidualAttentionBlock(nnx.Module):
     def dropout_keys(self):
         """The adapters' next dropout keys, drawn now from their own streams ((None, None) without dropout)."""
         adapters = (self.attn_adapter, self.mlp_adapter)
-        if any(a is None or a.dropout is None for a in adapters):
+        if any(getattr(a, "dropout", None) is None for a in adapters):
             return None, None
         return tuple(a.dropout.rngs() for a in adapters)
 
 
-def _rematerialised(block, x, mask, shared, dropout_keys, policy):
-    """`block(x, mask, shared, dropout_keys)` whose backward pass recomputes what `policy` did not save.
+def _rematerialised(block, x, mask, shared, ctx, dropout_keys, policy):
+    """`block(x, mask, shared, ctx, dropout_keys)` whose backward pass recomputes what `policy` did not save.
 
     jax.checkpoint alone saves no memory on CPU: XLA:CPU drops the optimization barriers that keep
     a replay next to its use, and its scheduler runs every block's replay early, so all recomputed
@@ -242,9 +255,9 @@ def _rematerialised(block, x, mask, shared, dropout_keys, policy):
     """
     graphdef, state = nnx.split((block, shared))
 
-    def fn(state, x, mask, dropout_keys):
+    def fn(state, x, mask, ctx, dropout_keys):
         block, shared = nnx.merge(graphdef, state)
-        return block(x, mask, shared, dropout_keys)
+        return block(x, mask, shared, ctx, dropout_keys)
 
     @jax.custom_vjp
     def run(*args):
@@ -259,91 +272,136 @@ def _rematerialised(block, x, mask, shared, dropout_keys, policy):
         return tied(g)
 
     run.defvjp(fwd, bwd)
-    return run(state, x, mask, dropout_keys)
+    return run(state, x, mask, ctx, dropout_keys)
 
 
 class Transformer(nnx.Module):
-    def __init__(self, width, layers, heads, dtype, adapter, remat: str = "none", *, rngs: nnx.Rngs):
+    def __init__(self, width, layers, heads, dtype, method=None, remat: str = "none", *, rngs: nnx.Rngs,
+                 tower: str = "vision"):
         self.resblocks = nnx.List(
-            [ResidualAttentionBlock(width, heads, dtype, adapter, rngs=rngs) for _ in range(layers)])
+            [ResidualAttentionBlock(width, heads, dtype, method, rngs=rngs, tower=tower, layer=i, num_layers=layers)
+             for i in range(layers)])
         self.remat = remat
 
-    def __call__(self, x, mask=None, shared: nnx.List | None = None):
+    def __call__(self, x, mask=None, hooks: TowerHooks | None = None):
         for i, block in enumerate(self.resblocks):
-            s = None
-            if shared is not None:
-                s = shared[shared_layer_index(i, len(self.resblocks), len(shared))]
+            shared, ctx = None, None
+            if hooks is not None:
+                x = hooks.layer_input(i, x)  # deep prompts enter here, outside the rematerialised block
+                shared, ctx = hooks.shared(i), hooks.ctx
             if self.remat == "none":
-                x = block(x, mask, s)
+                x = block(x, mask, shared, ctx)
             else:
                 # The dropout keys are drawn outside: nothing inside a rematerialised block may advance
                 # an RNG stream, and the replay in the backward pass must draw the same masks.
-                x = _rematerialised(block, x, mask, s, block.dropout_keys(), REMAT_POLICIES[self.remat])
+                x = _rematerialised(block, x, mask, shared, ctx, block.dropout_keys(), REMAT_POLICIES[self.remat])
         return x
 
 
 class VisionTransformer(nnx.Module):
-    def __init__(self, cfg: CLIPConfig, adapter: AdapterConfig | None, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: CLIPConfig, method=None, *, rngs: nnx.Rngs):
         w, p, dtype = cfg.vision_width, cfg.vision_patch_size, jnp.dtype(cfg.dtype)
         scale = w ** -0.5
         self.dtype = dtype
+        self.grid = cfg.grid
         self.conv1 = nnx.Conv(3, w, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=False,
                               dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (w,)))
         self.positional_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (cfg.grid ** 2 + 1, w)))
         self.ln_pre = LayerNorm(w, rngs=rngs)
-        self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, dtype, adapter, cfg.remat, rngs=rngs)
+        self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, dtype, method, cfg.remat, rngs=rngs,
+                                       tower="vision")
         self.ln_post = LayerNorm(w, rngs=rngs)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (w, cfg.embed_dim)))
 
-    def __call__(self, images, shared=None):  # images: [N, H, W, 3] normalised float
-        x = self.conv1(images.astype(self.dtype))  # [N, g, g, W]
+    def __call__(self, frames, hooks: TowerHooks):
+        """frames [B, T, H, W, 3] normalised float -> per-frame embeddings [B, T, embed_dim] float32.
+
+        The frames of a video are encoded as B * T images, each on its own, unless the method's
+        modules work across them (they get the [B, T] structure and the frame mask from `hooks.ctx`).
+        """
+        b, t = frames.shape[:2]
+        x = self.conv1(frames.reshape((b * t,) + frames.shape[2:]).astype(self.dtype))  # [B*T, g, g, W]
         n, width = x.shape[0], x.shape[-1]
         x = x.reshape(n, -1, width)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, width))
         x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(x.dtype)
+        x = hooks.embed(x)  # prompt methods append their tokens after the patches (CLS stays at 0)
         x = self.ln_pre(x)
-        x = self.transformer(x, None, shared)
+        x = self.transformer(x, None, hooks)
         x = self.ln_post(x[:, 0])
-        return (x @ self.proj[...].astype(x.dtype)).astype(jnp.float32)
+        return (x @ self.proj[...].astype(x.dtype)).astype(jnp.float32).reshape(b, t, -1)
+
+
+def _cut_caption(ids: jax.Array, length: int) -> jax.Array:
+    """[N, L] token ids -> [N, length]: longer captions keep their first words and end with their end-of-text."""
+    eot = jnp.argmax(ids, axis=-1)  # end-of-text has the largest id
+    cut = ids[:, :length]
+    last = jnp.where(eot >= length, ids[jnp.arange(ids.shape[0]), eot], cut[:, length - 1])
+    return cut.at[:, length - 1].set(last)
 
 
 class CLIP(nnx.Module):
-    """Both towers, `logit_scale`, and (when `adapter` is given) the shared adapter bank."""
+    """Both towers, `logit_scale`, and the fine-tuning method's modules (`method`, see cma_jax.models.peft).
 
-    def __init__(self, cfg: CLIPConfig, adapter: AdapterConfig | None = None, *, rngs: nnx.Rngs):
-        check_adapter_fits(cfg, adapter)
+    `method`: a peft Method, an AdapterConfig (the Cross-Modal Adapter with those fields) or None
+    (plain CLIP, no method).
+    """
+
+    def __init__(self, cfg: CLIPConfig, method=None, *, rngs: nnx.Rngs):
+        method = peft.as_method(method)
+        method.check(cfg)
         self.config = cfg
-        self.adapter_config = adapter
+        self.method = method
         dtype = jnp.dtype(cfg.dtype)
         self.dtype = dtype
-        self.visual = VisionTransformer(cfg, adapter, rngs=rngs)
+        self.visual = VisionTransformer(cfg, method, rngs=rngs)
         self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.text_width, dtype=dtype, param_dtype=jnp.float32,
                                          embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.positional_embedding = nnx.Param(0.01 * jax.random.normal(rngs.params(),
                                                                         (cfg.context_length, cfg.text_width)))
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, dtype, adapter, cfg.remat,
-                                       rngs=rngs)
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, dtype, method, cfg.remat,
+                                       rngs=rngs, tower="text")
         self.ln_final = LayerNorm(cfg.text_width, rngs=rngs)
         self.text_projection = nnx.Param(cfg.text_width ** -0.5 * jax.random.normal(
             rngs.params(), (cfg.text_width, cfg.embed_dim)))
         self.logit_scale = nnx.Param(jnp.asarray(jnp.log(1 / 0.07), jnp.float32))
-        if adapter is not None and adapter.share_dim > 0:
-            n_shared = min(cfg.vision_layers, cfg.text_layers)
-            self.shared_adapters = nnx.List([SharedBlock(adapter, rngs=rngs) for _ in range(n_shared)])
-        else:
-            self.shared_adapters = None
+        modules = method.clip_modules(cfg, rngs)
+        for name, module in modules.items():
+            setattr(self, name, module)
+        self.method_modules = tuple(modules)  # their attribute names, handed to the method's hooks
+        method.retype(self)
+
+    def _hooks(self, ctx: TowerContext) -> TowerHooks:
+        return TowerHooks(self.method, {name: getattr(self, name) for name in self.method_modules}, ctx)
+
+    def encode_video(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+        """[B, T, H, W, 3] CLIP-normalised frames (+ frame_mask [B, T]) -> [B, T, embed_dim] float32."""
+        b, t = frames.shape[:2]
+        mask = jnp.ones((b, t), bool) if frame_mask is None else frame_mask.astype(bool)
+        ctx = TowerContext("vision", self.config.vision_layers, b, t, self.config.grid, mask)
+        return self.visual(frames, self._hooks(ctx))
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """[N, H, W, 3] CLIP-normalised images -> [N, embed_dim] float32 (not L2-normalised)."""
-        return self.visual(images, self.shared_adapters)
+        return self.encode_video(images[:, None])[:, 0]
 
     def encode_text(self, ids: jax.Array) -> jax.Array:
-        """[N, L] token ids (L <= context_length, zero-padded after end-of-text) -> [N, embed_dim]."""
+        """[N, L] token ids (L <= context_length, zero-padded after end-of-text) -> [N, embed_dim].
+
+        A method's prompt tokens share the context with the words: a caption longer than what is left
+        loses its last words, keeping its end-of-text token (as CoOp's placeholders take those slots).
+        """
+        room = self.config.context_length - self.method.extra_text_tokens()
+        if ids.shape[1] > room:
+            ids = _cut_caption(ids, room)
         n, length = ids.shape
-        x = self.token_embedding(ids) + self.positional_embedding[:length].astype(self.dtype)
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        x = self.transformer(x, causal, self.shared_adapters)
+        hooks = self._hooks(TowerContext("text", self.config.text_layers, n))
+        x = hooks.embed(self.token_embedding(ids))  # prompt methods insert their tokens after the start token
+        inserted = x.shape[1] - length
+        x = x + self.positional_embedding[:x.shape[1]].astype(self.dtype)
+        causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+        x = self.transformer(x, causal, hooks)
         x = self.ln_final(x)
-        eot = x[jnp.arange(n), jnp.argmax(ids, axis=-1)]  # end-of-text has the largest id
+        eot = x[jnp.arange(n), jnp.argmax(ids, axis=-1) + inserted]  # end-of-text has the largest id
         return (eot @ self.text_projection[...].astype(x.dtype)).astype(jnp.float32)

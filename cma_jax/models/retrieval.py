@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cma_jax.models.adapter import AdapterConfig
 from cma_jax.models.clip import CLIP, CLIPConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -61,6 +60,21 @@ def text_conditioned_similarity(text: jax.Array, frames: jax.Array, frame_mask: 
     return tv * jax.lax.rsqrt(jnp.maximum(tt * vv, 1e-24))
 
 
+def frame_weights(head: str, text: jax.Array, frames: jax.Array, frame_mask: jax.Array, tau: float = 5.0) -> jax.Array:
+    """[Nt, Nv, T]: how much each frame of each video counts for each text in the head's video embedding.
+
+    text_conditioned: the softmax over valid frames of (t . f_j) / tau (as in the similarity); meanp:
+    uniform over the valid frames. Zero on padded frames; each (text, video) row sums to 1.
+    """
+    valid = frame_mask[None].astype(bool)
+    if head == "meanp":
+        w = jnp.broadcast_to(valid, (text.shape[0],) + frame_mask.shape).astype(jnp.float32)
+        return w / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+    dots = jnp.einsum("td,vjd->tvj", text, frames)
+    w = jax.nn.softmax(jnp.where(valid, dots / tau, -jnp.inf), axis=-1)
+    return jnp.where(valid, w, 0.0)
+
+
 def similarity(head: str, text, frames, frame_mask, tau: float = 5.0) -> jax.Array:
     """Unscaled cosine similarity [Nt, Nv] for the named head."""
     if head == "meanp":
@@ -79,25 +93,27 @@ def symmetric_infonce(logits: jax.Array) -> jax.Array:
 
 
 class RetrievalModel(nnx.Module):
-    """CLIP (+ Cross-Modal Adapters) with a video similarity head."""
+    """CLIP with a fine-tuning method's modules (`method`: see cma_jax.models.peft) and a video similarity head."""
 
-    def __init__(self, clip: CLIPConfig, adapter: AdapterConfig | None = None, head: str = "text_conditioned",
-                 tau: float = 5.0, *, rngs: nnx.Rngs):
+    def __init__(self, clip: CLIPConfig, method=None, head: str = "text_conditioned", tau: float = 5.0, *,
+                 rngs: nnx.Rngs):
         if head not in HEADS:
             raise ValueError(f"unknown similarity head {head!r}; expected one of {HEADS}")
         self.head = head
         self.tau = tau
-        self.clip = CLIP(clip, adapter, rngs=rngs)
+        self.clip = CLIP(clip, method, rngs=rngs)
 
     def encode_text(self, text_ids: jax.Array) -> jax.Array:
         """[B, L] int32 -> [B, D] float32 (unnormalised)."""
         return self.clip.encode_text(text_ids)
 
-    def encode_frames(self, frames: jax.Array) -> jax.Array:
-        """[B, T, H, W, 3] uint8 or normalised float -> [B, T, D] float32 (unnormalised)."""
-        b, t = frames.shape[:2]
-        emb = self.clip.encode_image(normalize_frames(frames.reshape((b * t,) + frames.shape[2:])))
-        return emb.reshape(b, t, -1)
+    def encode_frames(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+        """[B, T, H, W, 3] uint8 or normalised float (+ frame_mask [B, T]) -> [B, T, D] float32 (unnormalised).
+
+        The mask matters only to methods that work across a video's frames (ST-Adapter, VoP): padded
+        frames then do not change the real frames' embeddings.
+        """
+        return self.clip.encode_video(normalize_frames(frames), frame_mask)
 
     def similarity(self, text_emb, frame_emb, frame_mask) -> jax.Array:
         """Scaled logits [Nt, Nv]: exp(logit_scale) * cosine."""
@@ -107,5 +123,5 @@ class RetrievalModel(nnx.Module):
     def __call__(self, batch: dict) -> jax.Array:
         """Symmetric InfoNCE over the batch (the global batch when the arrays are sharded)."""
         text = self.encode_text(batch["text_ids"])
-        frames = self.encode_frames(batch["frames"])
+        frames = self.encode_frames(batch["frames"], batch["frame_mask"])
         return symmetric_infonce(self.similarity(text, frames, batch["frame_mask"]))

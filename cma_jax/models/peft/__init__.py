@@ -1,0 +1,45 @@
+"""The method layer: every fine-tuning method of the paper's comparison, one module each, by name.
+
+`METHODS[name]` is a method's declaration class (`cma_jax.models.peft.base.Method`); an instance
+holds its hyper-parameters. `config.method=NAME` selects one; the model, the optimizer's mask,
+checkpoints, counts, evaluation and search all follow from the declaration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cma_jax.models.adapter import AdapterConfig
+from cma_jax.models.peft.base import Method
+from cma_jax.models.peft.cma import CMA, Unimodal
+from cma_jax.models.peft.full import Full, ZeroShot
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, Full, Unimodal, CMA)}
+
+
+def get(name: str) -> type[Method]:
+    """The declaration class of method `name` (ValueError naming the methods there are)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {tuple(METHODS)}")
+    return METHODS[name]
+
+
+def make(name: str, fields: dict | None = None) -> Method:
+    """Method `name` with the hyper-parameters `fields` (missing ones take the method's defaults)."""
+    cls = get(name)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields or {}) - set(known))
+    if unknown:
+        raise ValueError(f"method {name} has no field(s) {unknown}; its fields: {known or 'none'}")
+    return cls(**(fields or {}))
+
+
+def as_method(method) -> Method:
+    """A Method as it is; None as zero-shot (plain CLIP); an AdapterConfig as the Cross-Modal Adapter with its fields."""
+    if method is None:
+        return ZeroShot()
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, AdapterConfig):
+        return CMA(**dataclasses.asdict(method))
+    raise TypeError(f"not a fine-tuning method: {method!r}")

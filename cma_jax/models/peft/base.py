@@ -1,0 +1,166 @@
+"""What a fine-tuning method declares, and the hooks through which it enters the two towers.
+
+A method is a frozen dataclass: its fields are its hyper-parameters (the config section
+`config.<section>`), its class attributes the rest of its declaration (the variable type that
+trains, whether it starts as the identity, the paper's count). It enters CLIP in up to three ways:
+
+* block slots (`SLOTS`): a module placed in every transformer block it chooses, at a named
+  position: on the residual stream before attention (`pre_adapter`), on the attention output before
+  its residual add (`attn_adapter`), on the residual stream before the MLP (`mid_adapter`), beside
+  the MLP (`parallel_adapter`, added to the MLP output), on the MLP output before its residual add
+  (`mlp_adapter`);
+* CLIP-level modules (`clip_modules`): parameters shared across layers or towers (the shared bank
+  of the Cross-Modal Adapter, prompt tokens), handed to the hooks `embed` (the token sequence before
+  the first block) and `layer_input` (the sequence entering each block) and to `shared`;
+* `retype`: the pre-trained weights it trains become `TunedParam` (partial, projection).
+
+Token conventions for methods that lengthen sequences: text methods insert tokens right after the
+start token (so the end-of-text token moves by their number, which the text tower accounts for);
+vision methods append tokens after the patches (so CLS stays at index 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+SLOTS = ("pre_adapter", "attn_adapter", "mid_adapter", "parallel_adapter", "mlp_adapter")
+TOWERS = ("vision", "text")
+
+
+class FieldError(ValueError):
+    """A method's hyper-parameter that cannot work (on this architecture): `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@struct.dataclass
+class TowerContext:
+    """What a hook knows about the call: the tower, its depth, and for vision the [B, T] frame structure."""
+
+    tower: str = struct.field(pytree_node=False)
+    num_layers: int = struct.field(pytree_node=False)
+    batch: int = struct.field(pytree_node=False)  # B: videos (vision) or captions (text)
+    frames: int = struct.field(pytree_node=False, default=1)  # T (vision); the tower sees B * T images
+    grid: int = struct.field(pytree_node=False, default=0)  # patches per side (vision)
+    frame_mask: Any = None  # [B, T] bool (vision), True = a real frame
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Base declaration: a method that adds nothing and trains nothing (zero-shot CLIP)."""
+
+    name: ClassVar[str] = ""
+    section: ClassVar[str | None] = None  # config section holding its fields (None: it has none)
+    trainable: ClassVar[Any] = nnx.Nothing  # nnx filter of the variables that train
+    identity_at_init: ClassVar[bool] = False  # True: step-0 embeddings equal the frozen CLIP's
+    paper_count: ClassVar[float | None] = None  # trained params in the paper's MSR-VTT table (ViT-B/32)
+    label: ClassVar[str] = ""  # the row name in the paper's tables
+    formula: ClassVar[str] = "0"  # its trained-parameter count, in words (README, summary)
+    paper_note: ClassVar[str] = ""  # what follows the paper's code, and where cma_jax chose
+    # Fields read from `config.<section>`; None = every dataclass field.
+    config_fields: ClassVar[tuple[str, ...] | None] = None
+    # Fields that do not change what the trained weights mean (ignored when checkpoints are compared).
+    init_fields: ClassVar[tuple[str, ...]] = ()
+
+    # --------------------------------------------------------------------- declaration
+    @property
+    def trains(self) -> bool:
+        """False for a method with nothing to train (zero-shot): it can only be evaluated."""
+        return self.trainable is not nnx.Nothing
+
+    def check(self, cfg) -> None:
+        """Raise ValueError when the method cannot be built on CLIP architecture `cfg`."""
+
+    def count(self, cfg) -> int:
+        """Trained parameters on architecture `cfg`, by the formula (tests hold it against the model)."""
+        return 0
+
+    def extra_text_tokens(self) -> int:
+        """Tokens the method adds to a caption's sequence (they count against the context length)."""
+        return 0
+
+    def to_dict(self) -> dict:
+        """Its hyper-parameters (what a checkpoint records)."""
+        return dataclasses.asdict(self)
+
+    def architecture(self) -> dict:
+        """The fields that define the trained weights (compared when checkpoints are restored)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.init_fields}
+
+    # --------------------------------------------------------------------- construction
+    def block_modules(self, tower: str, layer: int, num_layers: int, width: int, dtype, rngs: nnx.Rngs) -> dict:
+        """{slot: module} for block `layer` of `tower` (a subset of SLOTS); created after the block's own weights."""
+        return {}
+
+    def clip_modules(self, cfg, rngs: nnx.Rngs) -> dict:
+        """{attribute: module} set on the CLIP module, after the backbone's weights."""
+        return {}
+
+    def retype(self, clip) -> None:
+        """Re-type the pre-trained weights this method trains as `TunedParam` (in place)."""
+
+    # --------------------------------------------------------------------- forward hooks
+    def embed(self, modules: dict, ctx: TowerContext, x: jax.Array) -> jax.Array:
+        """The token sequence before the first block: vision [B*T, 1+g*g, W] after the positional
+        embedding and before ln_pre; text [B, L, W] token embeddings before the positional embedding."""
+        return x
+
+    def layer_input(self, modules: dict, ctx: TowerContext, layer: int, x: jax.Array) -> jax.Array:
+        """The sequence entering block `layer` (deep prompts replace their tokens here)."""
+        return x
+
+    def shared(self, modules: dict, ctx: TowerContext, layer: int):
+        """What block `layer`'s adapters share with the other tower (the Cross-Modal Adapter's bank), or None."""
+        return None
+
+
+class TowerHooks:
+    """A method's hooks bound to one call of one tower (built inside the traced call, not a module)."""
+
+    def __init__(self, method: Method, modules: dict, ctx: TowerContext):
+        self.method, self.modules, self.ctx = method, modules, ctx
+
+    def embed(self, x):
+        return self.method.embed(self.modules, self.ctx, x)
+
+    def layer_input(self, layer: int, x):
+        return self.method.layer_input(self.modules, self.ctx, layer, x)
+
+    def shared(self, layer: int):
+        return self.method.shared(self.modules, self.ctx, layer)
+
+
+def bottleneck_count(width: int, r: int) -> int:
+    """Parameters of one width -> r -> width bottleneck with biases: 2 W r + r + W."""
+    return 2 * width * r + r + width
+
+
+def block_count(width: int) -> int:
+    """Parameters of one CLIP transformer block: 2 LayerNorms, qkv + out projections, the 4x MLP: 12 W^2 + 13 W."""
+    return 12 * width * width + 13 * width
+
+
+def backbone_count(cfg) -> int:
+    """Parameters of CLIP architecture `cfg` (both towers, embeddings, projections, logit_scale)."""
+    wv, wt, g = cfg.vision_width, cfg.text_width, cfg.grid
+    vision = (3 * cfg.vision_patch_size ** 2 * wv + wv + (g * g + 1) * wv + 2 * wv
+              + cfg.vision_layers * block_count(wv) + 2 * wv + wv * cfg.embed_dim)
+    text = (cfg.vocab_size * wt + cfg.context_length * wt + cfg.text_layers * block_count(wt) + 2 * wt
+            + wt * cfg.embed_dim)
+    return vision + text + 1
+
+
+def torch_linear(rngs: nnx.Rngs, din: int, dout: int, param: type[nnx.Param], bias: bool = True):
+    """(kernel [din, dout], bias [dout] or None) with PyTorch's nn.Linear init: U(-1/sqrt(din), 1/sqrt(din))
+    (the methods whose code keeps PyTorch's default init: MaPLe's couplings, ST-Adapter's fc layers)."""
+    bound = 1.0 / math.sqrt(din)
+    kernel = param(jax.random.uniform(rngs.params(), (din, dout), jnp.float32, -bound, bound))
+    return kernel, (param(jax.random.uniform(rngs.params(), (dout,), jnp.float32, -bound, bound)) if bias else None)
