@@ -17,6 +17,30 @@ TINY_CLIP = dict(embed_dim=16, image_resolution=32, vision_layers=2, vision_widt
                  context_length=8, vocab_size=64, text_width=32, text_heads=2, text_layers=2)
 
 
+# Every method's hyper-parameters scaled to the tiny CLIP (width 32, 2 layers); the rest are its defaults.
+TINY_METHOD_FIELDS = {
+    "coop": {"num_tokens": 2}, "vpt": {"num_tokens": 2}, "vl_prompt": {"vision_tokens": 2, "text_tokens": 1},
+    "maple": {"num_tokens": 1, "depth": 2},
+    "vop": {"text_tokens": 1, "vision_tokens": 3, "generated_tokens": 2, "hidden": 8},
+    "adapter_attn": {"reduction_dim": 4}, "adaptformer": {"reduction_dim": 4}, "st_adapter": {"reduction_dim": 4},
+    "unimodal": {"reduction_dim": 4},
+}
+
+
+def tiny_method_config(method: str, **train):
+    """tiny_config() training `method` with its TINY_METHOD_FIELDS (prompt tokens cut long captions: 8 words)."""
+    from cma_jax.models import peft
+
+    c = tiny_config(**train)
+    c.method = method
+    cls = peft.get(method)
+    for k, v in TINY_METHOD_FIELDS.get(method, {}).items():
+        c[cls.section][k] = v
+    if not config_lib.method(c).trains:
+        c.mode = "eval"
+    return c
+
+
 def tiny_config(**train):
     c = config_lib.base_config()
     c.mode = "train"

@@ -10,11 +10,24 @@ from __future__ import annotations
 import dataclasses
 
 from cma_jax.models.adapter import AdapterConfig
+from cma_jax.models.peft.adapter_attn import AdapterAttn
+from cma_jax.models.peft.adaptformer import AdaptFormer
 from cma_jax.models.peft.base import Method
 from cma_jax.models.peft.cma import CMA, Unimodal
+from cma_jax.models.peft.coop import CoOp
 from cma_jax.models.peft.full import Full, ZeroShot
+from cma_jax.models.peft.maple import MaPLe
+from cma_jax.models.peft.partial import Partial
+from cma_jax.models.peft.projection import Projection
+from cma_jax.models.peft.st_adapter import STAdapterMethod
+from cma_jax.models.peft.vl_prompt import VLPrompt
+from cma_jax.models.peft.vop import VoP
+from cma_jax.models.peft.vpt import VPT
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, Full, Unimodal, CMA)}
+# The paper's table order: the two ends, partial tuning, prompts, adapters, then the ablation and the method.
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    ZeroShot, Full, Partial, Projection, CoOp, VPT, VLPrompt, MaPLe, VoP, AdapterAttn, AdaptFormer, STAdapterMethod,
+    Unimodal, CMA)}
 
 
 def get(name: str) -> type[Method]:

@@ -1,0 +1,45 @@
+"""Partial tuning (VPT paper's Partial-k): fine-tune the last k blocks of each tower, k = 1 by default.
+
+The pre-trained weights of those blocks become `TunedParam` (they stay backbone weights, loaded from
+the backbone folder, and the run checkpoint holds only them); everything else is frozen. The paper's
+10.2 M is the last block of both ViT-B/32 towers: 7,087,872 + 3,152,384.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from cma_jax.models.params import TunedParam, retype
+from cma_jax.models.peft.base import FieldError, Method, block_count
+
+
+@dataclasses.dataclass(frozen=True)
+class Partial(Method):
+    name: ClassVar[str] = "partial"
+    section: ClassVar[str] = "partial"
+    trainable: ClassVar = TunedParam
+    identity_at_init: ClassVar[bool] = True
+    paper_count: ClassVar[float] = 10.2e6
+    label: ClassVar[str] = "Partial"
+    formula: ClassVar[str] = "k (12 W_v^2 + 13 W_v + 12 W_t^2 + 13 W_t)"
+    paper_note: ClassVar[str] = "VPT's Partial-1: the last block of both towers (attention, MLP, both LayerNorms)"
+    num_blocks: int = 1  # k
+
+    def __post_init__(self):
+        if self.num_blocks < 1:
+            raise FieldError("num_blocks", f"partial num_blocks must be >= 1, got {self.num_blocks}")
+
+    def check(self, cfg) -> None:
+        shallow = min(cfg.vision_layers, cfg.text_layers)
+        if self.num_blocks > shallow:
+            raise FieldError("num_blocks", f"partial num_blocks {self.num_blocks} exceeds the shallower tower's "
+                             f"{shallow} blocks")
+
+    def count(self, cfg) -> int:
+        return self.num_blocks * (block_count(cfg.vision_width) + block_count(cfg.text_width))
+
+    def retype(self, clip) -> None:
+        for tower in (clip.visual.transformer, clip.transformer):
+            for block in tower.resblocks[len(tower.resblocks) - self.num_blocks:]:
+                retype(block, TunedParam)

@@ -1,0 +1,31 @@
+"""Projection tuning (from the VPT paper's baselines): train only the two towers' output projections.
+
+`visual.proj` (W_v x E) and `text_projection` (W_t x E) become `TunedParam`; the paper's 0.7 M is
+768 x 512 + 512 x 512 = 655,360 at ViT-B/32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from cma_jax.models.params import TunedParam
+from cma_jax.models.peft.base import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection(Method):
+    name: ClassVar[str] = "projection"
+    trainable: ClassVar = TunedParam
+    identity_at_init: ClassVar[bool] = True
+    paper_count: ClassVar[float] = 0.7e6
+    label: ClassVar[str] = "Projection"
+    formula: ClassVar[str] = "W_v E + W_t E"
+    paper_note: ClassVar[str] = "the two output projections, nothing else"
+
+    def count(self, cfg) -> int:
+        return (cfg.vision_width + cfg.text_width) * cfg.embed_dim
+
+    def retype(self, clip) -> None:
+        clip.visual.proj = TunedParam(clip.visual.proj[...])
+        clip.text_projection = TunedParam(clip.text_projection[...])
