@@ -17,6 +17,7 @@ memory: `shared_backbone(...)` loads it once and `load(shared, adapters)` builds
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from typing import Sequence
@@ -82,11 +83,21 @@ def sample_clip(frames: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.nda
     return pad_clip(frames[sample_frame_indices(len(frames), num_frames)], num_frames)
 
 
+def frame_times(num_decoded: int, num_frames: int, fps: float) -> np.ndarray:
+    """[T] float32: the time in seconds of each frame `sample_clip` keeps (0 on padding); decoded frame k
+    is the one at k / fps from the video's first frame (cma_jax.data.video's sampling)."""
+    times = np.zeros(num_frames, np.float32)
+    kept = sample_frame_indices(num_decoded, num_frames)
+    times[:len(kept)] = kept / fps
+    return times
+
+
 class Retriever:
     """A model + tokenizer with batched, jitted encoders. See the module docstring."""
 
     def __init__(self, model: RetrievalModel, tokenizer, *, num_frames: int = 12, max_words: int = 32,
-                 fps: float = 1.0, batch_size: int = 16, step: int | None = None):
+                 fps: float = 1.0, batch_size: int = 16, step: int | None = None,
+                 backbone: "SharedBackbone | None" = None):
         for key, value, low in (("batch_size", batch_size, 1), ("num_frames", num_frames, 1),
                                 ("max_words", max_words, 2)):
             if value < low:
@@ -112,12 +123,23 @@ class Retriever:
         self._enc_text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
         self._enc_frames = jax.jit(lambda s, x, m: nnx.merge(graphdef, s).encode_frames(x, m))
         self._fingerprint = None
+        self.backbone = backbone  # the SharedBackbone the model was built on, when `load` built it
+        self._backbone_sha256 = None
 
     @property
     def fingerprint(self) -> dict:
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.model)
         return self._fingerprint
+
+    @property
+    def backbone_sha256(self) -> str:
+        """sha256 of the backbone weights the model was built on (`SharedBackbone.sha256`: before its trained
+        parameters were loaded), else of the model's backbone weights now."""
+        if self._backbone_sha256 is None:
+            self._backbone_sha256 = (self.backbone.sha256 if self.backbone is not None
+                                     else tree_hash(state_lib.backbone_state(self.model)))
+        return self._backbone_sha256
 
     def _batched(self, fn, *xs: np.ndarray) -> np.ndarray:
         """Run fn over the rows of xs (same length) in fixed-size batches (last one padded: one compilation)."""
@@ -139,14 +161,16 @@ class Retriever:
                              f"{self.model.clip.config.vocab_size}: wrong tokenizer for this backbone?")
         return self._batched(self._enc_text, ids)
 
-    def load_video(self, video) -> tuple[np.ndarray, np.ndarray]:
-        """A path (decoded at `fps`) or frames [N, H, W, 3] -> (frames [T, R, R, 3], mask [T])."""
+    def load_video(self, video, with_times: bool = False) -> tuple[np.ndarray, ...]:
+        """A path (decoded at `fps`) or frames [N, H, W, 3] (taken as frames at `fps`) -> (frames [T, R, R, 3],
+        mask [T]), and with `with_times` the kept frames' times in seconds [T] (`frame_times`)."""
         from cma_jax.data import video as video_lib  # PyAV, a heavy import: only when decoding
         if isinstance(video, (str, os.PathLike)):
             frames = video_lib.decode_video(video, fps=self.fps, resolution=self.resolution)
         else:
             frames = fit_frames(video, self.resolution)
-        return sample_clip(frames, self.num_frames)
+        clip = sample_clip(frames, self.num_frames)
+        return (*clip, frame_times(len(frames), self.num_frames, self.fps)) if with_times else clip
 
     def encode_clips(self, frames: np.ndarray, frame_mask: np.ndarray | None = None) -> np.ndarray:
         """Prepared clips [M, T, R, R, 3] uint8 (+ frame_mask [M, T], default all real) -> per-frame embeddings [M, T, D]."""
@@ -167,27 +191,57 @@ class Retriever:
         return logits / float(np.exp(np.asarray(self.model.clip.logit_scale[...])))
 
 
-def load(backbone: str | None, adapters: str | None = None, *, tokenizer=None, head: str = "text_conditioned",
+@dataclasses.dataclass
+class SharedBackbone:
+    """A backbone loaded once: what it resolved to and its weights (jax arrays, shared by every model built
+    on it: `load(shared, adapters)`); `sha256` (`tree_hash`, computed when first asked) tells two apart."""
+
+    backbone: loader.Backbone
+    tree: dict
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return tree_hash(self.tree)
+
+
+def shared_backbone(backbone) -> SharedBackbone:
+    """Load a backbone (anything `config.backbone` takes, or a `cma_jax.loader.Backbone`) once, for several models."""
+    b = backbone if isinstance(backbone, loader.Backbone) else loader.resolve(backbone)
+    if b.folder is None:
+        raise ValueError("a shared backbone needs a backbone folder or name, not a random initialisation")
+    _, tree = checkpoint.load_backbone(b.folder)
+    tree = jax.tree.map(jnp.asarray, tree)  # jax arrays: models built on them keep them, no copies
+    return SharedBackbone(b, tree)
+
+
+def load(backbone, adapters: str | None = None, *, tokenizer=None, head: str = "text_conditioned",
          tau: float = 5.0, num_frames: int | None = None, max_words: int | None = None, fps: float | None = None,
          batch_size: int = 16, dtype: str | None = None, clip_config: CLIPConfig | None = None,
          seed: int = 0) -> Retriever:
     """A Retriever from a backbone (its tokenizer unless `tokenizer` is given) + optional adapters.
 
     `backbone=None` builds a randomly initialised `clip_config` (tests); a `cma_jax.loader.Backbone`
-    is used as it is. num_frames / max_words / fps default to what the adapters were trained with
-    (recorded in their checkpoint), else 12 / 32 / 1.
+    is used as it is; a `SharedBackbone` lends its weights without a copy (several adapter sets on one
+    backbone). num_frames / max_words / fps default to what the adapters were trained with (recorded in
+    their checkpoint), else 12 / 32 / 1.
     """
+    shared = None
     if backbone is None:
-        backbone = loader.Backbone.random(clip_config)
-    elif not isinstance(backbone, loader.Backbone):
-        backbone = loader.resolve(backbone)
-    tokenizer = tokenizer or backbone.tokenizer
+        base = loader.Backbone.random(clip_config)
+    else:
+        shared = backbone if isinstance(backbone, SharedBackbone) else shared_backbone(backbone)
+        base = shared.backbone
+        if clip_config is not None and not base.clip.same_architecture(clip_config):
+            raise ValueError(f"backbone {base.folder} holds {base.clip}, but clip_config is {clip_config}; "
+                             "use the backbone's architecture")
+    tokenizer = tokenizer or base.tokenizer
     if tokenizer is None:
-        raise ValueError(f"no tokenizer: backbone {backbone.folder} has no tokenizer/ folder; pass a tokenizer "
+        raise ValueError(f"no tokenizer: backbone {base.folder} has no tokenizer/ folder; pass a tokenizer "
                          "(Hugging Face CLIP tokenizer folder, bpe_simple_vocab_16e6.txt.gz or word list)")
     trained = (checkpoint.saved_data_config(adapters) if adapters else None) or {}
-    model, step = loader.build_model(clip_config, head=head, tau=tau, backbone=backbone, adapters=adapters,
+    model, step = loader.build_model(clip_config or base.clip, head=head, tau=tau,
+                                     backbone=base if shared is None else shared.tree, adapters=adapters,
                                      dtype=dtype, seed=seed)
     return Retriever(model, tokenizer, num_frames=num_frames or trained.get("num_frames", 12),
                      max_words=max_words or trained.get("max_words", 32), fps=fps or trained.get("fps", 1.0),
-                     batch_size=batch_size, step=step)
+                     batch_size=batch_size, step=step, backbone=shared)
