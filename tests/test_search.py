@@ -17,6 +17,7 @@ from flax import nnx
 
 import videofiles
 from cma_jax import api, checkpoint, console, search
+from cma_jax.search import build, cli, thumbs
 from cma_jax.models import peft
 from cma_jax.models.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.clip import CLIPConfig
@@ -121,8 +122,8 @@ def test_index_resume_query_and_refusal(trained, tmp_path, capsys):
         assert search.main(["query", str(index_dir), caption("red"), "-k", "2"]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0] == "query: a red video"
-        assert {line.split()[-1] for line in lines[1:]} == {"red.mp4", "late/red_again.mp4"}, lines
-        assert re.match(r"\s+1\. \+\d\.\d{4}  ", lines[1])
+        assert {line.split()[2] for line in lines[1:]} == {"red.mp4", "late/red_again.mp4"}, lines
+        assert re.match(r"\s+1\. \+\d\.\d{4}  \S+  \(best at \d+\.\d s\)$", lines[1]), lines[1]
     finally:
         os.remove(t["videos"] / "late" / "red_again.mp4")
 
@@ -209,7 +210,7 @@ def test_help_shows_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "videos per shard file (resume granularity) (default: 256)" in text
     assert "decoding threads (default: 4)" in text
-    assert "(default: text_conditioned)" in text
+    assert "(default: the index's, else text_conditioned)" in text
     assert "else what the adapters were trained with, else 12)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
 
@@ -220,8 +221,8 @@ def test_a_full_disk_is_one_error_line(tmp_path, monkeypatch, capsys):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "index" / "shard_00003.npz.tmp"))
 
-    monkeypatch.setattr(search, "_retriever", lambda args, manifest: (None, {}))
-    monkeypatch.setattr(search, "build_index", full)
+    monkeypatch.setattr(cli, "_retriever", lambda args, manifest: (None, {}))
+    monkeypatch.setattr(build, "build_index", full)
     monkeypatch.setattr(console, "_exiting_on_full_disk", False)  # what the line sets for the exit hooks
     assert search.main(["index", str(tmp_path), str(tmp_path / "index")]) == 2
     assert capsys.readouterr().err == (
@@ -310,7 +311,7 @@ def test_report_thumbnails_do_not_hold_every_full_size_frame(monkeypatch):
             yield im
 
     monkeypatch.setattr(video, "iter_sampled_frames", frames)
-    thumbs = search._thumbnails("long.mp4", 3, 1.0, 45)
-    assert len(thumbs) == 3 and peak[0] <= 2, peak[0]
-    first = Image.open(io.BytesIO(base64.b64decode(thumbs[0])))
+    pictures = thumbs.thumbnails("long.mp4", 3, 1.0, 45)
+    assert len(pictures) == 3 and peak[0] <= 2, peak[0]
+    first = Image.open(io.BytesIO(base64.b64decode(pictures[0])))
     assert first.size == (80, 45)

@@ -1,0 +1,133 @@
+"""Scoring an index for text queries with the model's head: exactly over every video, or over candidates
+from mean-pooled embeddings (`cma_jax.search.ann`); each hit's best-matching frame and its time.
+
+The head's video embedding is a weighted sum of its frames, v = sum_j w_j f_j, with the weights of
+`cma_jax.models.retrieval.frame_weights` (text-conditioned softmax, or uniform under meanP), and the
+score is cos(t, v). Held for many queries, an index keeps each video's Gram matrix G = F F^T, so that
+|v|^2 = w^T G w costs T^2 per video instead of T^2 D, and computes t . f_j as one flat [N*T, D]
+product (XLA's CPU dot is about ten times slower on the batched [N, T, D] einsum for one query).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cma_jax.search import ann
+
+MAX_K = 1000  # hits per query at most (each k compiles once)
+
+
+def frame_dots(text: jax.Array, frames: jax.Array) -> jax.Array:
+    """text [Nt, D], frames [N, T, D] -> t . f_j [Nt, N, T]."""
+    n, t, d = frames.shape
+    return (text @ frames.reshape(n * t, d).T).reshape(text.shape[0], n, t)
+
+
+def head_scores(head: str, tau: float, text: jax.Array, frames: jax.Array, frame_mask: jax.Array,
+                gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cosine [Nt, N], frame weights [Nt, N, T]) of the head; gram [N, T, T] = `video_grams(frames)`."""
+    dots = frame_dots(text, frames)
+    valid = frame_mask[None]
+    if head == "meanp":
+        w = jnp.broadcast_to(valid, dots.shape).astype(jnp.float32)
+        w = w / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+    else:
+        w = jnp.where(valid, jax.nn.softmax(jnp.where(valid, dots / tau, -jnp.inf), axis=-1), 0.0)
+    tv = jnp.sum(w * dots, axis=-1)
+    vv = jnp.sum(w * jnp.einsum("vjk,tvk->tvj", gram, w), axis=-1)
+    tt = jnp.sum(text * text, axis=-1)[:, None]
+    return tv * jax.lax.rsqrt(jnp.maximum(tt * vv, 1e-24)), w
+
+
+@jax.jit
+def video_grams(frames: jax.Array) -> jax.Array:
+    """[N, T, D] -> [N, T, T] (f_j . f_k per video)."""
+    return jnp.einsum("vjd,vkd->vjk", frames, frames)
+
+
+@functools.partial(jax.jit, static_argnames=("head", "tau", "k"))
+def top_hits(text, frames, frame_mask, gram, frame_time, *, head: str, tau: float, k: int):
+    """Top-k videos per text -> (scores [Nt, k], video indices [Nt, k], best frame [Nt, k], its time [Nt, k]).
+
+    Ties go to the lower index (as a stable sort). The best frame is the one the head weighs most
+    (the first valid frame under meanP, whose weights are uniform).
+    """
+    cos, w = head_scores(head, tau, text, frames, frame_mask, gram)
+    scores, idx = jax.lax.top_k(cos, k)
+    best = jnp.argmax(jnp.take_along_axis(w, idx[..., None], axis=1), axis=-1)
+    return scores, idx, best, frame_time[idx, best]
+
+
+@functools.partial(jax.jit, static_argnames=("head", "tau", "k"))
+def rerank(text, candidates, frames, frame_mask, gram, frame_time, *, head: str, tau: float, k: int):
+    """`top_hits` over the candidate videos only (candidates [C] indices into the index, text [1, D])."""
+    take = lambda x: jnp.take(x, candidates, axis=0)  # noqa: E731
+    scores, idx, best, time = top_hits(text, take(frames), take(frame_mask), take(gram), take(frame_time),
+                                       head=head, tau=tau, k=k)
+    return scores, candidates[idx], best, time
+
+
+class Searcher:
+    """An index held in memory for many queries with one Retriever (its text encoder and head).
+
+    `candidates`: 0 scores every video exactly; C > 0 takes C candidates from mean-pooled embeddings
+    (an HNSW graph, `ann.MeanPooledIndex`) and scores those exactly.
+    """
+
+    def __init__(self, retriever, index: dict, *, candidates: int = 0):
+        self.retriever = retriever
+        self.videos = index["videos"]
+        self.manifest = index["manifest"]
+        self.head, self.tau = retriever.model.head, float(retriever.model.tau)
+        self.frames = jnp.asarray(index["frame_emb"], jnp.float32)  # [N, T, D]
+        self.frame_mask = jnp.asarray(index["frame_mask"], bool)
+        self.frame_time = jnp.asarray(index["frame_time"], jnp.float32)
+        self.gram = video_grams(self.frames)
+        self.candidates = min(int(candidates), len(self.videos))
+        self.ann = ann.MeanPooledIndex(index["frame_emb"], index["frame_mask"]) if self.candidates else None
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def nbytes(self) -> int:
+        """Bytes of what this searcher holds for the index (embeddings, masks, times, Gram matrices, graph)."""
+        held = sum(x.nbytes for x in (self.frames, self.frame_mask, self.frame_time, self.gram))
+        return held + (self.ann.nbytes() if self.ann is not None else 0)
+
+    def search_embeddings(self, text_emb: np.ndarray, k: int) -> list[list[dict]]:
+        """Text embeddings [Nt, D] -> per text, the top-k hits {'rank', 'video', 'score', 'frame', 'time'}."""
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+        k = min(k, len(self.videos))
+        text = jnp.asarray(text_emb, jnp.float32)
+        args = (self.frames, self.frame_mask, self.gram, self.frame_time)
+        if self.ann is None:
+            rows = [top_hits(text[i:i + 8], *args, head=self.head, tau=self.tau, k=k)
+                    for i in range(0, len(text), 8)]  # texts in blocks: [8, N, T] weights at most
+            scores, idx, best, time = (np.concatenate([np.asarray(r[j]) for r in rows]) for j in range(4))
+        else:
+            cand = self.ann.candidates(np.asarray(text_emb, np.float32), max(self.candidates, k))
+            rows = [rerank(text[i:i + 1], jnp.asarray(c), *args, head=self.head, tau=self.tau, k=k)
+                    for i, c in enumerate(cand)]
+            scores, idx, best, time = (np.concatenate([np.asarray(r[j]) for r in rows]) for j in range(4))
+        return [[{"rank": r + 1, "video": self.videos[i], "score": float(s), "frame": int(b), "time": float(t)}
+                 for r, (s, i, b, t) in enumerate(zip(*row))] for row in zip(scores, idx, best, time)]
+
+    def search(self, texts: list[str], k: int = 5) -> list[list[dict]]:
+        """Top-k hits per query text (score = cosine of the model's head)."""
+        if not texts:
+            raise ValueError("no query texts given")
+        return self.search_embeddings(self.retriever.encode_text(texts), k)
+
+
+def search(retriever, index: dict, texts: list[str], k: int = 5) -> list[list[dict]]:
+    """Top-k videos per text, scored exactly: [[{'rank', 'video', 'score', 'frame', 'time'}, ...], ...]."""
+    if not texts:
+        raise ValueError("no query texts given")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return Searcher(retriever, index).search(texts, min(k, MAX_K))
