@@ -80,23 +80,32 @@ def _model_arrays(retriever) -> list:
     return [x for x in jax.tree.leaves(nnx.state(retriever.model)) if isinstance(x, jax.Array)]
 
 
-def memory_lines(backbone: api.SharedBackbone, served: list[Served]) -> list[str]:
-    """What the loaded models hold, measured over their distinct arrays: the backbone once, each adapter set."""
-    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def memory(backbone: api.SharedBackbone, served: list[Served]) -> dict:
+    """Bytes of the loaded parameters, over their distinct arrays: {'backbone', 'own' (per index), 'total',
+    'separate' (what as many separate models would hold)}."""
     shared = {id(a) for a in jax.tree.leaves(backbone.tree)}
-    base = _distinct_bytes(jax.tree.leaves(backbone.tree))
-    lines = [f"backbone {backbone.backbone.folder}: {mib(base)}, loaded once"]
-    models = []
-    for s in served:
-        arrays = _model_arrays(s.retriever)
-        own = _distinct_bytes(a for a in arrays if id(a) not in shared)
-        models.append(sum(a.nbytes for a in arrays))
-        fp = s.searcher.manifest["fingerprint"]
-        lines.append(f"  index {s.name}: method {fp['method']}, its own parameters {mib(own)}; "
-                     f"embeddings of {len(s.searcher)} videos {mib(s.searcher.nbytes())}")
-    total = _distinct_bytes(a for s in served for a in _model_arrays(s.retriever))
-    lines.append(f"parameters in memory: {mib(total)} for {len(served)} adapter sets on one backbone "
-                 f"(as {len(served)} separate models: {mib(sum(models))})")
+    own = [_distinct_bytes(a for a in _model_arrays(s.retriever) if id(a) not in shared) for s in served]
+    return {"backbone": _distinct_bytes(jax.tree.leaves(backbone.tree)), "own": own,
+            "total": _distinct_bytes(a for s in served for a in _model_arrays(s.retriever)),
+            "separate": sum(sum(a.nbytes for a in _model_arrays(s.retriever)) for s in served)}
+
+
+def memory_lines(backbone: api.SharedBackbone, served: list[Served]) -> list[str]:
+    """What `serve` prints at start: the backbone once, each adapter set's own parameters, the total."""
+    m = memory(backbone, served)
+    lines = [f"backbone {backbone.backbone.folder}: {_size(m['backbone'])} of parameters, loaded once"]
+    for s, own in zip(served, m["own"]):
+        lines.append(f"  index {s.name}: method {s.searcher.manifest['fingerprint']['method']}, its own parameters "
+                     f"{_size(own)}; {len(s.searcher)} videos' embeddings {_size(s.searcher.nbytes())}")
+    lines.append(f"parameters in memory: {_size(m['total'])} for {len(served)} adapter sets on one backbone "
+                 f"(as {len(served)} separate models: {_size(m['separate'])})")
     return lines
 
 
