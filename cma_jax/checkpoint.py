@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from etils import epath
 from flax import nnx
 
-from cma_jax import optim
+from cma_jax import optim, paths
 from cma_jax.config import TRAINING_FIELDS
 from cma_jax.errors import CheckpointError, CheckpointMismatch
 from cma_jax.files import write_dir_atomic
@@ -45,13 +45,17 @@ from cma_jax.trees import flatten, unflatten
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/: steps that could not be restored, kept for a look
-
 
 # ----------------------------------------------------------------------------- iterator state item
 class DataStateHandler(ocp.CheckpointHandler):
-    """One JSON file per process with that process's data-iterator state (any JSON value)."""
+    """One JSON file per process with that process's data-iterator state (any JSON value).
+
+    Not grain's own handler (`grain.checkpoint.CheckpointHandler`): that one saves `item.get_state()` of the
+    live iterator at save time and restores by `set_state` + `start_prefetch` on a live grain iterator. The
+    loop saves the state it recorded for the step being saved (on an interrupt, the interrupted step's,
+    while the live iterator may be a batch ahead), and iterators without grain's protocol are resumed by
+    skipping batches (cma_jax.train). The file is grain's: `process_<i>-of-<n>.json`.
+    """
 
     def _file(self, directory) -> epath.Path:
         return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -184,19 +188,16 @@ def _check_meta(saved: dict, wanted: dict, where: str) -> None:
 def checkpoint_dir(path: str) -> str:
     """A workdir or its checkpoints/ folder -> the checkpoints/ folder."""
     path = os.fspath(path)
-    if os.path.basename(os.path.normpath(path)) == CHECKPOINT_DIR:
+    if paths.path(path).name == paths.CHECKPOINTS:
         return path
-    return os.path.join(path, CHECKPOINT_DIR)
+    return os.fspath(paths.Workdir(path).checkpoints)
 
 
 class RunCheckpointer:
     """Saves and restores run checkpoints in WORKDIR/checkpoints (keeps the last `keep`)."""
 
     def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
-        directory = checkpoint_dir(workdir)
-        if "://" not in directory:  # gs:// etc. stay URLs (abspath would make them 'CWD/gs:/...')
-            directory = os.path.abspath(directory)
-        self.directory = directory
+        self.directory = directory = os.fspath(paths.absolute(checkpoint_dir(workdir)))
         # The last `keep` steps, and always the one of lowest training loss: a run that slowly went bad
         # keeps its best-known-good state even after `keep` later saves.
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -271,23 +272,28 @@ class RunCheckpointer:
             return state, data_state, step
         if damaged:
             raise CheckpointError(f"{self.directory}: no checkpoint could be restored: {'; '.join(damaged)}. They "
-                                  f"were moved to {os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)}; "
+                                  f"were moved to {self._damaged_dir()}; "
                                   "delete that folder and the run starts from step 0, or restore a backup")
         return None
 
+    def _damaged_dir(self) -> epath.Path:
+        return paths.path(self.directory).parent / paths.DAMAGED
+
     def _move_aside(self, step: int) -> str | None:
-        """Move a damaged step out of the manager's sight (process 0, local folders); its new path."""
-        if "://" in self.directory:
+        """Move a damaged step out of the manager's sight (process 0, local folders); its new path.
+
+        A remote step stays in place: an object store renames a folder object by object, not at once.
+        """
+        if paths.is_remote(self.directory):
             return None
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"cma_jax_damaged_{step}")
         target = None
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
-            aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
-            os.makedirs(aside, exist_ok=True)
-            target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.rename(src, target)
+            aside = self._damaged_dir()
+            aside.mkdir(parents=True, exist_ok=True)
+            target = os.fspath(aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(os.path.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"cma_jax_damaged_{step}_moved")
         self.manager.reload()
@@ -324,8 +330,8 @@ def _open_run(path: str, step: int | None = None):
     """(read-only checkpointer, step (default latest), that step's metadata) of a run or adapter folder."""
     path = os.fspath(path)
     directory = checkpoint_dir(path)
-    if not epath.Path(directory).is_dir():  # local or gs://
-        if os.path.isfile(os.path.join(path, LEGACY_ADAPTER_CONFIG)):
+    if not paths.path(directory).is_dir():
+        if (paths.path(path) / LEGACY_ADAPTER_CONFIG).is_file():
             raise CheckpointError(f"{path}: an adapter folder written by an older cma_jax; convert the original "
                                   "checkpoint again (python -m cma_jax.convert import SRC BACKBONE --adapters_out DIR)")
         raise FileNotFoundError(f"{path}: no run checkpoint here (expected {directory}/<step>/), and neither "
@@ -399,12 +405,6 @@ TOKENIZER_DIR = "tokenizer"
 LEGACY_ADAPTER_CONFIG = "adapter_config.json"  # adapter folders of cma_jax before the run layout
 
 
-def _folder(path: str):
-    """A checkpoint folder to read: local (made absolute) or a URL such as gs://bucket/ckpt, kept as is."""
-    path = os.fspath(path)
-    return epath.Path(path if "://" in path else os.path.abspath(path))
-
-
 def save_backbone(path: str, clip_cfg: CLIPConfig, state: dict, tokenizer_files=(), overwrite: bool = False):
     """Save a backbone pure dict as a read-only Orbax checkpoint folder, atomically.
 
@@ -431,7 +431,7 @@ def save_backbone(path: str, clip_cfg: CLIPConfig, state: dict, tokenizer_files=
 
 def load_backbone_config(path: str) -> CLIPConfig:
     """The architecture of a backbone folder (reads only its clip_config.json)."""
-    file = _folder(path) / CONFIG_FILE
+    file = paths.absolute(path) / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{path}: not a cma_jax backbone folder (no {CONFIG_FILE} inside); convert "
                               "weights with `python -m cma_jax.convert import SRC OUT`")
@@ -445,7 +445,7 @@ def load_backbone(path: str, abstract_state: dict | None = None) -> tuple[CLIPCo
     """-> (CLIPConfig, backbone pure dict). Pass `abstract_state` (a pure dict of
     jax.ShapeDtypeStruct with shardings) to restore straight into sharded arrays."""
     cfg = load_backbone_config(path)
-    params = _folder(path) / PARAMS_DIR
+    params = paths.absolute(path) / PARAMS_DIR
     if not params.is_dir():
         raise CheckpointError(f"{path}: not a cma_jax backbone folder (no {PARAMS_DIR}/ inside)")
     with ocp.StandardCheckpointer() as ckptr:
@@ -460,5 +460,5 @@ def load_backbone(path: str, abstract_state: dict | None = None) -> tuple[CLIPCo
 
 def tokenizer_dir(path: str) -> str | None:
     """The tokenizer files saved beside a backbone (local or gs://), or None when the source had none."""
-    d = _folder(path) / TOKENIZER_DIR
+    d = paths.absolute(path) / TOKENIZER_DIR
     return os.fspath(d) if d.is_dir() else None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 from typing import Iterable
 
@@ -27,12 +26,11 @@ import numpy as np
 import tqdm
 from flax import nnx
 from jax.sharding import Mesh
-from tensorboardX import SummaryWriter
 
 from cma_jax import config as config_lib
 from cma_jax import loader
 from cma_jax import metrics as metrics_lib
-from cma_jax import sharding
+from cma_jax import paths, sharding, tb
 from cma_jax.data import pipeline
 from cma_jax.files import write_atomic
 
@@ -158,9 +156,10 @@ def _summary_line(name, step, res: dict) -> str:
 
 
 def write_reports(results: dict, workdir: str, name: str, step: int | None) -> tuple[str, str]:
-    """`eval_{name}[_step{N}].json` and `.md` in workdir (written atomically); returns their paths."""
-    os.makedirs(workdir, exist_ok=True)
-    stem = os.path.join(workdir, f"eval_{name}" + (f"_step{step}" if step is not None else ""))
+    """`eval_{name}[_step{N}].json` and `.md` in workdir (local or gs://, written atomically) -> their paths."""
+    run = paths.Workdir(workdir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    json_file, md_file = (str(run.report(name, step, suffix)) for suffix in (".json", ".md"))
     rows = {name: results["metrics"]}
     if "dsl" in results:
         rows[f"{name} + DSL"] = results["dsl"]
@@ -168,9 +167,9 @@ def write_reports(results: dict, workdir: str, name: str, step: int | None) -> t
              f"{results['num_texts']} captions x {results['num_videos']} {results.get('media', 'video')}s, "
              f"head {results['head']}.\n\n"
              + metrics_lib.markdown_table(rows))
-    write_atomic(stem + ".json", json.dumps(results, indent=2))
-    write_atomic(stem + ".md", table)
-    return stem + ".json", stem + ".md"
+    write_atomic(json_file, json.dumps(results, indent=2))
+    write_atomic(md_file, table)
+    return json_file, md_file
 
 
 def _write_scalars(writer, results: dict, name: str, step: int | None):
@@ -233,7 +232,7 @@ def evaluate_from_config(config, workdir: str, model=None, *, backbone=None, mes
     a module / pure dict (then config.data.tokenizer must be set). model=None loads one: the backbone
     plus, unless the method trains nothing (zero-shot), the trained parameters of
     config.adapter_checkpoint (or the workdir's latest run checkpoint). TensorBoard scalars go to
-    WORKDIR/tb, beside training's.
+    `writer` (the program's, `cma_jax.tb`; None: one is opened on WORKDIR/tb for this call).
     """
     if backbone is None and (model is None or config.data.tokenizer in ("", "clip")):
         backbone = loader.backbone_from_config(config)
@@ -247,14 +246,14 @@ def evaluate_from_config(config, workdir: str, model=None, *, backbone=None, mes
         else:
             logging.info("evaluating zero-shot (backbone %s, no adapters)", config.backbone)
     mesh = sharding.make_mesh(config) if mesh is None else mesh
-    own_writer = writer is None and jax.process_index() == 0
+    own_writer = writer is None
     if own_writer:
-        writer = SummaryWriter(os.path.join(workdir, "tb"))
+        writer = tb.open_writer(workdir)
     try:
         batches = pipeline.eval_batches_from_config(config, loader.tokenizer(config, backbone))
         return evaluate(model, batches.texts, batches.videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
                         workdir=workdir, writer=writer, step=step, mesh=mesh, name=config.data.eval_split,
                         num_batches=(batches.num_text_batches, batches.num_video_batches), media=batches.media)
     finally:
-        if own_writer:
+        if own_writer and writer is not None:
             writer.close()

@@ -1,15 +1,29 @@
-"""Atomic local writes: a reader (or a rerun after a crash) never sees a half-written file or folder."""
+"""Atomic writes: a reader (or a rerun after a crash) never sees a half-written file or folder."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from typing import BinaryIO, Callable
 
+from cma_jax import paths
 
-def write_atomic(path: str, data: str | bytes | Callable[[BinaryIO], None]) -> None:
-    """Write `data` (text, bytes, or a function writing to a binary file) to `path` via a rename."""
+
+def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[BinaryIO], None]) -> None:
+    """Write `data` (text, bytes, or a function writing to a binary file) to `path` via a rename.
+
+    A URL (gs://...) is written in one piece: an object store shows an object only once it is complete.
+    """
+    if paths.is_remote(path):
+        if callable(data):
+            buffer = io.BytesIO()
+            data(buffer)
+            data = buffer.getvalue()
+        paths.path(path).write_bytes(data.encode() if isinstance(data, str) else data)
+        return
+    path = os.fspath(path)
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:

@@ -19,21 +19,18 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from etils import epath
 from flax import nnx
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from cma_jax import checkpoint as ckpt_lib
 from cma_jax import config as config_lib
-from cma_jax import evaluate, gradcache, loader, lock, optim
+from cma_jax import evaluate, gradcache, loader, lock, optim, paths, tb
 from cma_jax import sharding as shd
 from cma_jax.data import pipeline
 from cma_jax.errors import TrainingDiverged
@@ -110,40 +107,38 @@ def _restore_iterator(it, state):
 
 
 # ----------------------------------------------------------------------------- loop
-HISTORY_FILE = "history.jsonl"
-
-
 def read_history(workdir: str) -> list[dict]:
     """Every step logged in `workdir` across runs and resumes (a re-run step keeps its last record)."""
-    path = os.path.join(workdir, HISTORY_FILE)
-    if not os.path.exists(path):
+    file = paths.Workdir(workdir).history
+    if not file.exists():
         return []
-    with open(path) as f:
-        records = {}
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                records[rec["step"]] = rec
+    records = {}
+    for line in file.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            records[rec["step"]] = rec
     return [records[k] for k in sorted(records)]
 
 
 class _Logger:
-    """Log lines, TensorBoard scalars, and the per-step history (process 0).
+    """Log lines, TensorBoard scalars (the program's one writer), and the per-step history (process 0).
 
     Each step's record is also appended to WORKDIR/history.jsonl as it happens, so the curve of a
-    run that was interrupted and resumed is complete (`read_history`); skipped for remote workdirs,
-    where TensorBoard's event files are the record.
+    run that was interrupted and resumed is complete (`read_history`). An object store cannot append:
+    on a remote workdir the file is written again, whole, when the run ends.
     """
 
-    def __init__(self, workdir, config, num_steps, start):
+    def __init__(self, workdir, config, num_steps, start, writer):
         self.history = []
         self.every = config.train.log_every_steps
         self.examples = config.train.batch_size
-        self.writer = self.file = None
+        self.writer, self.file, self.remote_history = writer, None, None
         if jax.process_index() == 0:
-            self.writer = SummaryWriter(os.path.join(workdir, "tb"))
-            if "://" not in workdir:
-                self.file = open(os.path.join(workdir, HISTORY_FILE), "a")
+            history = paths.Workdir(workdir).history
+            if paths.is_remote(history):
+                self.remote_history = history
+            else:
+                self.file = open(history, "a")
         self.bar = None
         if config.train.progress_bar and jax.process_index() == 0:
             self.bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
@@ -169,12 +164,15 @@ class _Logger:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
-            self.writer.close()
+            self.writer.flush()
         if self.file is not None:
             self.file.close()
+        if self.remote_history is not None and self.history:
+            before = self.remote_history.read_text() if self.remote_history.exists() else ""
+            self.remote_history.write_text(before + "".join(json.dumps(r) + "\n" for r in self.history))
 
 
-def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
+def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None, writer=None):
     """Train per config in `workdir` (resuming from its last checkpoint) -> (model, history).
 
     The config is taken as validated (cma_jax.main does it once). backbone: a `cma_jax.loader.Backbone`
@@ -182,16 +180,24 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None):
     (config.backbone is resolved here); train_iter: see
     the module docstring (default: config.data's grain pipeline); eval_fn(model, step) is called every
     train.eval_every_steps (if > 0). The returned model holds the trained parameters; history is one
-    dict per step run here (step, loss, lr, grad_norm, step_time, examples_per_s).
+    dict per step run here (step, loss, lr, grad_norm, step_time, examples_per_s). writer: the program's
+    TensorBoard writer (`cma_jax.tb`; None: one is opened on WORKDIR/tb for this call).
     """
     if not config_lib.method(config).trains:
         raise ValueError(f"config.method={config.method} has nothing to train; use config.mode=eval")
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
-    with lock.workdir_lock(workdir):  # one run per workdir
-        return _train(config, workdir, backbone, train_iter, eval_fn)
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
+    own_writer = writer is None
+    if own_writer:
+        writer = tb.open_writer(workdir)
+    try:
+        with lock.workdir_lock(workdir):  # one run per workdir
+            return _train(config, workdir, backbone, train_iter, eval_fn, writer)
+    finally:
+        if own_writer and writer is not None:
+            writer.close()
 
 
-def _train(config, workdir: str, backbone, train_iter, eval_fn):
+def _train(config, workdir: str, backbone, train_iter, eval_fn, writer):
     # ------------------------------------------------------------------------- model and optimizer
     mesh = shd.make_mesh(config)
     if backbone is None:
@@ -241,7 +247,7 @@ def _train(config, workdir: str, backbone, train_iter, eval_fn):
         log.info("resumed from %s at step %d", ckpt.directory, start)
 
     # ------------------------------------------------------------------------- loop
-    logger = _Logger(workdir, config, num_steps, start)
+    logger = _Logger(workdir, config, num_steps, start, writer)
     # The iterator state that goes with a model at each step: at an interrupt the state's own step
     # (done before or after the interrupted wait) picks the matching one (_save_on_interrupt).
     step, data_at = start, {}
@@ -347,11 +353,19 @@ def train_and_evaluate(config, workdir: str, backbone=None):
     if backbone is None:
         backbone = loader.backbone_from_config(config)
     model, step = None, None
-    if config.mode in ("train", "train_and_eval"):
-        def eval_fn(model, step):
-            evaluate.evaluate_from_config(config, workdir, model, backbone=backbone, mesh=mesh, step=step)
-        model, history = train(config, workdir, backbone, eval_fn=eval_fn)
-        step = history[-1]["step"] if history else None
-    if config.mode in ("eval", "train_and_eval"):
-        return evaluate.evaluate_from_config(config, workdir, model, backbone=backbone, mesh=mesh, step=step)
-    return None
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
+    writer = tb.open_writer(workdir)  # one event file for the training curve and every evaluation
+    try:
+        if config.mode in ("train", "train_and_eval"):
+            def eval_fn(model, step):
+                evaluate.evaluate_from_config(config, workdir, model, backbone=backbone, mesh=mesh, step=step,
+                                              writer=writer)
+            model, history = train(config, workdir, backbone, eval_fn=eval_fn, writer=writer)
+            step = history[-1]["step"] if history else None
+        if config.mode in ("eval", "train_and_eval"):
+            return evaluate.evaluate_from_config(config, workdir, model, backbone=backbone, mesh=mesh, step=step,
+                                                 writer=writer)
+        return None
+    finally:
+        if writer is not None:
+            writer.close()

@@ -1,4 +1,7 @@
-"""The workdir lock: one run per workdir; stale locks are taken over; other hosts are not judged."""
+"""The workdir lock: one run per workdir; stale locks are taken over; other hosts are not judged.
+
+run.lock is the kernel lock (filelock); run.lock.json names its holder (host, pid, start time).
+"""
 
 import json
 import logging
@@ -59,7 +62,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(holder, caplog):
     proc.wait()
     with caplog.at_level(logging.WARNING, logger="cma_jax.lock"):
         with lock.workdir_lock(workdir, is_leader=True):
-            with open(os.path.join(workdir, "run.lock")) as f:
+            with open(os.path.join(workdir, "run.lock.json")) as f:
                 assert json.load(f)["pid"] == os.getpid()
     assert f"taking over the stale lock of workdir {workdir}" in caplog.text
     assert f"pid {proc.pid}" in caplog.text
@@ -67,7 +70,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(holder, caplog):
 
 def test_a_stale_pid_on_this_host_is_taken_over(tmp_path, caplog):
     pid = _dead_pid()
-    (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": "then"}))
+    (tmp_path / "run.lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": "then"}))
     with caplog.at_level(logging.WARNING, logger="cma_jax.lock"):
         with lock.workdir_lock(str(tmp_path), is_leader=True):
             pass
@@ -75,7 +78,7 @@ def test_a_stale_pid_on_this_host_is_taken_over(tmp_path, caplog):
 
 
 def test_a_lock_from_another_host_is_not_judged_dead(tmp_path):
-    path = tmp_path / "run.lock"
+    path = tmp_path / "run.lock.json"
     path.write_text(json.dumps({"host": "node-17", "pid": 4242, "started": "2025-01-01 00:00:00 UTC"}))
     with pytest.raises(lock.WorkdirLockedError, match="locked by a run on another host "
                        r"\(host node-17, pid 4242, started 2025-01-01 00:00:00 UTC\)") as e:
@@ -86,7 +89,7 @@ def test_a_lock_from_another_host_is_not_judged_dead(tmp_path):
 
 
 def test_released_on_exit_and_on_ctrl_c(tmp_path):
-    path = tmp_path / "run.lock"
+    path = tmp_path / "run.lock.json"
     with lock.workdir_lock(str(tmp_path), is_leader=True):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert not path.exists()
@@ -103,7 +106,7 @@ def test_a_second_lock_in_the_same_process_is_refused_and_the_first_kept(tmp_pat
         with pytest.raises(lock.WorkdirLockedError, match=f"pid {os.getpid()}"):
             with lock.workdir_lock(str(tmp_path), is_leader=True):
                 pass
-        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / "run.lock.json").read_text())["pid"] == os.getpid()
 
 
 def test_only_the_leader_locks(holder):
@@ -144,7 +147,7 @@ def test_two_racing_processes_exactly_one_wins(tmp_path):
     assert sorted(outcomes) == ["refused", "won"]
     assert f"pid {outcomes['won']}," in outcomes["refused"]
     assert [p.exitcode for p in procs] == [0, 0]
-    assert not (tmp_path / "run.lock").exists()
+    assert not (tmp_path / "run.lock.json").exists()
 
 
 @pytest.mark.slow
