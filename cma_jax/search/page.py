@@ -23,7 +23,8 @@ main{display:flex;gap:20px;padding:0 24px 24px;align-items:flex-start}
 .hit .meta{padding:6px 8px;font-size:12px}
 .hit .name{word-break:break-all;font-weight:600}
 .hit .score{font-family:monospace;color:#444}
-.hit.missing{opacity:.6} .hit.missing .name::after{content:" (file missing)";color:#b00020;font-weight:400}
+.hit .nopic{height:120px;background:#e5e5e5;color:#777;display:flex;align-items:center;justify-content:center;font-size:12px;padding:0 8px;text-align:center}
+.hit.missing{opacity:.7} .hit.missing .name{color:#b00020}
 #side{width:420px;position:sticky;top:12px;background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px}
 #side[hidden]{display:none}
 video{width:100%;background:#000;border-radius:4px}
@@ -71,8 +72,14 @@ async function search() {
     const b = document.createElement("button");
     b.className = "hit" + (h.available ? "" : " missing");
     b.dataset.video = h.video; b.dataset.url = h.url; b.dataset.time = h.time; b.dataset.available = h.available;
-    const img = document.createElement("img");
-    img.alt = h.video; img.loading = "lazy"; if (h.available) img.src = h.thumb;
+    b.dataset.unavailable = h.unavailable || "";
+    let img = document.createElement("img");
+    if (h.available) {
+      img.alt = h.video; img.src = h.thumb;
+      img.addEventListener("error", () => img.replaceWith(noPicture("no picture")), { once: true });
+    } else {
+      img = noPicture(h.unavailable);
+    }
     const meta = document.createElement("div");
     meta.className = "meta";
     meta.innerHTML = `<div class="name"></div><div class="score">#${h.rank} &middot; ${h.score.toFixed(4)} &middot; at ${h.time.toFixed(1)} s</div>`;
@@ -81,6 +88,12 @@ async function search() {
     b.addEventListener("click", () => play(b));
     grid.appendChild(b);
   }
+}
+
+function noPicture(text) {
+  const d = document.createElement("div");
+  d.className = "nopic"; d.textContent = text;
+  return d;
 }
 
 function play(card) {
@@ -92,7 +105,9 @@ function play(card) {
   err.hidden = true;
   if (card.dataset.available !== "true") {
     player.removeAttribute("src"); player.load(); player.hidden = true;
-    err.textContent = `${card.dataset.video} was deleted or moved since it was indexed: nothing to play.`;
+    err.textContent = card.dataset.unavailable.includes("deleted or moved")
+      ? `${card.dataset.video} was deleted or moved since it was indexed: nothing to play.`
+      : `${card.dataset.video} cannot be played: ${card.dataset.unavailable}`;
     err.hidden = false;
     return;
   }

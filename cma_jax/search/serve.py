@@ -67,6 +67,14 @@ class Served:
             raise BadRequest(f"video {rel!r} was deleted or moved since index {self.name} was built", 404)
         return path
 
+    def unavailable(self, rel: str) -> str | None:
+        """Why `file(rel)` would refuse the video, or None when it can be served."""
+        try:
+            self.file(rel)
+        except BadRequest as e:
+            return str(e)
+        return None
+
 
 # ----------------------------------------------------------------------------- loading
 def _distinct_bytes(arrays) -> int:
@@ -239,7 +247,8 @@ def make_app(served: list[Served], *, title: str = "cma_jax video search") -> St
         for h in hits:
             h["url"] = _video_url("video", s.name, h["video"])
             h["thumb"] = _video_url("thumb", s.name, h["video"]) + f"?t={h['time']:g}"
-            h["available"] = os.path.isfile(os.path.join(s.video_root, h["video"]))
+            h["unavailable"] = s.unavailable(h["video"])  # why the page cannot play it, or None
+            h["available"] = h["unavailable"] is None
         return JSONResponse({"query": q, "index": s.name, "videos": len(s.searcher), "took_ms": round(took, 1),
                              "hits": hits})
 
