@@ -196,6 +196,9 @@ def _named(error: Exception, paths: dict[str, str], section: str) -> ValueError:
     return ValueError(f"config.{where}: {msg}")
 
 
+_NOT_A_SECTION = " (expected a section)"
+
+
 def _unknown_fields(cfg, ref, prefix=""):
     bad = []
     for key in cfg.keys():
@@ -204,7 +207,7 @@ def _unknown_fields(cfg, ref, prefix=""):
             bad.append(name)
         elif isinstance(ref[key], ml_collections.ConfigDict) and key != "extra":
             if not isinstance(cfg[key], (ml_collections.ConfigDict, dict)):
-                bad.append(name + " (expected a section)")
+                bad.append(name + _NOT_A_SECTION)
             else:
                 bad += _unknown_fields(cfg[key], ref[key], name + ".")
     return bad
@@ -226,12 +229,26 @@ def _field_names(node, prefix: str = "") -> list[str]:
     return out
 
 
+def unknown_prefix(path: list[str], base=None) -> list[str] | None:
+    """The shortest prefix of the dotted `path` that names no field or section (None: `path` is known)."""
+    node = base_config() if base is None else base
+    for i, key in enumerate(path):
+        if path[0] == "extra":
+            return None
+        if not hasattr(node, "keys") or key not in node:
+            return path[:i + 1]
+        node = node[key]
+    return None
+
+
 def suggest_fields(path: list[str], base) -> list[str]:
     """Field names close to the unknown dotted `path` (['train', 'lerning_rate'] -> ['train.lr']).
 
-    First the keys of the section where the lookup failed (difflib, a prefix, or an abbreviation
-    either way: lr <-> learning_rate; a misspelt section keeps the rest of the path) and fields
-    anywhere with the same name (train.num_frames -> data.num_frames); failing those, close dotted names.
+    ml_collections suggests only on reading a close name of the same section (`trian` -> `train`; not
+    `lerning_rate` -> `lr`, nor `data.fsp` -> `data.fps`); here, first the keys of the section where the
+    lookup failed (difflib, a prefix, or an abbreviation either way: lr <-> learning_rate; a misspelt section
+    keeps the rest of the path) and fields anywhere with the same name (train.num_frames -> data.num_frames);
+    failing those, close dotted names.
     """
     node, depth = base, 0
     while depth < len(path) - 1 and hasattr(node, "keys") and path[depth] in node:
@@ -251,12 +268,16 @@ def suggest_fields(path: list[str], base) -> list[str]:
     return (found or difflib.get_close_matches(".".join(path), fields, n=3, cutoff=0.75))[:3]
 
 
-def _suggest(name: str) -> str:
-    """' (renamed to config.x)' / ' (did you mean config.x?)' for an unknown dotted field name, or ''."""
+def field_hint(path: list[str]) -> str:
+    """What to say about the unknown dotted field `path`: 'renamed to config.x', 'did you mean config.x?',
+    'did you mean one of config.x, config.y?', or ''."""
+    name = ".".join(path)
     if name in RENAMED:
-        return f" (renamed to config.{RENAMED[name]})"
-    close = suggest_fields(name.split("."), base_config())
-    return f" (did you mean {' or '.join('config.' + c for c in close)}?)" if close else ""
+        return f"renamed to config.{RENAMED[name]}"
+    close = ["config." + c for c in suggest_fields(path, base_config())]
+    if len(close) > 1:
+        return f"did you mean one of {', '.join(close)}?"
+    return f"did you mean {close[0]}?" if close else ""
 
 
 def unused_fields(config, overridden) -> list[str]:
@@ -304,7 +325,9 @@ def validate(config, num_devices: int | None = None, overridden=()) -> None:
     """
     bad = _unknown_fields(config, base_config())
     if bad:
-        raise ValueError("unknown config field(s): " + ", ".join(f"config.{b}{_suggest(b)}" for b in bad))
+        hints = {b: "" if b.endswith(_NOT_A_SECTION) else field_hint(b.split(".")) for b in bad}
+        raise ValueError("unknown config field(s): " + ", ".join(f"config.{b} ({h})" if h else f"config.{b}"
+                                                                for b, h in hints.items()))
 
     def check(ok, field, msg):
         if not ok:

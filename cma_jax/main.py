@@ -61,24 +61,14 @@ def run(config, workdir: str, overridden=()):
 
 def check_overrides(argv) -> None:
     """Fail early, naming the field and the closest real ones, on `--config.<field>=` overrides no config has."""
-    base = config_lib.base_config()
     for arg in argv[1:]:
-        if not arg.startswith("--config."):
-            continue
-        path = arg[len("--config."):].split("=", 1)[0].split(".")
-        node = base
-        for i, key in enumerate(path):
-            if path[0] == "extra":
-                break
-            if not hasattr(node, "keys") or key not in node:
-                unknown = path[:i + 1]
-                renamed = config_lib.RENAMED.get(".".join(unknown))
-                close = ["config." + c for c in ([renamed] if renamed else config_lib.suggest_fields(path, base))]
-                hint = (f"; did you mean {close[0]}?" if len(close) == 1 else
-                        f"; did you mean one of {', '.join(close)}?" if close else "")
-                sys.exit(f"error: unknown config field config.{'.'.join(unknown)} in {arg!r}{hint} "
-                         "(every field is in cma_jax/config.py)")
-            node = node[key]
+        if arg.startswith("--config."):
+            path = arg[len("--config."):].split("=", 1)[0].split(".")
+            unknown = config_lib.unknown_prefix(path)
+            if unknown is not None:
+                hint = config_lib.field_hint(path)
+                sys.exit(f"error: unknown config field config.{'.'.join(unknown)} in {arg!r}"
+                         f"{'; ' + hint if hint else ''} (every field is in cma_jax/config.py)")
 
 
 def main(argv):

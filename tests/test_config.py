@@ -87,6 +87,37 @@ def test_unknown_field_fails_naming_it():
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize("section, field, hint", [
+    ("train", "lerning_rate", "did you mean config.train.lr?"),  # ml_collections suggests nothing for these:
+    ("train", "learning_rate", "did you mean config.train.lr?"),  # an abbreviation either way,
+    ("train", "wd", "did you mean config.train.weight_decay?"),
+    ("train", "num_frames", "did you mean config.data.num_frames?"),  # a field of another section,
+    ("data", "fsp", "did you mean config.data.fps?"),  # a transposition difflib's default cutoff misses,
+    (None, "backbone_checkpoint", "renamed to config.backbone"),  # a renamed field
+])
+def test_an_unknown_field_names_the_closest_real_one(section, field, hint):
+    c = config_lib.base_config()
+    node = c if section is None else c[section]
+    node.unlock()
+    node[field] = 1
+    name = field if section is None else f"{section}.{field}"
+    with pytest.raises(ValueError) as e:
+        config_lib.validate(c)
+    assert str(e.value) == f"unknown config field(s): config.{name} ({hint})"
+
+
+def test_place_fields_keep_paths_out_of_the_demo_reuse_key():
+    """The demo reuses a stage's result by its config (cma_jax.demo.stages.config_key): folders must not enter it."""
+    from cma_jax.demo import stages
+
+    config = stages.demo_config("quick")
+    here, there = (stages.stage_config(config, "cma", f"/{d}/data", f"/{d}/backbone", 0) for d in ("here", "there"))
+    assert here.backbone == "/here/backbone" and here.data.data_dir == "/here/data"
+    assert stages.config_key(here) == stages.config_key(there)
+    assert "/here" not in stages.config_key(here)
+    assert all("." not in f or f.split(".")[0] in config for f in config_lib.PLACE_FIELDS)
+
+
 def test_baselines_are_config_changes_only():
     c = config_lib.base_config()
     assert config_lib.method(c).name == "cma" and config_lib.method(c).share_dim == 16
