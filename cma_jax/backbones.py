@@ -1,31 +1,6 @@
-"""Backbone names -> converted, read-only backbone folders in a local cache.
-
-`resolve(spec)` accepts
-  * a preset: `ViT-B/32`, `ViT-B/16`, `ViT-L/14`, `ViT-L/14@336px` (or `vit_b32`, `vit_b16`, `vit_l14`,
-    `vit_l14_336`): OpenAI's checkpoint from `OPENAI_URLS`, checked against the SHA256 in its URL path;
-  * a Hugging Face repo id, `org/name` or `org/name@revision`, through huggingface_hub (`HF_HOME`,
-    `HF_HUB_OFFLINE` and `HF_ENDPOINT` apply); only the config, weights and tokenizer files are fetched;
-  * an `http(s)://` or `file://` URL of a `.pt` file, optionally ending in `#sha256=<hex>`;
-  * a local OpenAI / Cross-Modal-Adapter `.pt`/`.pth`/`.bin` file or a Hugging Face CLIPModel folder;
-  * an already converted folder (local, or on a bucket such as `gs://...`): returned as is;
-  * `random`: None, a randomly initialised CLIP (tests and benchmarks only).
-and returns the converted folder (`clip_config.json`, `params/`, `tokenizer/`). A source that brings no
-tokenizer files (OpenAI's `.pt` archives) gets OpenAI's BPE file (`BPE_URL`), so every folder it returns
-has its tokenizer in `tokenizer/`.
-
-The cache (`$CMA_JAX_CACHE`, default `~/.cache/cma_jax`):
-    downloads/<sha256>/<file>   verified downloads, read-only (`<file>.part` while incomplete)
-    backbones/<name>-<id>/      converted folders, read-only
-    locks/                      one file lock per download and per conversion
-A download is written to `.part` (resumed with an HTTP Range request after a cut), checked, then renamed;
-a conversion is written to a temporary folder and renamed: an interruption leaves nothing a later run
-trusts. Processes resolving the same name at once wait on the lock: one downloads and converts, the
-others reuse its result. Where file locks are unreliable (some network filesystems), give each host its
-own cache.
-
-Offline (`CMA_JAX_OFFLINE=1` or `HF_HUB_OFFLINE=1`): nothing is fetched; an uncached name fails at once
-with one line naming the URL and the file to pass by hand. `CMA_JAX_MIRROR=<base URL>` (`http(s)://` or
-`file://`) fetches OpenAI's files as `<base>/<file name>` instead, checked against the same SHA256.
+"""Backbone names (a preset, a Hugging Face repo id, a URL, a file, a folder) -> converted, read-only backbone folders
+in a local cache: `resolve(spec)`; docs/backbones.md lists what a spec may be, the cache's layout, which source each
+preset comes from, offline use and mirrors.
 
 CLI (fill the cache, e.g. before going offline): python -m cma_jax.backbones SPEC [SPEC ...]
 """
@@ -48,7 +23,7 @@ import huggingface_hub
 import huggingface_hub.errors
 from tqdm import tqdm
 
-from cma_jax import checkpoint, convert
+from cma_jax import checkpoint, convert, paths
 from cma_jax.convert.tables import TOKENIZER_FILES
 from cma_jax.models.clip import OPENAI_NAMES
 
@@ -111,7 +86,7 @@ def resolve(spec: str, *, cache_dir: str | None = None, revision: str | None = N
     scheme = urllib.parse.urlsplit(spec).scheme
     if scheme in ("http", "https", "file"):
         return _from_url(spec, cache)
-    if "://" in spec:  # gs://bucket/ckpt and other remote filesystems: a converted folder, read by Orbax
+    if paths.is_remote(spec):  # gs://bucket/ckpt: a converted folder, read by Orbax
         return spec
     path = os.path.abspath(os.path.expanduser(spec))
     if _is_converted(path):
