@@ -7,7 +7,7 @@
 #          --config.backbone=gs://my-bucket/ckpt/clip_vit_b32 --config.data.data_dir=gs://my-bucket/tfds
 #
 #   --create       create the TPU VM first (--accelerator, --version)
-#   --setup        clone/update the repository on every worker and install it with jax[tpu]
+#   --setup        clone/update the repository on every worker and install it with jax[tpu] and gcsfs (gs:// workdirs)
 #   --repo/--branch  where --setup gets the code (default: this checkout's origin and branch)
 #   --dry_run      print the gcloud commands instead of running them
 # Everything after -- goes to `python -m cma_jax.main` on every worker.
@@ -69,7 +69,7 @@ fi
 if [[ $setup -eq 1 ]]; then
   [[ -n "$repo" ]] || { echo "tpu_pod.sh: --setup needs --repo=URL (no git origin found)" >&2; exit 2; }
   install="set -e; if [ -d $dir ]; then git -C $dir fetch -q && git -C $dir checkout -q $branch && git -C $dir pull -q; \
-else git clone -q -b $branch $repo $dir; fi; pip install -q -U 'jax[tpu]' -e ./$dir"
+else git clone -q -b $branch $repo $dir; fi; pip install -q -U 'jax[tpu]' gcsfs -e ./$dir"
   run gcloud compute tpus tpu-vm ssh "$tpu" "${common[@]}" --worker=all --command="$install"
 fi
 
