@@ -6,7 +6,7 @@ N(0, 0.02^2), after the start token and replacing it deeper down; the vision pro
 `coupling_i(text prompts of layer i)`, a W_t -> W_v linear map, appended after the patches and
 replacing them deeper down. The couplings have PyTorch's Linear init, and those of layers 1.. start
 as identical copies (MaPLe's `_get_clones`). The paper's 4.8 M needs all 12 layers (depth 12; the
-code's default 9 gives 3.6 M), with its default 2 tokens: 4,740,096.
+code's default 9 gives 3.6 M; depth 0 = every layer), with its default 2 tokens: 4,740,096.
 """
 
 from __future__ import annotations
@@ -48,30 +48,34 @@ class MaPLe(Method):
     paper_note: ClassVar[str] = ("MaPLe's couplings, init and placement; depth 12 (its code's default is 9) to "
                                  "reach the paper's 4.8 M")
     num_tokens: int = 2  # n
-    depth: int = 12  # D: layers with prompts (both towers), from the first
+    depth: int = 0  # D: layers with prompts (both towers), from the first; 0 = every layer (12 at ViT-B)
 
     def __post_init__(self):
         if self.num_tokens < 1:
             raise FieldError("num_tokens", f"maple num_tokens must be >= 1, got {self.num_tokens}")
-        if self.depth < 1:
-            raise FieldError("depth", f"maple depth must be >= 1, got {self.depth}")
+        if self.depth < 0:
+            raise FieldError("depth", f"maple depth must be >= 0 (0 = every layer), got {self.depth}")
 
     def check(self, cfg) -> None:
-        deepest = min(cfg.vision_layers, cfg.text_layers)
-        if self.depth > deepest:
-            raise FieldError("depth", f"maple depth {self.depth} exceeds the shallower tower's {deepest} layers")
+        shallow = min(cfg.vision_layers, cfg.text_layers)
+        if self.depth > shallow:
+            raise FieldError("depth", f"maple depth {self.depth} exceeds the shallower tower's {shallow} layers")
+
+    def _depth(self, cfg) -> int:
+        return self.depth or min(cfg.vision_layers, cfg.text_layers)
 
     def count(self, cfg) -> int:
         wt, wv = cfg.text_width, cfg.vision_width
-        return self.depth * (self.num_tokens * wt + wt * wv + wv)
+        return self._depth(cfg) * (self.num_tokens * wt + wt * wv + wv)
 
     def extra_text_tokens(self) -> int:
         return self.num_tokens
 
     def clip_modules(self, cfg, rngs):
-        text = prompts.normal(rngs, (self.depth, self.num_tokens, cfg.text_width))
+        depth = self._depth(cfg)
+        text = prompts.normal(rngs, (depth, self.num_tokens, cfg.text_width))
         return {"prompts": prompts.Prompts(text=text),
-                "couplings": Couplings(self.depth, cfg.text_width, cfg.vision_width, rngs=rngs)}
+                "couplings": Couplings(depth, cfg.text_width, cfg.vision_width, rngs=rngs)}
 
     def _vision(self, modules) -> jnp.ndarray:
         return modules["couplings"](modules["prompts"].text[...])  # [D, n, W_v]
@@ -82,7 +86,7 @@ class MaPLe(Method):
         return prompts.append_vision(x, self._vision(modules)[0])
 
     def layer_input(self, modules, ctx, layer, x):
-        if layer == 0 or layer >= self.depth:
+        if layer == 0 or layer >= modules["couplings"].kernel.shape[0]:
             return x
         if ctx.tower == "text":
             return prompts.layer_deep(modules, "text", layer, x)
