@@ -1,22 +1,6 @@
-"""Every Orbax format of the project: backbone folders, run checkpoints, adapter folders.
-
-* Backbone folder (converted once, read-only, shared by every dataset):
-      BACKBONE/{clip_config.json, params/ (Orbax, dotted keys), tokenizer/}
-* Run checkpoint: trainable params, optimizer state, RNG state, data-iterator state, meta. It never
-  holds the frozen backbone: `params` is the tree the method trains (the adapters for method=cma, the
-  prompts for a prompt method, the last blocks for partial; every weight for method=full, which is
-  that baseline's point). One folder per step:
-      WORKDIR/checkpoints/<step>/{params, opt_state, rngs, data, meta}
-* Adapter folder (trained parameters alone, e.g. converted from the original repo): the run layout
-  with params + meta only,
-      ADAPTERS/checkpoints/0/{params, meta}
-  so that loading trained parameters has one path (`load_adapters`) whatever made them.
-
-Orbax writes each step into a temporary folder and renames it when complete, so a save that is
-interrupted never replaces or corrupts the previous checkpoint; the manager keeps the last N.
-`data` holds each process's iterator state (`process_<i>-of-<n>.json`); `meta` records the
-architecture, the method and its hyper-parameters, and data settings so that restoring into another
-model fails with a message, and evaluation / search default to what the model was trained with.
+"""Every Orbax format of the project, read and written here only: backbone folders, run checkpoints (trained
+parameters, optimizer, RNG and data-iterator state, metadata; never the frozen backbone), adapter folders
+(a run checkpoint's layout with params and metadata only); docs/training.md ("Checkpoint formats") lays them out.
 """
 
 from __future__ import annotations

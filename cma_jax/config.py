@@ -1,17 +1,6 @@
-"""The one place every config field is defined, with its default, and checked.
-
-Dataset configs (`configs/msrvtt.py`, ...) start from `base_config()` and change values only; a
-field that is not created here is an error (`validate`). The free-form `extra` section is the only
-exception: file-specific knobs (e.g. the demo's) go there and are not checked.
-
-`validate` runs once, at the entry point. The model's own dataclasses (CLIPConfig, AdapterConfig)
-check their fields; this layer builds them and prefixes their messages with the config path, so the
-allowed values are defined once, beside the code that uses them.
-
-Conventions:
-  * `model.clip.*` are `None` (= take the value from `model.preset`) or an int override.
-  * `train.num_steps = 0` means `train.epochs` passes over the training pairs.
-  * `mesh.data = -1` means "all devices not used by fsdp/model".
+"""The one place every config field is defined, with its default, and checked (`validate`, once, at the entry
+point): dataset configs start from `base_config()` and change values only; only the free-form `extra` section
+takes fields not created here; the model's own dataclasses check their values, and messages name the config path.
 """
 
 from __future__ import annotations

@@ -1,15 +1,5 @@
-"""Benchmark evaluation: encode every caption and video once, block-wise similarity, metrics, reports.
-
-    evaluate(model, text_batches, video_batches)            -> results dict (+ JSON / markdown / TB)
-    evaluate_from_config(config, workdir, model=None)        -> the same, for `main.py --config.mode=eval`
-
-Encoding runs jitted, with each batch sharded over the mesh's data axes when a mesh is given; on
-several hosts every process feeds its own rows and the embeddings are gathered to every process.
-The text x video similarity is then computed on device in [block, block] tiles with the model's own
-head (`model.similarity`), so the text-conditioned head - which needs every text against every
-video's frames - never holds more than one tile's [block, block, T] intermediates: about
-4-5 * 4 * block^2 * T bytes (XLA's memory analysis at block 1024, D 512: 240 MB for T 12, 1.0 GB for
-T 64; meanP needs ~4 MB), so ActivityNet's ~5k x 5k is 25 such tiles, one at a time.
+"""Benchmark evaluation: encode every caption and video once, block-wise similarity on device, metrics and
+reports: `evaluate` and `evaluate_from_config`; docs/evaluation_and_search.md describes tiles and memory.
 """
 
 from __future__ import annotations

@@ -1,17 +1,5 @@
-"""Training: adapters (or, for the full fine-tuning baseline, all weights) on a frozen CLIP backbone.
-
-Public API:
-  * `train(config, workdir, backbone=None, train_iter=None) -> (model, history)`
-  * `train_and_evaluate(config, workdir)`: train, then evaluate (config.mode decides what runs).
-
-`train_iter` is any iterator of *per-process* batch dicts (the batch contract, this process's
-rows of the global batch). Optional protocol: `get_state()` / `set_state(state)` (grain) for exact
-resumption, `steps_per_epoch` for `train.num_steps = 0`. Iterators without `get_state` are
-resumed by skipping the batches already trained on, which is exact for deterministic iterators.
-
-Interrupts: the loop saves every `train.save_every_steps`, at the end, and on KeyboardInterrupt;
-Orbax saves are atomic, so a run killed at any moment restarts from its last complete checkpoint
-when launched again with the same command and workdir.
+"""Training: the update step, built once and jitted with shardings, and the loop around it (checkpoints,
+resume, logging, evaluation): `train` and `train_and_evaluate`; docs/training.md describes a run.
 """
 
 from __future__ import annotations
@@ -177,8 +165,10 @@ def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None, wr
 
     The config is taken as validated (cma_jax.main does it once). backbone: a `cma_jax.loader.Backbone`
     (resolved once by the entry point), a module or pure dict of the config's architecture, or None
-    (config.backbone is resolved here); train_iter: see
-    the module docstring (default: config.data's grain pipeline); eval_fn(model, step) is called every
+    (config.backbone is resolved here); train_iter: any iterator of this process's rows of each global
+    batch (default: config.data's grain pipeline), resumed exactly through `get_state()` / `set_state()`
+    (grain's) or else by skipping the batches already trained on, with `steps_per_epoch` for
+    `train.num_steps = 0`; a Ctrl-C saves the step it interrupted; eval_fn(model, step) is called every
     train.eval_every_steps (if > 0). The returned model holds the trained parameters; history is one
     dict per step run here (step, loss, lr, grad_norm, step_time, examples_per_s). writer: the program's
     TensorBoard writer (`cma_jax.tb`; None: one is opened on WORKDIR/tb for this call).
