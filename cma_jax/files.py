@@ -40,8 +40,12 @@ def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[BinaryIO
 def write_dir_atomic(path: str, write: Callable[[str], None], overwrite: bool = False) -> None:
     """Run `write(tmp_folder)` beside `path`, then rename it into place; nothing half-written remains.
 
-    Refuses to replace an existing `path` unless `overwrite` (FileExistsError naming it).
+    Refuses to replace an existing `path` unless `overwrite` (FileExistsError naming it), and a URL (an object
+    store renames a folder object by object, never at once).
     """
+    if paths.is_remote(path):
+        raise ValueError(f"{path}: a folder is written to a local disk only (atomically); write it to a local "
+                         "folder and copy it there (gcloud storage cp -r)")
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass --overwrite / overwrite=True)")

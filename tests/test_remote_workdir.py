@@ -1,4 +1,5 @@
-"""A gs:// workdir: train, evaluate, resume and evaluate again, every file of the run in the bucket, none local.
+"""gs:// paths: a workdir (train, evaluate, resume, evaluate again) and a search index, every file in the bucket,
+none local; a folder that must be renamed into place whole is refused there.
 
 The bucket is a local folder behind fsspec and TensorStore (tests/fake_bucket.py); the program runs its
 gs:// code: no lock (said in the log), Orbax's commit files, reports, history and TensorBoard through epath.
@@ -93,3 +94,53 @@ def test_train_eval_resume_on_a_gs_workdir(bucket, data, tmp_path, monkeypatch, 
     config.mode = "eval"  # the adapters of the bucket's latest checkpoint
     again = main_lib.run(config, workdir)
     assert again["metrics"] == resumed["metrics"] and again["step"] == 3
+
+
+def test_search_index_and_query_on_a_gs_index(bucket, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """The same videos indexed into a local folder and into the bucket answer a query alike."""
+    from flax import nnx
+
+    import videofiles
+    from cma_jax import checkpoint, search
+    from cma_jax.models.adapter import AdapterConfig, AdapterParam
+    from cma_jax.models.clip import CLIPConfig
+    from cma_jax.models.retrieval import RetrievalModel
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    clip = CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=32, vision_patch_size=16,
+                      context_length=8, vocab_size=16, text_width=32, text_heads=2, text_layers=1)
+    model = RetrievalModel(clip, AdapterConfig(reduction_dim=4, share_dim=4), rngs=nnx.Rngs(0))
+    backbone, adapters = str(tmp_path / "backbone"), str(tmp_path / "adapters")
+    checkpoint.save_backbone(backbone, clip, nnx.to_pure_dict(
+        nnx.state(model.clip, nnx.All(nnx.Param, nnx.Not(AdapterParam)))))
+    checkpoint.save_adapters(adapters, model)
+    videos = tmp_path / "videos"
+    for i in range(3):
+        videofiles.write_video(videos / f"v{i}.mp4", i, 2.0)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("a\nred\ngreen\nblue\nvideo\n")
+
+    def index_and_query(index_dir):
+        assert search.main(["index", str(videos), index_dir, "--backbone", backbone, "--adapters", adapters,
+                            "--tokenizer", str(vocab), "--num_frames", "2", "--max_words", "8", "--no_progress"]) == 0
+        capsys.readouterr()
+        assert search.main(["query", index_dir, "a red video", "-k", "3", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    local = index_and_query(str(tmp_path / "index"))
+    remote = index_and_query("gs://runs/index")
+    assert [h["video"] for h in remote[0]["hits"]] == [h["video"] for h in local[0]["hits"]]
+    assert [h["score"] for h in remote[0]["hits"]] == [h["score"] for h in local[0]["hits"]]
+    assert "manifest.json" in _files(bucket / "runs" / "index") and not os.listdir(cwd)
+
+
+def test_a_folder_for_a_bucket_is_refused_instead_of_landing_in_a_local_gs_folder(tmp_path, monkeypatch):
+    """Backbone and adapter folders are renamed into place whole; gs:// cannot: refused, no local 'gs:' folder."""
+    from cma_jax import files
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^gs://b/adapters: a folder is written to a local disk only"):
+        files.write_dir_atomic("gs://b/adapters", lambda tmp: os.makedirs(tmp))
+    assert not os.listdir(tmp_path)
