@@ -14,11 +14,30 @@ from tensorboardX import SummaryWriter, record_writer
 from cma_jax import paths
 
 
-def open_writer(workdir: str) -> SummaryWriter | None:
-    """A writer of WORKDIR/tb on process 0; None on the others (they write nothing)."""
-    if jax.process_index() != 0:
-        return None
-    return SummaryWriter(str(paths.Workdir(workdir).tb))
+class Writer:
+    """TensorBoard scalars into one event file of WORKDIR/tb, opened at the first scalar: a run that stops
+    before it has one (refused by the workdir lock, a bad config) leaves nothing in another run's folder."""
+
+    def __init__(self, workdir: str):
+        self.logdir, self._events = str(paths.Workdir(workdir).tb), None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._events is None:
+            self._events = SummaryWriter(self.logdir)
+        self._events.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        if self._events is not None:
+            self._events.flush()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+
+
+def open_writer(workdir: str) -> Writer | None:
+    """The writer of WORKDIR/tb on process 0; None on the others (they write nothing)."""
+    return Writer(workdir) if jax.process_index() == 0 else None
 
 
 class _RemoteEventFile:

@@ -343,7 +343,6 @@ def train_and_evaluate(config, workdir: str, backbone=None):
     if backbone is None:
         backbone = loader.backbone_from_config(config)
     model, step = None, None
-    paths.path(workdir).mkdir(parents=True, exist_ok=True)
     writer = tb.open_writer(workdir)  # one event file for the training curve and every evaluation
     try:
         if config.mode in ("train", "train_and_eval"):
