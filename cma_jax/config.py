@@ -218,9 +218,9 @@ def _field_names(node, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_prefix(path: list[str], base=None) -> list[str] | None:
+def unknown_prefix(path: list[str]) -> list[str] | None:
     """The shortest prefix of the dotted `path` that names no field or section (None: `path` is known)."""
-    node = base_config() if base is None else base
+    node = base_config()
     for i, key in enumerate(path):
         if path[0] == "extra":
             return None
