@@ -71,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                                             "file or URL, a converted folder (default for query/report/serve: the "
                                             "index's)")
     loading.add_argument("--tokenizer", help="tokenizer (default: the index's, else the backbone's tokenizer/ folder)")
-    loading.add_argument("--batch_size", type=int, default=16, help="videos / texts per encode batch")
     model = argparse.ArgumentParser(add_help=False, parents=[loading])
+    model.add_argument("--batch_size", type=int, default=16, help="videos / texts per encode batch")
     model.add_argument("--adapters", help="run workdir / checkpoints folder or converted adapter folder; "
                                           "'' = none (default for query/report: the index's)")
     model.add_argument("--head", choices=("text_conditioned", "meanp"),
@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--exact_up_to", type=int, default=20000,
                     help="indexes with more videos search in two stages (mean-pooled candidates, then the head)")
     sv.add_argument("--candidates", type=int, default=1000, help="candidates per query in a two-stage search")
+    sv.add_argument("--batch_size", type=int, default=1, help="texts per encode batch (queries come one by one)")
     return p
 
 

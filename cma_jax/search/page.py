@@ -61,7 +61,7 @@ async function loadIndexes() {
 async function search() {
   const text = q.value.trim(), mine = ++seq;
   if (!text) { grid.innerHTML = ""; say("type to search"); return; }
-  const url = `/api/search?k=12&index=${encodeURIComponent(sel.value)}&q=${encodeURIComponent(text)}`;
+  const url = `/api/search?index=${encodeURIComponent(sel.value)}&q=${encodeURIComponent(text)}`;
   let r, data;
   try { r = await fetch(url); data = await r.json(); } catch (e) { if (mine === seq) say(`search failed: ${e}`, true); return; }
   if (mine !== seq) return;  // a newer query was typed meanwhile

@@ -23,6 +23,7 @@ from cma_jax.search import page, scoring, store, thumbs
 
 MAX_QUERY_CHARS = 1000  # longer is refused before tokenizing
 THUMB_HEIGHT = 120
+PAGE_K = 12  # hits the page asks for
 
 
 class BadRequest(ValueError):
@@ -129,7 +130,7 @@ def _unique_names(index_dirs: list[str]) -> list[str]:
 
 
 def load_indexes(index_dirs: list[str], *, backbone: str | None = None, tokenizer: str | None = None,
-                 batch_size: int = 16, exact_up_to: int = 20000, candidates: int = 1000,
+                 batch_size: int = 1, exact_up_to: int = 20000, candidates: int = 1000,
                  log=print) -> tuple[api.SharedBackbone, list[Served]]:
     """Load the backbone once (`backbone`, else the one the first index was built on) and each index's model
     on it; an index built on another backbone or with a model that no longer matches is refused."""
@@ -159,6 +160,7 @@ def load_indexes(index_dirs: list[str], *, backbone: str | None = None, tokenize
         index = store.load_index(d)
         n = len(index["videos"])
         searcher = scoring.Searcher(r, index, candidates=candidates if n > exact_up_to else 0)
+        searcher.search(["warm up"], min(PAGE_K, n))  # compiles the query path now, not on the first query
         served.append(Served(name, d, searcher, m["video_root"], frozenset(index["videos"])))
         log(f"index {name} ({d}): {n} videos, method {m['fingerprint']['method']}, "
             f"{served[-1].describe()['search']} search")
@@ -240,7 +242,7 @@ def make_app(served: list[Served], *, title: str = "cma_jax video search") -> St
         params = _query_params(request)
         s = index_of(params.get("index"))
         q = _check_query(params.get("q"), s.retriever)
-        k = _int(params, "k", 12, 1, scoring.MAX_K)
+        k = _int(params, "k", PAGE_K, 1, scoring.MAX_K)
         start = time.perf_counter()
         hits = s.searcher.search([q], k)[0]
         took = (time.perf_counter() - start) * 1000
