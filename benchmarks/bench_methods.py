@@ -75,7 +75,8 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t0)
 
     full_t, full_peak = times["full"], steps["full"].peak_bytes
-    print(f"\n{'smoke CLIP' if args.smoke else args.preset} ({total['full']:,} params), batch {args.videos} videos x {args.frames} frames, "
+    shape = "smoke CLIP" if args.smoke else args.preset
+    print(f"\n{shape} ({total['full']:,} params), batch {args.videos} videos x {args.frames} frames, "
           f"{args.words} words, {args.dtype}, {jax.devices()[0].platform} x{jax.device_count()}, "
           f"{args.rounds} alternating rounds, load average {os.getloadavg()[0]:.1f}")
     print("| method | trained params | step time | time / full | XLA peak | peak / full | compile |")

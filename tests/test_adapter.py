@@ -254,7 +254,7 @@ def test_summary_cli_vit_b32(capsys):
 
     main(["--preset", "vit_b32", "--reduction_dim", "8", "--share_dim", "16"])
     out = capsys.readouterr().out
-    assert "519,168 adapter params of 151,796,481 total (0.342 %)" in out
+    assert "519,168 trained params of 151,796,481 total (0.342 %)" in out
     assert adapter_count(768, 12, 8, 16) + adapter_count(512, 12, 8, 16) + 2 * 12 * (8 * 16 + 16) == 519_168
 
 

@@ -48,7 +48,7 @@ def make(name: str, fields: dict | None = None) -> Method:
 
 
 def as_method(method) -> Method:
-    """A Method as it is; None as zero-shot (plain CLIP); an AdapterConfig as the Cross-Modal Adapter with its fields."""
+    """A Method as it is; None as zero-shot (plain CLIP); an AdapterConfig as the Cross-Modal Adapter."""
     if method is None:
         return ZeroShot()
     if isinstance(method, Method):

@@ -11,39 +11,37 @@ the issue's "after attention".) The paper's 2.0 M is r = 64 (0.5 M, r = 16, in i
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
-
 from cma_jax.models.adapter import ACTIVATIONS, Adapter, AdapterConfig
 from cma_jax.models.params import AdapterParam
-from cma_jax.models.peft.base import FieldError, Method, bottleneck_count
+from cma_jax.models.peft.base import FieldError, Method, bottleneck_count, declare
+
+BOTH_TOWERS = "L_v (2 W_v r + r + W_v) + L_t (2 W_t r + r + W_t)"  # one bottleneck per block of both towers
 
 
+@declare("adapter_attn", AdapterParam, label="Adapter-ATTN", formula=BOTH_TOWERS, paper=2.0e6,
+         init_fields=("init_std",), minimum={"reduction_dim": 1},
+         note="Houlsby's sequential adapter on the attention output, GELU, trunc-normal std 1e-3; r = 64 gives 1.98 M")
 @dataclasses.dataclass(frozen=True)
 class AdapterAttn(Method):
-    name: ClassVar[str] = "adapter_attn"
-    section: ClassVar[str] = "adapter_attn"
-    trainable: ClassVar = AdapterParam
-    paper_count: ClassVar[float] = 2.0e6
-    label: ClassVar[str] = "Adapter-ATTN"
-    formula: ClassVar[str] = "L_v (2 W_v r + r + W_v) + L_t (2 W_t r + r + W_t)"
-    paper_note: ClassVar[str] = ("Houlsby's sequential adapter on the attention output, GELU, trunc-normal std 1e-3; "
-                                 "r = 64 gives 1.98 M")
-    init_fields: ClassVar[tuple[str, ...]] = ("init_std",)
     reduction_dim: int = 64  # r
     activation: str = "gelu"
     init_std: float = 1e-3
 
     def __post_init__(self):
-        if self.reduction_dim < 1:
-            raise FieldError("reduction_dim", f"adapter_attn reduction_dim must be >= 1, got {self.reduction_dim}")
+        super().__post_init__()
         if self.activation not in ACTIVATIONS:
             raise FieldError("activation", f"adapter_attn activation must be one of {sorted(ACTIVATIONS)}, "
                              f"got {self.activation!r}")
 
     def count(self, cfg) -> int:
-        return (cfg.vision_layers * bottleneck_count(cfg.vision_width, self.reduction_dim)
-                + cfg.text_layers * bottleneck_count(cfg.text_width, self.reduction_dim))
+        return both_towers_count(cfg, self.reduction_dim)
 
     def block_modules(self, tower, layer, num_layers, width, dtype, rngs):
         cfg = AdapterConfig(self.reduction_dim, 0, self.activation, 0.0, self.init_std)
         return {"attn_adapter": Adapter(width, cfg, dtype=dtype, rngs=rngs)}
+
+
+def both_towers_count(cfg, r: int) -> int:
+    """One width -> r -> width bottleneck with biases in every block of both towers."""
+    return (cfg.vision_layers * bottleneck_count(cfg.vision_width, r)
+            + cfg.text_layers * bottleneck_count(cfg.text_width, r))

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from cma_jax.models.params import AdapterParam
-from cma_jax.models.peft.base import FieldError, Method, bottleneck_count
+from cma_jax.models.peft.adapter_attn import BOTH_TOWERS, both_towers_count
+from cma_jax.models.peft.base import FieldError, Method, declare
 
 
 class ParallelAdapter(nnx.Module):
@@ -43,24 +42,17 @@ class ParallelAdapter(nnx.Module):
         return (self.scale * up).astype(x.dtype)
 
 
+@declare("adaptformer", AdapterParam, label="AdaptFormer", formula=BOTH_TOWERS, paper=2.0e6, identity=True,
+         init_fields=("dropout",), minimum={"reduction_dim": 1},
+         note="AdaptFormer's parallel adapter, s = 0.1, its LoRA-style init; r = 64 gives 1.98 M")
 @dataclasses.dataclass(frozen=True)
 class AdaptFormer(Method):
-    name: ClassVar[str] = "adaptformer"
-    section: ClassVar[str] = "adaptformer"
-    trainable: ClassVar = AdapterParam
-    identity_at_init: ClassVar[bool] = True
-    paper_count: ClassVar[float] = 2.0e6
-    label: ClassVar[str] = "AdaptFormer"
-    formula: ClassVar[str] = "L_v (2 W_v r + r + W_v) + L_t (2 W_t r + r + W_t)"
-    paper_note: ClassVar[str] = "AdaptFormer's parallel adapter, s = 0.1, its LoRA-style init; r = 64 gives 1.98 M"
-    init_fields: ClassVar[tuple[str, ...]] = ("dropout",)
     reduction_dim: int = 64  # r
     scale: float = 0.1  # s
     dropout: float = 0.0
 
     def __post_init__(self):
-        if self.reduction_dim < 1:
-            raise FieldError("reduction_dim", f"adaptformer reduction_dim must be >= 1, got {self.reduction_dim}")
+        super().__post_init__()
         if not 0.0 <= self.dropout < 1.0:
             raise FieldError("dropout", f"adaptformer dropout must be in [0, 1), got {self.dropout}")
 
@@ -70,8 +62,7 @@ class AdaptFormer(Method):
             raise FieldError("dropout", "adaptformer dropout > 0 needs model.remat=none")
 
     def count(self, cfg) -> int:
-        return (cfg.vision_layers * bottleneck_count(cfg.vision_width, self.reduction_dim)
-                + cfg.text_layers * bottleneck_count(cfg.text_width, self.reduction_dim))
+        return both_towers_count(cfg, self.reduction_dim)
 
     def block_modules(self, tower, layer, num_layers, width, dtype, rngs):
         return {"parallel_adapter": ParallelAdapter(width, self.reduction_dim, self.scale, self.dropout, dtype=dtype,

@@ -53,9 +53,35 @@ class TowerContext:
     frame_mask: Any = None  # [B, T] bool (vision), True = a real frame
 
 
+def declare(name: str, trainable=nnx.Nothing, *, label: str, formula: str = "0", paper: float | None = None,
+            note: str = "", section: str | None = "", identity: bool = False, init_fields: tuple[str, ...] = (),
+            config_fields: tuple[str, ...] | None = None, minimum: dict[str, int] | None = None):
+    """Class decorator: a method's declaration (the class attributes of `Method`, which say what each is).
+
+    `section` defaults to the method's name when it has fields, None when it has none; `minimum` gives
+    the least value of integer fields (checked at construction, FieldError naming the field).
+    """
+    def wrap(cls):
+        has_fields = bool(dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else False
+        cls.name, cls.trainable, cls.label, cls.formula, cls.paper_count = name, trainable, label, formula, paper
+        cls.paper_note, cls.identity_at_init, cls.init_fields = note, identity, init_fields
+        cls.section = (name if has_fields else None) if section == "" else section
+        cls.config_fields, cls.minimums = config_fields, minimum or {}
+        return cls
+    return wrap
+
+
+def at_least(method, minimum: int, *fields: str) -> None:
+    """FieldError naming the first of `fields` below `minimum` (a method's own field checks)."""
+    for f in fields:
+        value = getattr(method, f)
+        if value < minimum:
+            raise FieldError(f, f"{method.name} {f} must be >= {minimum}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """Base declaration: a method that adds nothing and trains nothing (zero-shot CLIP)."""
+    """Base declaration: a method that adds nothing and trains nothing (zero-shot CLIP); see `declare`."""
 
     name: ClassVar[str] = ""
     section: ClassVar[str | None] = None  # config section holding its fields (None: it has none)
@@ -69,6 +95,11 @@ class Method:
     config_fields: ClassVar[tuple[str, ...] | None] = None
     # Fields that do not change what the trained weights mean (ignored when checkpoints are compared).
     init_fields: ClassVar[tuple[str, ...]] = ()
+    minimums: ClassVar[dict[str, int]] = {}  # field -> its least value
+
+    def __post_init__(self):
+        for f, least in self.minimums.items():
+            at_least(self, least, f)
 
     # --------------------------------------------------------------------- declaration
     @property

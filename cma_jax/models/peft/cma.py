@@ -8,27 +8,20 @@ dimensions shared by the two towers at each depth (the bank `shared_adapters` on
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
-
 from flax import nnx
 
 from cma_jax.models.adapter import Adapter, AdapterConfig, SharedBlock, shared_layer_index
 from cma_jax.models.params import AdapterParam
-from cma_jax.models.peft.base import FieldError, Method
+from cma_jax.models.peft.base import FieldError, Method, declare
 
 
+@declare("cma", AdapterParam, label="Cross-Modal Adapter", section="adapter", paper=0.5e6,
+         formula="per tower 2 L (W r + r + (r + 1)(W - d_s)) + min(L_v, L_t) * 2 (r d_s + d_s) (shared bank)",
+         init_fields=("dropout", "init_std"),
+         note="as the original code: truncated-normal init (std init_std) of both projections, zero biases, shared "
+              "last d_s dims of every up-projection")
 @dataclasses.dataclass(frozen=True)
 class CMA(AdapterConfig, Method):
-    name: ClassVar[str] = "cma"
-    section: ClassVar[str] = "adapter"
-    trainable: ClassVar = AdapterParam
-    paper_count: ClassVar[float] = 0.5e6
-    label: ClassVar[str] = "Cross-Modal Adapter"
-    formula: ClassVar[str] = ("per tower 2 L (W r + r + (r + 1)(W - d_s)) + min(L_v, L_t) * 2 (r d_s + d_s) "
-                              "(shared bank)")
-    paper_note: ClassVar[str] = ("as the original code: truncated-normal init (std init_std) of both projections, "
-                                 "zero biases, shared last d_s dims of every up-projection")
-    init_fields: ClassVar[tuple[str, ...]] = ("dropout", "init_std")
 
     def check(self, cfg) -> None:
         narrow = min(cfg.vision_width, cfg.text_width)
@@ -58,16 +51,14 @@ class CMA(AdapterConfig, Method):
         return None if bank is None else bank[shared_layer_index(layer, ctx.num_layers, len(bank))]
 
 
+@declare("unimodal", AdapterParam, label="Uni-modal adapters (d_s = 0)", section="adapter",
+         formula="per tower 2 L (2 W r + r + W)", init_fields=("dropout", "init_std"),
+         config_fields=("reduction_dim", "activation", "dropout", "init_std"),
+         note="the Cross-Modal Adapter with d_s = 0: the paper's ablation of sharing")
 @dataclasses.dataclass(frozen=True)
 class Unimodal(CMA):
     """The paper's ablation: the same adapters with nothing shared (d_s = 0)."""
 
-    name: ClassVar[str] = "unimodal"
-    paper_count: ClassVar[None] = None
-    label: ClassVar[str] = "Uni-modal adapters (d_s = 0)"
-    formula: ClassVar[str] = "per tower 2 L (2 W r + r + W)"
-    paper_note: ClassVar[str] = "the Cross-Modal Adapter with d_s = 0: the paper's ablation of sharing"
-    config_fields: ClassVar[tuple[str, ...]] = ("reduction_dim", "activation", "dropout", "init_std")
     share_dim: int = 0
 
     def __post_init__(self):

@@ -9,28 +9,17 @@ The paper's 0.002 M is 4 context vectors (CoOp's own default is 16).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
-
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import FieldError, Method
+from cma_jax.models.peft.base import Method, declare
 
 
+@declare("coop", PromptParam, label="CoOp", formula="n W_t", paper=0.002e6, minimum={"num_tokens": 1},
+         note="generic context after the start token, N(0, 0.02^2), text positions (CoOp's PromptLearner); n = 4 "
+              "gives the paper's 0.002 M")
 @dataclasses.dataclass(frozen=True)
 class CoOp(Method):
-    name: ClassVar[str] = "coop"
-    section: ClassVar[str] = "coop"
-    trainable: ClassVar = PromptParam
-    paper_count: ClassVar[float] = 0.002e6
-    label: ClassVar[str] = "CoOp"
-    formula: ClassVar[str] = "n W_t"
-    paper_note: ClassVar[str] = ("generic context after the start token, N(0, 0.02^2), text positions (CoOp's "
-                                 "PromptLearner); n = 4 gives the paper's 0.002 M")
     num_tokens: int = 4  # n
-
-    def __post_init__(self):
-        if self.num_tokens < 1:
-            raise FieldError("num_tokens", f"coop num_tokens must be >= 1, got {self.num_tokens}")
 
     def count(self, cfg) -> int:
         return self.num_tokens * cfg.text_width

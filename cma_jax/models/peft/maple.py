@@ -12,14 +12,12 @@ code's default 9 gives 3.6 M; depth 0 = every layer), with its default 2 tokens:
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
-
 import jax.numpy as jnp
 from flax import nnx
 
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import FieldError, Method, torch_linear
+from cma_jax.models.peft.base import FieldError, Method, declare, torch_linear
 
 
 class Couplings(nnx.Module):
@@ -37,24 +35,13 @@ class Couplings(nnx.Module):
         return jnp.einsum("dnt,dtv->dnv", text, self.kernel[...]) + self.bias[...][:, None]
 
 
+@declare("maple", PromptParam, label="MaPLe", formula="D (n W_t + W_t W_v + W_v)", paper=4.8e6,
+         minimum={"num_tokens": 1, "depth": 0},
+         note="MaPLe's couplings, init and placement; depth 12 (its code's default is 9) to reach the paper's 4.8 M")
 @dataclasses.dataclass(frozen=True)
 class MaPLe(Method):
-    name: ClassVar[str] = "maple"
-    section: ClassVar[str] = "maple"
-    trainable: ClassVar = PromptParam
-    paper_count: ClassVar[float] = 4.8e6
-    label: ClassVar[str] = "MaPLe"
-    formula: ClassVar[str] = "D (n W_t + W_t W_v + W_v)"
-    paper_note: ClassVar[str] = ("MaPLe's couplings, init and placement; depth 12 (its code's default is 9) to "
-                                 "reach the paper's 4.8 M")
     num_tokens: int = 2  # n
     depth: int = 0  # D: layers with prompts (both towers), from the first; 0 = every layer (12 at ViT-B)
-
-    def __post_init__(self):
-        if self.num_tokens < 1:
-            raise FieldError("num_tokens", f"maple num_tokens must be >= 1, got {self.num_tokens}")
-        if self.depth < 0:
-            raise FieldError("depth", f"maple depth must be >= 0 (0 = every layer), got {self.depth}")
 
     def check(self, cfg) -> None:
         shallow = min(cfg.vision_layers, cfg.text_layers)

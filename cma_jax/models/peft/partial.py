@@ -8,27 +8,15 @@ the backbone folder, and the run checkpoint holds only them); everything else is
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
-
 from cma_jax.models.params import TunedParam, retype
-from cma_jax.models.peft.base import FieldError, Method, block_count
+from cma_jax.models.peft.base import FieldError, Method, block_count, declare
 
 
+@declare("partial", TunedParam, label="Partial", formula="k (12 W_v^2 + 13 W_v + 12 W_t^2 + 13 W_t)",
+         paper=10.2e6, identity=True, minimum={"num_blocks": 1}, note="VPT's Partial-1: the last block of both towers (attention, MLP, both LayerNorms)")
 @dataclasses.dataclass(frozen=True)
 class Partial(Method):
-    name: ClassVar[str] = "partial"
-    section: ClassVar[str] = "partial"
-    trainable: ClassVar = TunedParam
-    identity_at_init: ClassVar[bool] = True
-    paper_count: ClassVar[float] = 10.2e6
-    label: ClassVar[str] = "Partial"
-    formula: ClassVar[str] = "k (12 W_v^2 + 13 W_v + 12 W_t^2 + 13 W_t)"
-    paper_note: ClassVar[str] = "VPT's Partial-1: the last block of both towers (attention, MLP, both LayerNorms)"
     num_blocks: int = 1  # k
-
-    def __post_init__(self):
-        if self.num_blocks < 1:
-            raise FieldError("num_blocks", f"partial num_blocks must be >= 1, got {self.num_blocks}")
 
     def check(self, cfg) -> None:
         shallow = min(cfg.vision_layers, cfg.text_layers)

@@ -7,21 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
-
 from cma_jax.models.params import TunedParam
-from cma_jax.models.peft.base import Method
+from cma_jax.models.peft.base import Method, declare
 
 
+@declare("projection", TunedParam, label="Projection", formula="W_v E + W_t E", paper=0.7e6, identity=True,
+         note="the two output projections, nothing else")
 @dataclasses.dataclass(frozen=True)
 class Projection(Method):
-    name: ClassVar[str] = "projection"
-    trainable: ClassVar = TunedParam
-    identity_at_init: ClassVar[bool] = True
-    paper_count: ClassVar[float] = 0.7e6
-    label: ClassVar[str] = "Projection"
-    formula: ClassVar[str] = "W_v E + W_t E"
-    paper_note: ClassVar[str] = "the two output projections, nothing else"
 
     def count(self, cfg) -> int:
         return (cfg.vision_width + cfg.text_width) * cfg.embed_dim

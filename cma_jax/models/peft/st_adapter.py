@@ -13,14 +13,12 @@ so they act as its zero padding and never change a real frame. The paper's 7.2 M
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from cma_jax.models.params import AdapterParam
-from cma_jax.models.peft.base import FieldError, Method, TowerContext, torch_linear
+from cma_jax.models.peft.base import FieldError, Method, TowerContext, declare, torch_linear
 
 
 class STAdapter(nnx.Module):
@@ -48,24 +46,18 @@ class STAdapter(nnx.Module):
         return jnp.concatenate([x[:, :1], patches + out.astype(x.dtype), x[:, 1 + g2:]], axis=1)
 
 
+@declare("st_adapter", AdapterParam, label="ST-Adapter", formula="L_v (2 W_v r + (k + 2) r + W_v)", paper=7.2e6,
+         identity=True, minimum={"reduction_dim": 1},
+         note="ST-Adapter's module and init, before attention in every image block, kernel (3, 1, 1); "
+                             "r = 384 gives 7.11 M (the paper's 7.2 M may use a larger kernel)")
 @dataclasses.dataclass(frozen=True)
 class STAdapterMethod(Method):
-    name: ClassVar[str] = "st_adapter"
-    section: ClassVar[str] = "st_adapter"
-    trainable: ClassVar = AdapterParam
-    identity_at_init: ClassVar[bool] = True
-    paper_count: ClassVar[float] = 7.2e6
-    label: ClassVar[str] = "ST-Adapter"
-    formula: ClassVar[str] = "L_v (2 W_v r + (k + 2) r + W_v)"
-    paper_note: ClassVar[str] = ("ST-Adapter's module and init, before attention in every image block, kernel "
-                                 "(3, 1, 1); r = 384 gives 7.11 M (the paper's 7.2 M may use a larger kernel)")
     reduction_dim: int = 384  # r, the adapter's channels
     kernel_size: int = 3  # k, temporal taps
     position: str = "attn"  # "attn": before attention; "mlp": before the MLP
 
     def __post_init__(self):
-        if self.reduction_dim < 1:
-            raise FieldError("reduction_dim", f"st_adapter reduction_dim must be >= 1, got {self.reduction_dim}")
+        super().__post_init__()
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise FieldError("kernel_size", f"st_adapter kernel_size must be odd and >= 1, got {self.kernel_size}")
         if self.position not in ("attn", "mlp"):

@@ -9,32 +9,19 @@ is 5 tokens per tower in all 12 layers: 76,800 (IVLP's own default, 2 tokens in 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
-
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import FieldError, Method
+from cma_jax.models.peft.base import Method, declare
 
 
+@declare("vl_prompt", PromptParam, label="VL-Prompt", formula="n_v W_v D + n_t W_t D", paper=0.08e6,
+         minimum={"vision_tokens": 1, "text_tokens": 1, "depth": 0},
+         note="IVLP's placement and init; 5 + 5 tokens in all 12 layers give 0.077 M")
 @dataclasses.dataclass(frozen=True)
 class VLPrompt(Method):
-    name: ClassVar[str] = "vl_prompt"
-    section: ClassVar[str] = "vl_prompt"
-    trainable: ClassVar = PromptParam
-    paper_count: ClassVar[float] = 0.08e6
-    label: ClassVar[str] = "VL-Prompt"
-    formula: ClassVar[str] = "n_v W_v D + n_t W_t D"
-    paper_note: ClassVar[str] = "IVLP's placement and init; 5 + 5 tokens in all 12 layers give 0.077 M"
     vision_tokens: int = 5
     text_tokens: int = 5
     depth: int = 0  # layers with prompts, from the first; 0 = every layer
-
-    def __post_init__(self):
-        for f in ("vision_tokens", "text_tokens"):
-            if getattr(self, f) < 1:
-                raise FieldError(f, f"vl_prompt {f} must be >= 1, got {getattr(self, f)}")
-        if self.depth < 0:
-            raise FieldError("depth", f"vl_prompt depth must be >= 0 (0 = every layer), got {self.depth}")
 
     def _depths(self, cfg) -> tuple[int, int]:
         return (min(self.depth or cfg.vision_layers, cfg.vision_layers),

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import FieldError, Method, torch_linear
+from cma_jax.models.peft.base import FieldError, Method, declare, torch_linear
 
 
 class LSTMDirection(nnx.Module):
@@ -74,32 +72,23 @@ class ContextPrompts(nnx.Module):
         return out.reshape(cls.shape[:2] + (self.tokens, cls.shape[-1]))
 
 
+@declare("vop", PromptParam, label="VoP", paper=14.3e6,
+         minimum={"text_tokens": 1, "vision_tokens": 1, "generated_tokens": 1, "hidden": 0},
+         formula="L_t n_t W_t + L_v (n_v - k) W_v + 2 (4 h (W_v + h) + 8 h) + (2 h + 1) k W_v (h = LSTM width)",
+         note="VoP^C from its paper (code unreleased): 8 + 8 deep prompts, 4 video prompts per frame from a shared "
+              "BiLSTM + FC over the frames' CLS tokens; sizes chosen to give its 14.3 M")
 @dataclasses.dataclass(frozen=True)
 class VoP(Method):
-    name: ClassVar[str] = "vop"
-    section: ClassVar[str] = "vop"
-    trainable: ClassVar = PromptParam
-    paper_count: ClassVar[float] = 14.3e6
-    label: ClassVar[str] = "VoP"
-    formula: ClassVar[str] = ("L_t n_t W_t + L_v (n_v - k) W_v + 2 (4 h (W_v + h) + 8 h) + (2 h + 1) k W_v "
-                              "(h = LSTM width)")
-    paper_note: ClassVar[str] = ("VoP^C from its paper (code unreleased): 8 + 8 deep prompts, 4 video prompts per "
-                                 "frame from a shared BiLSTM + FC over the frames' CLS tokens; sizes chosen to give "
-                                 "its 14.3 M")
     text_tokens: int = 8  # n_t
     vision_tokens: int = 8  # n_v, per frame and layer
     generated_tokens: int = 4  # k of the n_v, made from the video's context
     hidden: int = 0  # h, the LSTM's width per direction; 0 = the vision width
 
     def __post_init__(self):
-        for f in ("text_tokens", "vision_tokens", "generated_tokens"):
-            if getattr(self, f) < 1:
-                raise FieldError(f, f"vop {f} must be >= 1, got {getattr(self, f)}")
+        super().__post_init__()
         if self.generated_tokens > self.vision_tokens:
             raise FieldError("generated_tokens", f"vop generated_tokens ({self.generated_tokens}) must be <= "
                              f"vision_tokens ({self.vision_tokens})")
-        if self.hidden < 0:
-            raise FieldError("hidden", f"vop hidden must be >= 0 (0 = the vision width), got {self.hidden}")
 
     def _hidden(self, cfg) -> int:
         return self.hidden or cfg.vision_width

@@ -11,29 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
-
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import FieldError, Method
+from cma_jax.models.peft.base import Method, declare
 
 
+@declare("vpt", PromptParam, label="VPT", formula="n W_v L_v (deep) or n W_v (shallow)", paper=0.05e6,
+         minimum={"num_tokens": 1},
+         note="VPT-deep (its code's init and replacement), appended after the patches (the same function as after "
+              "CLS); n = 5 in all layers gives 0.046 M")
 @dataclasses.dataclass(frozen=True)
 class VPT(Method):
-    name: ClassVar[str] = "vpt"
-    section: ClassVar[str] = "vpt"
-    trainable: ClassVar = PromptParam
-    paper_count: ClassVar[float] = 0.05e6
-    label: ClassVar[str] = "VPT"
-    formula: ClassVar[str] = "n W_v L_v (deep) or n W_v (shallow)"
-    paper_note: ClassVar[str] = ("VPT-deep (its code's init and replacement), appended after the patches (the same "
-                                 "function as after CLS); n = 5 in all layers gives 0.046 M")
     num_tokens: int = 5  # n
     deep: bool = True
-
-    def __post_init__(self):
-        if self.num_tokens < 1:
-            raise FieldError("num_tokens", f"vpt num_tokens must be >= 1, got {self.num_tokens}")
 
     def _depth(self, cfg) -> int:
         return cfg.vision_layers if self.deep else 1
