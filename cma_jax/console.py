@@ -85,11 +85,11 @@ def print_error_or_raise(e: BaseException, path: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's flag parsing for `app.run(main, flags_parser=console.parse_flags)`, except that asking for help
     exits 0 (absl exits 1 after printing it) and a bad flag ends in one `error:` line."""
     try:
-        return flags.FLAGS(argv)
+        return flag_values(argv)
     except flags.Error as e:
         line = str(e).splitlines()[0]
         wrapped = "Error whilst parsing config file:"  # ml_collections: a traceback of the config's own error follows

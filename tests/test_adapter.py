@@ -294,6 +294,7 @@ def test_backward_fusions_do_not_grow_with_depth():
     assert eight <= 1.2 * two, (two, eight)
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_results():
     """Same outputs, gradients (w.r.t. every weight) and dropout draws for each CLIPConfig.remat; less memory."""
     images = jnp.asarray(np.random.default_rng(7).normal(size=(2, 32, 32, 3)), jnp.float32)

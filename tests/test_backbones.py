@@ -149,6 +149,7 @@ def _resolve_in_child(url, cache, env, barrier, out):
     out.put(b.resolve(url))
 
 
+@pytest.mark.slow
 def test_two_processes_resolving_at_once_download_once(server, tiny_pt, tmp_path):
     server.delay_s = 0.5  # both requests would overlap without the lock
     ctx = multiprocessing.get_context("spawn")
@@ -272,6 +273,7 @@ def hf_home(tmp_path_factory):
     return home, model
 
 
+@pytest.mark.slow
 def test_hf_repo_id_resolves_offline_from_the_cache_and_runs(hf_home, tmp_path):
     """In a fresh process (huggingface_hub reads HF_HOME at import): HF_HUB_OFFLINE=1, cached and uncached ids."""
     home, hf_model = hf_home
@@ -318,6 +320,7 @@ def test_hf_repo_id_resolves_offline_from_the_cache_and_runs(hf_home, tmp_path):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_hf_repo_id_as_config_backbone_trains_a_step(hf_home, tmp_path):
     """`--config.backbone=org/name` from a pre-populated Hugging Face cache, offline: converted, trained one step."""
     home, _ = hf_home

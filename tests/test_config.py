@@ -133,6 +133,7 @@ def test_baselines_are_config_changes_only():
     assert not config_lib.method(c).trains
 
 
+@pytest.mark.slow
 def test_main_rejects_unknown_override_and_bad_value():
     def run(*args):
         return subprocess.run([sys.executable, "-m", "cma_jax.main", "--config=configs/msrvtt.py:vit_b16", *args],

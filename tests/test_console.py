@@ -8,7 +8,9 @@ import os
 import types
 
 import pytest
+from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 from tqdm import tqdm
 
 from cma_jax import console
@@ -131,3 +133,34 @@ def test_without_log_lines_drops_only_those_lines_and_only_inside_the_block():
     finally:
         root.removeHandler(handler)
     assert seen == ["a real warning", "config.backbone=random: outside the block"]
+
+
+@pytest.fixture
+def flag_values():
+    fv = flags.FlagValues()
+    flags.DEFINE_flag(app.HelpFlag(), fv)
+    flags.DEFINE_integer("num_processes", None, "processes", flag_values=fv)
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv)
+    return fv
+
+
+def test_asking_for_help_exits_0(flag_values, capsys):  # capsys: absl prints the help
+    with pytest.raises(SystemExit) as e:
+        console.parse_flags(["main.py", "--help"], flag_values)
+    assert e.value.code == 0  # absl itself exits 1
+
+
+def test_a_flag_that_does_not_parse_is_one_error_line(flag_values):
+    with pytest.raises(SystemExit) as e:
+        console.parse_flags(["main.py", "--num_processes=two"], flag_values)
+    assert e.value.code == ("error: flag --num_processes=two: invalid literal for int() with base 10: 'two' "
+                            "(--help lists the flags)")
+
+
+def test_a_config_files_own_error_is_one_line_without_its_traceback(flag_values):
+    demo_config = os.path.join(os.path.dirname(PACKAGE), "configs", "demo.py")
+    with pytest.raises(SystemExit) as e:
+        console.parse_flags(["demo", f"--config={demo_config}:fast"], flag_values)
+    assert e.value.code == (f"error: flag --config={demo_config}:fast: demo config: unknown variant 'fast'; "
+                            "expected '', 'quick' or 'sweep' (optionally followed by ',width=N') "
+                            "(--help lists the flags)")

@@ -139,11 +139,7 @@ def _main(*args):
                           timeout=300)
 
 
-def test_help_exits_0_and_a_bad_flag_is_one_error_line():
+def test_help_exits_0():
     p = _main("--help")
     assert p.returncode == 0, p.stderr
     assert "--workdir: Run folder" in p.stdout
-    p = _main("--config=configs/msrvtt.py", "--num_processes=two")
-    assert p.returncode == 1
-    assert p.stderr.splitlines() == ["error: flag --num_processes=two: invalid literal for int() with base 10: "
-                                     "'two' (--help lists the flags)"]

@@ -104,6 +104,7 @@ def test_full_finetuning_trains_backbone_but_not_logit_scale(tmp_path):
     assert not _adapters(model)  # no adapters in the full fine-tuning baseline
 
 
+@pytest.mark.slow
 def test_grad_accumulation_is_the_whole_batch_objective():
     """k micro-batches take the InfoNCE over the whole batch (gradient caching): same loss, same update."""
     config = tiny_config(grad_accum_steps=2, grad_clip=0.0)
