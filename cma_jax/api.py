@@ -226,8 +226,9 @@ def load(backbone, adapters: str | None = None, *, tokenizer=None, head: str = "
     their checkpoint), else 12 / 32 / 1.
     """
     shared = None
-    if backbone is None:
-        base = loader.Backbone.random(clip_config)
+    if backbone is None or (isinstance(backbone, loader.Backbone) and backbone.folder is None):
+        base = backbone or loader.Backbone.random(clip_config)
+        clip_config = clip_config or base.clip
     else:
         shared = backbone if isinstance(backbone, SharedBackbone) else shared_backbone(backbone)
         base = shared.backbone

@@ -33,5 +33,9 @@ class MeanPooledIndex:
         count = min(count, self.graph.ntotal)
         self.graph.hnsw.efSearch = max(count, 64)  # HNSW returns at most efSearch results
         q = text_emb / np.maximum(np.linalg.norm(text_emb, axis=-1, keepdims=True), 1e-6)
-        _, idx = self.graph.search(np.ascontiguousarray(q, np.float32), count)
+        q = np.ascontiguousarray(q, np.float32)
+        _, idx = self.graph.search(q, count)
+        short = (idx < 0).any(axis=1)  # the graph walk found fewer than `count`: those rows by brute force
+        if short.any():
+            _, idx[short] = faiss.downcast_index(self.graph.storage).search(q[short], count)
         return idx
