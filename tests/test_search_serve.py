@@ -266,3 +266,19 @@ def test_an_older_index_is_refused_with_the_command_that_rebuilds_it(tmp_path, c
         f"error: {tmp_path / 'old'} is an index of an older format (cma_jax.search/1; this version reads "
         "cma_jax.search/2, whose shards record each frame's time); rebuild it: python -m cma_jax.search index "
         f"VIDEO_DIR {tmp_path / 'old'} --overwrite\n")
+
+
+def test_serve_binds_loopback_unless_told_and_says_so(served, trained, monkeypatch, capsys):  # noqa: F811
+    calls = []
+    monkeypatch.setattr(serve.uvicorn, "run", lambda app, **kw: calls.append(kw))
+    root = served["root"]
+    assert cli.main(["serve", str(root / "cma"), str(root / "uni"), "--tokenizer", trained["vocab"]]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000
+    assert out[-1] == ("serving 2 indexes on http://127.0.0.1:8000/ (bound to 127.0.0.1: reachable from this "
+                       "machine only; --host changes it)")
+    assert out[-2].startswith("parameters in memory: ") and "for 2 adapter sets on one backbone" in out[-2]
+    assert sum(line.startswith("loaded backbone ") for line in out) == 1  # once, for both indexes
+    lines = []
+    serve.serve(served["served"], host="0.0.0.0", port=9000, log=lines.append)
+    assert calls[-1]["host"] == "0.0.0.0" and "reachable from other machines too" in lines[0]
