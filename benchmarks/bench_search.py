@@ -128,7 +128,7 @@ def main() -> None:
             print(f"  {n} videos: exact p50 {ex[0]:.1f} ms p95 {ex[1]:.1f} ms; two-stage p50 {tw[0]:.1f} ms "
                   f"p95 {tw[1]:.1f} ms, recall@10 {recall:.3f}; text encoding p50 {enc[0]:.1f} ms "
                   f"(written, loaded and graph built in {built:.0f} s)", flush=True)
-            del exact, two, index
+            exact = two = index = None  # frees the index before the next one is written
             for name in os.listdir(path):
                 os.remove(os.path.join(path, name))
     print(f"load average {os.getloadavg()[0]:.1f} at the end\n")

@@ -219,8 +219,10 @@ def test_more_bad_requests_get_a_clear_4xx(served):
     assert r.status_code == 200 and r.json()["index"] == "cma"
     assert c.get("/api/search", params={"q": "red", "index": "nope"}).json() == {
         "error": "no index named 'nope'; loaded: cma, uni"}
-    assert c.get("/api/search", params={"q": "red", "k": "many"}).json() == {"error": "k must be an integer, got 'many'"}
-    assert c.get("/api/search", params={"q": "red", "k": "0"}).json() == {"error": "k must be between 1 and 1000, got 0"}
+    bad_k = {"many": "k must be an integer, got 'many'", "0": "k must be between 1 and 1000, got 0"}
+    for k, message in bad_k.items():
+        r = c.get("/api/search", params={"q": "red", "k": k})
+        assert (r.status_code, r.json()) == (400, {"error": message})
     assert c.get("/thumb/cma/green.mp4", params={"t": "soon"}).json() == {"error": "t must be a time in seconds"}
 
 

@@ -66,9 +66,9 @@ def top_hits(text, frames, frame_mask, gram, frame_time, *, head: str, tau: floa
 def rerank(text, candidates, frames, frame_mask, gram, frame_time, *, head: str, tau: float, k: int):
     """`top_hits` over the candidate videos only (candidates [C] indices into the index, text [1, D])."""
     take = lambda x: jnp.take(x, candidates, axis=0)  # noqa: E731
-    scores, idx, best, time = top_hits(text, take(frames), take(frame_mask), take(gram), take(frame_time),
-                                       head=head, tau=tau, k=k)
-    return scores, candidates[idx], best, time
+    scores, idx, best, times = top_hits(text, take(frames), take(frame_mask), take(gram), take(frame_time),
+                                        head=head, tau=tau, k=k)
+    return scores, candidates[idx], best, times
 
 
 class Searcher:
@@ -108,14 +108,13 @@ class Searcher:
         if self.ann is None:
             rows = [top_hits(text[i:i + 8], *args, head=self.head, tau=self.tau, k=k)
                     for i in range(0, len(text), 8)]  # texts in blocks: [8, N, T] weights at most
-            scores, idx, best, time = (np.concatenate([np.asarray(r[j]) for r in rows]) for j in range(4))
         else:
             cand = self.ann.candidates(np.asarray(text_emb, np.float32), max(self.candidates, k))
             rows = [rerank(text[i:i + 1], jnp.asarray(c), *args, head=self.head, tau=self.tau, k=k)
                     for i, c in enumerate(cand)]
-            scores, idx, best, time = (np.concatenate([np.asarray(r[j]) for r in rows]) for j in range(4))
+        scores, idx, best, times = (np.concatenate([np.asarray(r[j]) for r in rows]) for j in range(4))
         return [[{"rank": r + 1, "video": self.videos[i], "score": float(s), "frame": int(b), "time": float(t)}
-                 for r, (s, i, b, t) in enumerate(zip(*row))] for row in zip(scores, idx, best, time)]
+                 for r, (s, i, b, t) in enumerate(zip(*row))] for row in zip(scores, idx, best, times)]
 
     def search(self, texts: list[str], k: int = 5) -> list[list[dict]]:
         """Top-k hits per query text (score = cosine of the model's head)."""
