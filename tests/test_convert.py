@@ -18,6 +18,7 @@ from cma_jax.trees import flatten  # noqa: E402
 from cma_jax.convert import CheckpointError  # noqa: E402
 from cma_jax.models.adapter import AdapterConfig, AdapterParam  # noqa: E402
 from cma_jax.models.clip import CLIP  # noqa: E402
+from fake_bucket import bucket  # noqa: E402, F401 - the fixture: gs:// in a local folder
 
 R = 4
 ARCH = dict(vision_width=32, vision_layers=3, patch=8, resolution=16, text_width=64, text_layers=2,
@@ -246,20 +247,14 @@ def test_failed_save_leaves_nothing(tmp_path, converted):
     assert os.listdir(tmp_path) == []
 
 
-def test_load_backbone_from_a_bucket_url(tmp_path, converted, monkeypatch):
+def test_load_backbone_from_a_bucket_url(bucket, converted, monkeypatch, tmp_path):  # noqa: F811
     """`config.backbone=gs://...` (the pod launcher's example) is read as a URL, not 'CWD/gs:/...'."""
-    checkpoint.save_backbone(str(tmp_path / "ckpt"), converted.clip_config, converted.backbone)
-    real = checkpoint.epath
-
-    class Bucket:  # epath with gs://bucket served from tmp_path (no network in tests)
-        @staticmethod
-        def Path(p):
-            return real.Path(os.fspath(p).replace("gs://bucket", str(tmp_path)))
-
-    monkeypatch.setattr(checkpoint, "epath", Bucket)
+    checkpoint.save_backbone(str(bucket / "bucket" / "ckpt"), converted.clip_config, converted.backbone)
+    monkeypatch.chdir(tmp_path)
     cfg, state = checkpoint.load_backbone("gs://bucket/ckpt")
     assert cfg == converted.clip_config
     np.testing.assert_array_equal(np.asarray(state["visual"]["proj"]), converted.backbone["visual"]["proj"])
+    assert checkpoint.tokenizer_dir("gs://bucket/ckpt") is None and not os.path.exists(tmp_path / "gs:")
 
 
 def test_load_backbone_of_something_else_fails(tmp_path):
