@@ -261,7 +261,7 @@ class RunCheckpointer:
         return None
 
     def _damaged_dir(self) -> epath.Path:
-        return paths.path(self.directory).parent / paths.DAMAGED
+        return paths.Workdir(paths.path(self.directory).parent).damaged
 
     def _move_aside(self, step: int) -> str | None:
         """Move a damaged step out of the manager's sight (process 0, local folders); its new path.

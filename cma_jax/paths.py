@@ -7,7 +7,6 @@ gs:// through gcsfs / TensorFlow). docs/training.md describes the layout.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from etils import epath
@@ -36,42 +35,17 @@ def absolute(p: str | os.PathLike) -> epath.Path:
     return epath.Path(p if is_remote(p) else os.path.abspath(p))
 
 
-@dataclasses.dataclass(frozen=True)
 class Workdir:
     """The files of one run folder (local or remote), by name."""
 
-    root: epath.Path
-
     def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", path(root))
-
-    @property
-    def remote(self) -> bool:
-        return is_remote(self.root)
-
-    @property
-    def checkpoints(self) -> epath.Path:
-        return self.root / CHECKPOINTS
-
-    @property
-    def damaged(self) -> epath.Path:
-        return self.root / DAMAGED
-
-    @property
-    def tb(self) -> epath.Path:
-        return self.root / TB
-
-    @property
-    def lock(self) -> epath.Path:
-        return self.root / LOCK
-
-    @property
-    def holder(self) -> epath.Path:
-        return self.root / HOLDER
-
-    @property
-    def history(self) -> epath.Path:
-        return self.root / HISTORY
+        self.root = path(root)
+        self.checkpoints = self.root / CHECKPOINTS
+        self.damaged = self.root / DAMAGED
+        self.tb = self.root / TB
+        self.lock = self.root / LOCK
+        self.holder = self.root / HOLDER
+        self.history = self.root / HISTORY
 
     def report(self, name: str, step: int | None, suffix: str) -> epath.Path:
         """An evaluation report: eval_{name}[_step{N}]{suffix}."""
