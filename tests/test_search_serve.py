@@ -284,3 +284,24 @@ def test_serve_binds_loopback_unless_told_and_says_so(served, trained, monkeypat
     lines = []
     serve.serve(served["served"], host="0.0.0.0", port=9000, log=lines.append)
     assert calls[-1]["host"] == "0.0.0.0" and "reachable from other machines too" in lines[0]
+
+
+def test_a_two_stage_index_saves_its_graph_for_the_next_start(served, trained, monkeypatch):  # noqa: F811
+    from cma_jax.search import ann
+
+    d = str(served["root"] / "cma")
+    built, lines = [], []
+    real = ann.MeanPooledIndex.build
+    monkeypatch.setattr(ann.MeanPooledIndex, "build", classmethod(lambda cls, *a: built.append(1) or real(*a)))
+    try:
+        for _ in range(2):
+            _, (s,) = serve.load_indexes([d], tokenizer=trained["vocab"], exact_up_to=4, candidates=6, log=lines.append)
+            assert s.describe()["search"] == "two-stage (6 candidates)"
+        assert len(built) == 1  # the second start read the saved graph
+        assert sum("candidate graph of" in line and "saved beside its shards" in line for line in lines) == 1
+        exact = served["served"][0].searcher.search([caption("purple")], 3)[0]
+        assert [h["video"] for h in s.searcher.search([caption("purple")], 3)[0]][0] == exact[0]["video"]
+    finally:  # the other tests' index stays exact
+        for name in os.listdir(d):
+            if name.startswith("graph_"):
+                os.remove(os.path.join(d, name))

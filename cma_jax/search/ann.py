@@ -16,14 +16,31 @@ def mean_pooled(frame_emb: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
 
 
+EF_CONSTRUCTION = 80
+
+
 class MeanPooledIndex:
     """Approximate top-C videos by cosine with the mean-pooled video embedding."""
 
-    def __init__(self, frame_emb: np.ndarray, frame_mask: np.ndarray, ef_construction: int = 80):
+    KIND = f"hnsw{M}-ef{EF_CONSTRUCTION}"  # how the graph is built: part of a saved graph's key
+
+    def __init__(self, graph: faiss.Index):
+        self.graph = graph
+
+    @classmethod
+    def build(cls, frame_emb: np.ndarray, frame_mask: np.ndarray) -> "MeanPooledIndex":
         vectors = mean_pooled(frame_emb, frame_mask)
-        self.graph = faiss.IndexHNSWFlat(vectors.shape[1], M, faiss.METRIC_INNER_PRODUCT)
-        self.graph.hnsw.efConstruction = ef_construction
-        self.graph.add(vectors)
+        graph = faiss.IndexHNSWFlat(vectors.shape[1], M, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = EF_CONSTRUCTION
+        graph.add(vectors)
+        return cls(graph)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "MeanPooledIndex":
+        return cls(faiss.deserialize_index(np.frombuffer(data, np.uint8)))
+
+    def to_bytes(self) -> bytes:
+        return faiss.serialize_index(self.graph).tobytes()
 
     def nbytes(self) -> int:
         return int(faiss.serialize_index(self.graph).nbytes)

@@ -75,10 +75,10 @@ class Searcher:
     """An index held in memory for many queries with one Retriever (its text encoder and head).
 
     `candidates`: 0 scores every video exactly; C > 0 takes C candidates from mean-pooled embeddings
-    (an HNSW graph, `ann.MeanPooledIndex`) and scores those exactly.
+    (an HNSW graph, `ann.MeanPooledIndex`: `graph`, else built here) and scores those exactly.
     """
 
-    def __init__(self, retriever, index: dict, *, candidates: int = 0):
+    def __init__(self, retriever, index: dict, *, candidates: int = 0, graph: ann.MeanPooledIndex | None = None):
         self.retriever = retriever
         self.videos = index["videos"]
         self.manifest = index["manifest"]
@@ -88,7 +88,9 @@ class Searcher:
         self.frame_time = jnp.asarray(index["frame_time"], jnp.float32)
         self.gram = video_grams(self.frames)
         self.candidates = min(int(candidates), len(self.videos))
-        self.ann = ann.MeanPooledIndex(index["frame_emb"], index["frame_mask"]) if self.candidates else None
+        self.ann = None
+        if self.candidates:
+            self.ann = graph or ann.MeanPooledIndex.build(index["frame_emb"], index["frame_mask"])
 
     def __len__(self) -> int:
         return len(self.videos)

@@ -19,7 +19,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 
 from cma_jax import api
-from cma_jax.search import page, scoring, store, thumbs
+from cma_jax.search import ann, page, scoring, store, thumbs
 
 MAX_QUERY_CHARS = 1000  # longer is refused before tokenizing
 THUMB_HEIGHT = 120
@@ -129,6 +129,23 @@ def _unique_names(index_dirs: list[str]) -> list[str]:
     return names
 
 
+def _graph(index_dir: str, manifest: dict, index: dict, log) -> ann.MeanPooledIndex:
+    """The two-stage search's candidate graph: the one saved beside the shards, else built and saved there."""
+    key = f"{store.content_key(manifest)}-{ann.MeanPooledIndex.KIND}"
+    data = store.read_graph(index_dir, key)
+    if data is not None:
+        return ann.MeanPooledIndex.from_bytes(data)
+    start = time.perf_counter()
+    graph = ann.MeanPooledIndex.build(index["frame_emb"], index["frame_mask"])
+    try:
+        store.write_graph(index_dir, key, graph.to_bytes())
+        saved = "saved beside its shards for the next start"
+    except OSError as e:  # a read-only index: built at each start
+        saved = f"not saved ({e})"
+    log(f"candidate graph of {index_dir} built in {time.perf_counter() - start:.1f} s, {saved}")
+    return graph
+
+
 def load_indexes(index_dirs: list[str], *, backbone: str | None = None, tokenizer: str | None = None,
                  batch_size: int = 1, exact_up_to: int = 20000, candidates: int = 1000,
                  log=print) -> tuple[api.SharedBackbone, list[Served]]:
@@ -159,7 +176,9 @@ def load_indexes(index_dirs: list[str], *, backbone: str | None = None, tokenize
         store.check_model(m, r.fingerprint, d)
         index = store.load_index(d)
         n = len(index["videos"])
-        searcher = scoring.Searcher(r, index, candidates=candidates if n > exact_up_to else 0)
+        two_stage = n > exact_up_to and candidates > 0
+        graph = _graph(d, m, index, log) if two_stage else None
+        searcher = scoring.Searcher(r, index, candidates=candidates if two_stage else 0, graph=graph)
         searcher.search(["warm up"], min(PAGE_K, n))  # compiles the query path now, not on the first query
         served.append(Served(name, d, searcher, m["video_root"], frozenset(index["videos"])))
         log(f"index {name} ({d}): {n} videos, method {m['fingerprint']['method']}, "

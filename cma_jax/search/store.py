@@ -3,6 +3,7 @@ per-frame embeddings with each frame's time; read, written and checked here only
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -77,14 +78,39 @@ def write_shard(index_dir, manifest: dict, videos: list[str], frame_emb: np.ndar
     manifest["shards"].append({"file": file, "count": len(videos)})
 
 
+def _is_graph(name: str) -> bool:
+    return name.startswith("graph_") and name.endswith(".faiss")
+
+
 def remove_index(index_dir) -> None:
-    """Delete the index files in `index_dir` (manifest and shards; nothing else)."""
+    """Delete the index files in `index_dir` (manifest, shards, saved graphs; nothing else)."""
     root = index_path(index_dir)
     if not root.is_dir():
         return
     for p in root.iterdir():
-        if p.name == MANIFEST or (p.name.startswith("shard_") and p.name.endswith(".npz")):
+        if p.name == MANIFEST or (p.name.startswith("shard_") and p.name.endswith(".npz")) or _is_graph(p.name):
             p.unlink()
+
+
+def content_key(manifest: dict) -> str:
+    """A short hash of what the index holds (model and shards): what a derived file must have been made from."""
+    held = {"fingerprint": manifest["fingerprint"], "settings": manifest["settings"], "shards": manifest["shards"]}
+    return hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_graph(index_dir, key: str) -> bytes | None:
+    """A candidate graph saved beside the shards under `key` (`write_graph`), or None."""
+    path = index_path(index_dir) / f"graph_{key}.faiss"
+    return path.read_bytes() if path.is_file() else None
+
+
+def write_graph(index_dir, key: str, data: bytes) -> None:
+    """Save a candidate graph beside the shards (replacing those of other keys: made from older contents)."""
+    root = index_path(index_dir)
+    for p in root.iterdir():
+        if _is_graph(p.name):
+            p.unlink()
+    _write(root / f"graph_{key}.faiss", data)
 
 
 def _shards(index_dir, manifest: dict, keys: tuple[str, ...]):
