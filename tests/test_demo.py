@@ -49,6 +49,30 @@ def test_stage_configs_are_valid_and_differ_as_intended(arg):
     assert config.extra.task == ("sweep" if arg.startswith("sweep") else "table")
 
 
+@pytest.mark.parametrize("arg", ["methods", "methods_quick", "methods_lr"])
+def test_the_methods_variants_train_every_row_of_the_papers_table(arg):
+    """Fourteen rows, each a valid stage of its own method, with the demo's fields and learning rate for it."""
+    config = demo_config.get_config(arg)
+    config_lib.validate(config, num_devices=1)
+    assert list(config.extra.methods) == list(demo_stages.METHODS) and len(config.extra.methods) == 14
+    for stage in config.extra.methods:
+        c = demo_stages.stage_config(config, stage, "/data", "/bb")
+        config_lib.validate(c, num_devices=1)
+        method = config_lib.method(c)
+        assert method.name == demo_stages.STAGE_METHOD.get(stage, stage)
+        if stage in config.extra.lr:
+            assert c.train.lr == config.extra.lr[stage] and set(config.extra.lr_grid[stage])
+            for k, v in config.extra.fields.get(stage, {}).items():
+                assert getattr(method, k) == v
+        assert c.mode == ("eval" if stage == "zero_shot" else "train")
+    # every caption keeps its words: 12 words + start and end tokens + a method's text prompts fit 16
+    prompted = [demo_stages.stage_config(config, s, "/d", "/bb") for s in ("coop", "vl_prompt", "maple", "vop")]
+    assert all(config_lib.method(c).extra_text_tokens() + 14 <= c.model.clip.context_length for c in prompted)
+    assert config.extra.task == ("lr_search" if arg == "methods_lr" else "table")
+    assert (config.extra.seeds, config.train.num_steps) == {"methods": (3, 300), "methods_quick": (1, 100),
+                                                            "methods_lr": (1, 300)}[arg]
+
+
 def test_seeds_vary_runs_but_not_the_pretraining():
     config = demo_config.get_config("")
     assert demo_stages.seeds(config) == [0, 1, 2]
@@ -233,8 +257,8 @@ def _check_results(workdir, config):
     assert res["pretrain"]["val_metrics"]["t2v"]["R10"] > 30
     assert res["wall_seconds_this_run"] > 0 and res["machine"]["cpu_count"] >= 1
     table = open(os.path.join(workdir, "results.md")).read()
-    for name in demo_stages.METHODS.values():
-        assert name in table
+    for method in config.extra.methods:
+        assert demo_stages.METHODS[method] in table
     with Image.open(os.path.join(workdir, "curves.png")) as png:
         assert png.size[0] > 400 and png.size[1] > 200
     return res
@@ -293,3 +317,33 @@ def test_a_workdir_made_with_another_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="made with a different configuration; use another --workdir"):
         demo.run(config, str(tmp_path))
     assert not (tmp_path / "backbone").exists()
+
+
+@pytest.mark.slow
+def test_every_method_trains_on_the_quick_demo_and_the_figure_is_drawn(tmp_path):
+    """configs/demo.py:methods_quick end to end: fourteen rows, each trained method's loss goes down, its
+    trained-parameter count is its formula's on the demo's CLIP, and the efficiency figure is written."""
+    from cma_jax.models import peft
+
+    config = demo_config.get_config("methods_quick")
+    workdir = str(tmp_path / "demo")
+    res = demo.run(config, workdir)
+    rows = res["methods"]
+    assert list(rows) == list(demo_stages.METHODS)
+    clip = config_lib.clip_config(config)
+    for stage, r in rows.items():
+        name = demo_stages.STAGE_METHOD.get(stage, stage)
+        run = r["seeds"][0]
+        if name == "zero_shot":
+            assert run["num_steps"] == 0 and r["trainable_params"] == 0
+            continue
+        c = demo_stages.stage_config(config, stage, "/d", "/bb")
+        assert r["trainable_params"] == config_lib.method(c).count(clip), stage
+        record = demo_stages.read_json(os.path.join(workdir, "runs", stage, "seed0", demo_stages.RECORD))
+        loss = [h["loss"] for h in record["history"]]
+        assert len(loss) == 100 and np.isfinite(loss).all(), stage
+        assert np.mean(loss[-10:]) < np.mean(loss[:10]), stage  # it learned something
+        assert 0 < r["step_time_s"] and peft.get(name).label
+    assert rows["cma"]["metrics"]["t2v"]["R1"] >= rows["zero_shot"]["metrics"]["t2v"]["R1"] + 5
+    with Image.open(os.path.join(workdir, "efficiency.png")) as png:
+        assert png.size[0] > 400 and png.size[1] > 200

@@ -24,20 +24,23 @@ from __future__ import annotations
 import os
 import time
 
-from cma_jax.demo import stages, sweep, table
+from cma_jax.demo import lr_search, stages, sweep, table
 from cma_jax.demo.stages import METHODS, say
+
+TASKS = {"table": table, "sweep": sweep, "lr_search": lr_search}
 
 
 def run(config, workdir: str) -> dict:
-    """The demo: every stage, then the table (or the sweep, extra.task = 'sweep') -> results dict."""
+    """The demo: every stage, then the table (or the sweep, extra.task = 'sweep', or the learning-rate search
+    of the baselines, 'lr_search') -> results dict."""
     t_start = time.time()
     workdir = os.path.abspath(workdir)
     data_dir = os.path.abspath(config.data.data_dir) if config.data.data_dir else os.path.join(workdir, "data")
     unknown = [m for m in config.extra.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"config.extra.methods: unknown {unknown}; expected some of {list(METHODS)}")
-    if config.extra.task not in ("table", "sweep"):
-        raise ValueError(f"config.extra.task: unknown {config.extra.task!r}; expected 'table' or 'sweep'")
+    if config.extra.task not in TASKS:
+        raise ValueError(f"config.extra.task: unknown {config.extra.task!r}; expected one of {tuple(TASKS)}")
     is_sweep = config.extra.task == "sweep"
     stages.seeds(config)  # checks extra.seeds before anything runs
     os.makedirs(workdir, exist_ok=True)
@@ -47,7 +50,7 @@ def run(config, workdir: str) -> dict:
                                        *(sweep.builder_configs(config) if is_sweep else ())])
         say(f"[2/3] pre-training a small CLIP from scratch -> {workdir}/backbone")
         backbone, pre = stages.pretrain(config, workdir, data_dir)
-        return (sweep if is_sweep else table).run(config, workdir, data_dir, backbone, pre, t_start)
+        return TASKS[config.extra.task].run(config, workdir, data_dir, backbone, pre, t_start)
     except KeyboardInterrupt:
         say(f"\ninterrupted: finished stages and the last checkpoint are kept in {workdir}; "
             "run the same command again to resume")

@@ -31,17 +31,21 @@ from cma_jax import config as config_lib
 from cma_jax.data import pipeline
 from cma_jax.data.builders import get_builder, synthetic
 from cma_jax.files import write_atomic
-from cma_jax.models import state
+from cma_jax.models import peft, state
 from cma_jax.models.summary import count
 
-METHODS = {  # table row name, in the paper's terms
+# Stage (table row, run folder) -> the method it trains; the four rows of the first demo keep their names.
+STAGE_METHOD = {"uni": "unimodal"}
+METHODS = {  # table row name, in the paper's terms, in the paper's order
     "zero_shot": "Zero-shot CLIP",
+    "full": "Full fine-tuning",
+    **{name: cls.label for name, cls in peft.METHODS.items() if name not in ("zero_shot", "full", "unimodal", "cma")},
     "uni": "Uni-modal adapters (d_s=0)",
     "cma": "Cross-Modal Adapter",
-    "full": "Full fine-tuning",
 }
+FIRST_ROWS = ("zero_shot", "uni", "cma", "full")  # the table of the default demo
 VOCAB_FILE = "synthetic_vocab.txt"
-VARIANTS = ("", "quick", "sweep")
+VARIANTS = ("", "quick", "sweep", "methods", "methods_quick", "methods_lr")
 RECORD = "demo_run.json"  # a finished run's record, in its run folder
 
 
@@ -54,7 +58,7 @@ def say(msg: str) -> None:
 def _parse_arg(arg: str | None) -> tuple[str, int | None]:
     variant, *options = (arg or "").split(",")
     if variant not in VARIANTS:
-        raise ValueError(f"demo config: unknown variant {variant!r}; expected '', 'quick' or 'sweep' "
+        raise ValueError(f"demo config: unknown variant {variant!r}; expected one of {VARIANTS} "
                          "(optionally followed by ',width=N')")
     width = None
     for option in options:
@@ -67,7 +71,9 @@ def _parse_arg(arg: str | None) -> tuple[str, int | None]:
 
 def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The demo's config. arg: '' (the table of methods), 'quick' (the CI variant: tiny data, one
-    seed, same path) or 'sweep' (test R@1 vs training-set size); ',width=N' sets the CLIP's width.
+    seed, same path), 'sweep' (test R@1 vs training-set size), 'methods' (the paper's fourteen rows,
+    3 seeds, and its efficiency figure), 'methods_quick' (those rows on tiny data, one seed, 100 steps:
+    CI) or 'methods_lr' (the learning-rate search that chose `extra.lr`); ',width=N' sets the CLIP's width.
 
     The top-level fields describe the adaptation runs (the Cross-Modal Adapter on the synthetic `adapt`
     variant); `stage_config` derives every stage's config from them. The demo's own knobs, in `extra`:
@@ -77,12 +83,15 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
       extra.methods         which rows / lines (zero_shot, uni, cma, full)
       extra.uni_lr          learning rate of uni-modal adapters (d_s = 0)
       extra.full_lr         learning rate of full fine-tuning (every weight)
+      extra.lr.<method>     learning rate of each of the ten baselines (chosen by `methods_lr` on val)
+      extra.fields.<method> their hyper-parameters, scaled to this small CLIP (the rest: the method's defaults)
+      extra.lr_grid.<method> the learning rates `methods_lr` tries
       extra.eval_val        table: also evaluate every run on the val split (written, not tabulated)
       extra.sweep.*         the sweep: training-set sizes, val checks (see cma_jax.demo.sweep)
     The hyper-parameters were chosen on the val split and the training curves, never on test.
     """
     variant, width = _parse_arg(arg)
-    quick = variant == "quick"
+    quick = variant in ("quick", "methods_quick")
     c = config_lib.base_config()
     c.mode = "train_and_eval"
     c.method = "cma"
@@ -128,8 +137,8 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval.batch_size = 128
 
-    c.extra.task = "sweep" if variant == "sweep" else "table"
-    c.extra.seeds = 1 if quick else 3
+    c.extra.task = {"sweep": "sweep", "methods_lr": "lr_search"}.get(variant, "table")
+    c.extra.seeds = 1 if quick or variant == "methods_lr" else 3
     c.extra.pretrain = dict(
         builder_config="pretrain_mini" if quick else "pretrain",
         num_steps=200 if quick else 600,
@@ -138,9 +147,27 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lr=1e-3,
         weight_decay=0.01,
     )
-    c.extra.methods = ("zero_shot", "uni", "cma", "full")
+    c.extra.methods = tuple(METHODS) if variant.startswith("methods") else FIRST_ROWS
+    if variant == "methods_quick":
+        c.train.num_steps = 100
     c.extra.uni_lr = 1e-2
     c.extra.full_lr = 1e-3
+    # The ten baselines on this CLIP (width 64, 2 layers): bottleneck adapters at the Cross-Modal Adapter's
+    # r = 16, ST-Adapter at half the width (as 384 of 768), text prompts short enough that a caption (12 words
+    # + start and end, of the context's 16) keeps every word; the rest are the methods' own defaults.
+    c.extra.fields = dict(
+        coop=dict(num_tokens=2), vl_prompt=dict(text_tokens=2), maple=dict(num_tokens=2), vop=dict(text_tokens=2),
+        adapter_attn=dict(reduction_dim=16), adaptformer=dict(reduction_dim=16), st_adapter=dict(reduction_dim=32),
+    )
+    # Chosen on val by `methods_lr` (its table: docs/methods.md), 300 steps, one seed: the best val t2v R@1.
+    c.extra.lr = dict(partial=3e-3, projection=1e-2, coop=3e-1, vpt=3e-2, vl_prompt=3e-2, maple=3e-2, vop=1e-2,
+                      adapter_attn=1e-2, adaptformer=1e-1, st_adapter=3e-2)
+    # Each method's grid was widened wherever its best rate sat at an edge.
+    c.extra.lr_grid = dict(partial=(3e-4, 1e-3, 3e-3, 1e-2), projection=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+                           coop=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1), vpt=(3e-3, 1e-2, 3e-2, 1e-1),
+                           vl_prompt=(3e-3, 1e-2, 3e-2, 1e-1), maple=(3e-3, 1e-2, 3e-2, 1e-1), vop=(3e-3, 1e-2, 3e-2),
+                           adapter_attn=(3e-3, 1e-2, 3e-2), adaptformer=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+                           st_adapter=(3e-3, 1e-2, 3e-2, 1e-1))
     c.extra.eval_val = False
     c.extra.sweep = dict(
         # Training videos of `adapt` (1, 3, 10, 30, 100 % of its 3,000): synthetic.ADAPT_SUBSETS + the whole.
@@ -197,6 +224,12 @@ def stage_config(config, stage: str, data_dir: str, backbone: str = "", seed: in
     elif stage == "full":
         c.method = "full"
         c.train.lr = c.train.backbone_lr = extra.full_lr
+    elif stage in METHODS:  # one of the ten baselines: its section's fields and its learning rate
+        c.method = stage
+        section = peft.get(stage).section
+        for k, v in extra.fields.get(stage, {}).items():
+            c[section][k] = v
+        c.train.lr = extra.lr[stage]
     else:
         raise ValueError(f"unknown demo stage {stage!r}; expected pretrain, zero_shot or one of {list(METHODS)}")
     if stage in METHODS and stage != "zero_shot":
@@ -370,14 +403,15 @@ def evaluate_on(model, batches: pipeline.EvalBatches, cfg, workdir: str | None =
 
 
 def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_set=None, *,
-                   val_checks: int = 0) -> dict:
+                   val_checks: int = 0, test_name: str = "test") -> dict:
     """One run of `stage` (train unless zero-shot, then test) -> its record, saved in run_dir and reused.
 
     backbone: the backbone's pure dict (loaded once, shared by every run). val_set: also evaluated.
     val_checks > 0 chooses the checkpoint on val (early stopping): val t2v R@1 every num_steps /
     val_checks steps and at the end; `metrics` are then the test metrics of the best val step (the
     earliest of ties) and `selection.final_metrics` those of the last step. Such a run restarts
-    from scratch when it was interrupted (its val history would be incomplete).
+    from scratch when it was interrupted (its val history would be incomplete). `test_name` names the
+    split `test_set` holds in the run's reports.
     """
     record_path = os.path.join(run_dir, RECORD)
     if val_checks and stage != "zero_shot":
@@ -408,7 +442,7 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
     record = {"config": config_key(cfg), "method": stage, "name": METHODS[stage], "seed": cfg.seed,
               "data": cfg.data.builder_config, "num_steps": len(history), "batch_size": cfg.train.batch_size,
               **_param_counts(model, cfg)}
-    metrics = evaluate_on(model, test_set, cfg, run_dir)
+    metrics = evaluate_on(model, test_set, cfg, run_dir, name=test_name)
     if val_checks and stage != "zero_shot":
         check_on_val(model, len(history))
         final = metrics
