@@ -98,18 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--retry_failed", action="store_true", help="try the videos reported unreadable again")
     ix.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    q = sub.add_parser("query", parents=[model], formatter_class=_Help, help="top-k videos for text queries")
-    q.add_argument("index_dir")
-    q.add_argument("texts", nargs="*", help="query texts")
-    q.add_argument("--queries_file", help="one query per line")
-    q.add_argument("-k", type=int, default=5, help="hits per query")
+    queries = argparse.ArgumentParser(add_help=False, parents=[model])  # what query and report share
+    queries.add_argument("index_dir")
+    queries.add_argument("texts", nargs="*", help="query texts")
+    queries.add_argument("--queries_file", help="one query per line")
+    queries.add_argument("-k", type=int, default=5, help="hits per query")
+
+    q = sub.add_parser("query", parents=[queries], formatter_class=_Help, help="top-k videos for text queries")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    rp = sub.add_parser("report", parents=[model], formatter_class=_Help, help="HTML page with each hit's frames")
-    rp.add_argument("index_dir")
-    rp.add_argument("texts", nargs="*", help="query texts")
-    rp.add_argument("--queries_file", help="one query per line")
-    rp.add_argument("-k", type=int, default=5, help="hits per query")
+    rp = sub.add_parser("report", parents=[queries], formatter_class=_Help, help="HTML page with each hit's frames")
     rp.add_argument("--out", default="search_report.html", help="the HTML file to write")
     rp.add_argument("--thumbs", type=int, default=4, help="thumbnails per hit")
 
