@@ -79,6 +79,13 @@ def at_least(method, minimum: int, *fields: str) -> None:
             raise FieldError(f, f"{method.name} {f} must be >= {minimum}, got {value}")
 
 
+def within_layers(method, field: str, cfg) -> None:
+    """FieldError when `field` (a number of layers or blocks) exceeds the shallower tower's layers."""
+    shallow, value = min(cfg.vision_layers, cfg.text_layers), getattr(method, field)
+    if value > shallow:
+        raise FieldError(field, f"{method.name} {field} {value} exceeds the shallower tower's {shallow} layers")
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """Base declaration: a method that adds nothing and trains nothing (zero-shot CLIP); see `declare`."""

@@ -17,7 +17,7 @@ from flax import nnx
 
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import FieldError, Method, declare, torch_linear
+from cma_jax.models.peft.base import Method, declare, torch_linear, within_layers
 
 
 class Couplings(nnx.Module):
@@ -44,9 +44,7 @@ class MaPLe(Method):
     depth: int = 0  # D: layers with prompts (both towers), from the first; 0 = every layer (12 at ViT-B)
 
     def check(self, cfg) -> None:
-        shallow = min(cfg.vision_layers, cfg.text_layers)
-        if self.depth > shallow:
-            raise FieldError("depth", f"maple depth {self.depth} exceeds the shallower tower's {shallow} layers")
+        within_layers(self, "depth", cfg)
 
     def _depth(self, cfg) -> int:
         return self.depth or min(cfg.vision_layers, cfg.text_layers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from cma_jax.models.params import TunedParam, retype
-from cma_jax.models.peft.base import FieldError, Method, block_count, declare
+from cma_jax.models.peft.base import Method, block_count, declare, within_layers
 
 
 @declare("partial", TunedParam, label="Partial", formula="k (12 W_v^2 + 13 W_v + 12 W_t^2 + 13 W_t)",
@@ -19,10 +19,7 @@ class Partial(Method):
     num_blocks: int = 1  # k
 
     def check(self, cfg) -> None:
-        shallow = min(cfg.vision_layers, cfg.text_layers)
-        if self.num_blocks > shallow:
-            raise FieldError("num_blocks", f"partial num_blocks {self.num_blocks} exceeds the shallower tower's "
-                             f"{shallow} blocks")
+        within_layers(self, "num_blocks", cfg)
 
     def count(self, cfg) -> int:
         return self.num_blocks * (block_count(cfg.vision_width) + block_count(cfg.text_width))
