@@ -1,17 +1,9 @@
 """A small public API: load a retrieval model, embed captions and videos, score them.
 
-    r = api.load("ckpt/clip_vit_b32", adapters="runs/msrvtt")      # backbone + optional adapters
-    t = r.encode_text(["a dog catches a frisbee"])                   # [N, D]
-    f, m = r.encode_videos(["a.mp4", frames_array])                  # [M, T, D], [M, T]
-    s = r.similarity(t, f, m)                                        # [N, M] cosine (the model's head)
-
-`backbone` is anything `config.backbone` accepts (a converted folder, `ViT-B/32`, a Hugging Face repo
-id, a .pt file; see cma_jax.backbones). `adapters` may be a run workdir / its checkpoints/ folder or an
-adapter folder written by cma_jax.convert; without it the model is the zero-shot backbone. Frames and
-words per video / caption default to what the adapters were trained with. Videos are decoded with
-cma_jax.data.video (frames at `fps`, shorter side resized + centre crop) and sampled to T frames as
-the eval pipeline does (CLIP4Clip's uniform sampling). Several Retrievers can share one backbone in
-memory: `shared_backbone(...)` loads it once and `load(shared, adapters)` builds each on it.
+`load(backbone, adapters)` gives a `Retriever` (a backbone, with any method's trained parameters or none)
+whose `encode_text`, `encode_videos` and `similarity` embed captions and videos and score them with the
+model's head; `shared_backbone` lets several Retrievers share one backbone in memory, and `fingerprint`
+identifies what determines a model's embeddings. docs/evaluation_and_search.md ("From Python") shows it in use.
 """
 
 from __future__ import annotations
@@ -93,7 +85,11 @@ def frame_times(num_decoded: int, num_frames: int, fps: float) -> np.ndarray:
 
 
 class Retriever:
-    """A model + tokenizer with batched, jitted encoders. See the module docstring."""
+    """A model + tokenizer with batched, jitted encoders (`load` builds one).
+
+    Videos are decoded with cma_jax.data.video (frames at `fps`, shorter side resized + centre crop) and
+    sampled to `num_frames` frames as the eval pipeline does (CLIP4Clip's uniform sampling).
+    """
 
     def __init__(self, model: RetrievalModel, tokenizer, *, num_frames: int = 12, max_words: int = 32,
                  fps: float = 1.0, batch_size: int = 16, step: int | None = None,
@@ -220,6 +216,9 @@ def load(backbone, adapters: str | None = None, *, tokenizer=None, head: str = "
          seed: int = 0) -> Retriever:
     """A Retriever from a backbone (its tokenizer unless `tokenizer` is given) + optional adapters.
 
+    `backbone`: anything `config.backbone` accepts (a converted folder, `ViT-B/32`, a Hugging Face repo id, a
+    .pt file; see cma_jax.backbones). `adapters`: a run workdir, its checkpoints/ folder or an adapter folder
+    written by cma_jax.convert, of any method; without it the model is the zero-shot backbone.
     `backbone=None` builds a randomly initialised `clip_config` (tests); a `cma_jax.loader.Backbone`
     is used as it is; a `SharedBackbone` lends its weights without a copy (several adapter sets on one
     backbone). num_frames / max_words / fps default to what the adapters were trained with (recorded in

@@ -1,21 +1,11 @@
 """What the command-line programs print: their own log lines, real warnings, one line per error.
 
-`setup(verbose)` is called once by each CLI (`cma_jax.main`, `cma_jax.demo`, `cma_jax.search`), never by
-library code:
-
-* INFO lines of other libraries are dropped (JAX's "Unable to initialize backend 'tpu'", Orbax's
-  per-save chatter, TFDS's dataset-info lines); their warnings and errors stay, and so do cma_jax's
-  own INFO lines. Orbax's notices that it opened a checkpoint read-only (which we ask for) are
-  dropped too. `verbose` (`--verbosity=1`) keeps every line.
-* Log lines are written between progress bars (tqdm's external_write_mode), not into them.
-* After a restore that fails, tensorstore still completes the reads already in flight and hands
-  their results to Orbax's asyncio loop, which the failure has closed: each prints an
-  `Event loop is closed` traceback (through sys.unraisablehook); its sibling read coroutines, never
-  awaited, print the very error the failed restore already raised. Those, and only those, are dropped.
-
-`print_error_or_raise(e, path)` ends a CLI on bad input or a full disk with one `error:` line
-(`error_line`) and re-raises anything else; `parse_flags` is absl's flag parsing with `--help` exiting 0.
-`without_log_lines(...)` hushes, for one block, log lines that would mislead there.
+Each CLI (`cma_jax.main`, `cma_jax.demo`, `cma_jax.search`) calls `setup(verbose)` once, library code never:
+other libraries' INFO chatter is dropped, log lines are written between progress bars, and the noise a failed
+checkpoint restore leaves behind is silenced. `print_error_or_raise` ends a CLI on bad input or a full disk
+with one `error:` line, `parse_flags` is absl's flag parsing with `--help` exiting 0, and `without_log_lines`
+hushes, for one block, log lines that would mislead there. docs/training.md ("What the programs print")
+describes what users see.
 """
 
 from __future__ import annotations
@@ -105,7 +95,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 
 # ----------------------------------------------------------------------------- logging
 class QuietLibraries(logging.Filter):
-    """Keeps warnings and errors, cma_jax's own INFO lines, and drops the rest (see the module doc)."""
+    """Keeps warnings and errors, cma_jax's own INFO lines, and drops the rest (see `setup`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
@@ -214,7 +204,18 @@ def _thread_hook(previous):
 
 
 def setup(verbose: bool = False) -> None:
-    """Once per CLI program, before it logs: the filters and hooks of the module doc."""
+    """Once per CLI program, before it logs (never in library code): its filters and hooks.
+
+    INFO lines of other libraries are dropped (JAX's "Unable to initialize backend 'tpu'", Orbax's per-save
+    chatter, TFDS's dataset-info lines), and so are Orbax's notices that it opened a checkpoint read-only
+    (which we ask for); their warnings and errors stay, and so do cma_jax's own INFO lines. `verbose`
+    (`--verbosity=1`) keeps every line. Log lines are written between progress bars (tqdm's
+    external_write_mode), not into them. After a restore that fails, tensorstore still completes the reads
+    already in flight and hands their results to Orbax's asyncio loop, which the failure has closed: each
+    prints an `Event loop is closed` traceback (through sys.unraisablehook), and its sibling read
+    coroutines, never awaited, print the very error the failed restore already raised. Those, and only
+    those, are dropped (besides the OSErrors that follow a reported full disk: `error_line`).
+    """
     root = logging.getLogger()
     if not root.handlers:  # not an absl program: one plain stderr handler ("WARNING: ...")
         handler = logging.StreamHandler(sys.stderr)

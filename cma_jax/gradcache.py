@@ -1,18 +1,10 @@
 """Exact contrastive gradient accumulation: gradient caching (Gao et al. 2021).
 
-The symmetric InfoNCE loss couples every text with every video of the batch, so the usual
-accumulation (loss within each micro-batch, gradients averaged) trains with fewer negatives. Here
-the loss stays the one over the whole batch, while activation memory is that of one micro-batch:
-
-  1. embed the batch micro-batch by micro-batch, keeping only the embeddings (no activations);
-  2. take the full-batch loss and its gradient w.r.t. the embeddings (and the head's parameters,
-     e.g. a trained logit_scale);
-  3. for each micro-batch again, recompute its embeddings under `jax.vjp` and pull its slice of
-     the embedding gradient back to the parameters; sum.
-
-The result equals the one-shot gradient of the full-batch loss, at the price of a second forward
-pass through the towers. Adapter dropout: each micro-batch's RNG state is recorded in pass 1 and
-replayed in pass 3, so both passes draw the same masks.
+`value_and_grad` gives the gradient of the symmetric InfoNCE over the whole batch while holding the
+activations of one micro-batch only: the batch is embedded micro-batch by micro-batch without keeping
+activations, the full-batch loss is differentiated w.r.t. the embeddings, and each micro-batch is recomputed
+under `jax.vjp` to pull its slice of that gradient back to the parameters. docs/training.md ("How a step
+works") says why the usual accumulation will not do and what this costs.
 """
 
 from __future__ import annotations
@@ -48,6 +40,10 @@ def _unwhole(x, k, micro_sharding):
 
 def value_and_grad(graphdef, params, rngs, frozen, batch: dict, num_micro: int, micro_sharding=None):
     """((loss, rngs), grads) of the full-batch symmetric InfoNCE, in `num_micro` micro-batches.
+
+    Equal to the one-shot gradient of the full-batch loss, at the price of a second forward pass through
+    the towers. Each micro-batch's RNG state is recorded in pass 1 and replayed in pass 3, so adapter
+    dropout draws the same masks in both passes.
 
     The model is `nnx.merge(graphdef, params, rngs, frozen)`, a RetrievalModel; gradients are
     w.r.t. `params`. `micro_sharding(ndim)`, if given, is the sharding of a micro-batched array

@@ -1,37 +1,9 @@
 """Retrieval metrics: text-video with CLIP4Clip's definitions, text-image with the image-text papers' (TR / IR).
 
-Given a score matrix ``sim [Nt, Nv]`` (higher = more similar) and ``text_video_index [Nt]`` (the
-video each caption describes):
-
-* text->video: each caption ranks all videos; its rank is the 0-based position of its own video
-  in the descending order.
-* video->text: each video ranks the *caption groups*: the score of group i for video v is the best
-  score over video i's captions (``max_c sim[c, v]``), and the target is v's own group. With one
-  caption per video this is exactly ranking ``sim.T``; with several (MSVD, VATEX) it is CLIP4Clip's
-  ``tensor_video_to_text_sim`` + ``compute_metrics``.
-* ``R@K = 100 * mean(rank < K)``, ``MdR = median(rank) + 1``, ``MnR = mean(rank) + 1``.
-
-Ties: a rank is the number of items scoring strictly higher plus the number of *tied* items with a
-lower column index, i.e. the position a stable descending argsort gives (CLIP4Clip's double
-argsort). Each query contributes exactly one rank. (CLIP4Clip's ``compute_metrics`` finds the
-target with ``np.where(sorted == target)`` and so counts a query once per tied position; with
-continuous scores ties do not occur and both agree. With the stable rule a model that scores
-everything equally gets R@1 = 100/N and MnR = (N+1)/2, the chance level, not a perfect score.)
-
-Median: ``np.median`` (the middle two averaged), except text->video on multi-caption sets, where
-CLIP4Clip's code path uses ``torch.median`` (the lower middle value); we follow it so that MSVD /
-VATEX numbers are comparable. The two differ only for an even count whose middle ranks differ.
-
-Text-image (``media='image'``, Flickr30K / MSCOCO: every image has ~5 captions), as VSE++, ALBEF and
-CLIP's benchmarks define it: IR (image retrieval, text->image) ranks all images for each caption, exactly
-text->video above; TR (text retrieval, image->text) ranks *all captions* for each image and takes the
-position of its best-ranked own caption, so TR@K is the share of images with an own caption among the K
-top-ranked captions. (CLIP4Clip's video->text ranks caption *groups* instead, which counts another image's
-five captions above the own best one as one miss, not five.) Both use ``np.median``.
-
-Dual softmax (DSL, CAMoE / CLIP2Video inference re-scoring): ``sim * softmax(temp * sim)`` with
-the softmax over texts for text->video and over videos for video->text. CAMoE also multiplies by
-the matrix length, a positive constant that changes no ranking, so it is left out.
+`retrieval_metrics(sim, text_video_index)` ranks a score matrix in both directions (R@1/5/10, MdR, MnR),
+optionally after dual-softmax re-scoring, with ties broken by index; `markdown_table` prints the results.
+docs/evaluation_and_search.md ("The metrics, exactly") gives the definitions and where they follow
+CLIP4Clip's code; docs/image_text.md the text-image ones.
 """
 
 from __future__ import annotations
@@ -50,7 +22,8 @@ _CHUNK_ENTRIES = 1 << 24
 def target_ranks(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
     """0-based rank of ``scores[q, target[q]]`` in row q's descending order, ties by column index.
 
-    scores [Q, C], target [Q] int -> ranks [Q] int64.
+    scores [Q, C], target [Q] int -> ranks [Q] int64: the items scoring strictly higher plus the tied
+    items of lower column index (the position a stable descending argsort gives), one rank per query.
     """
     scores = np.asarray(scores)
     target = np.asarray(target, np.int64)
@@ -68,7 +41,8 @@ def target_ranks(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def summarize_ranks(ranks: np.ndarray, lower_median: bool = False) -> dict[str, float]:
-    """R@1/5/10 (percent), MdR and MnR (1-based) of 0-based ranks."""
+    """R@1/5/10 (percent), MdR and MnR (1-based) of 0-based ranks: ``R@K = 100 * mean(rank < K)``,
+    ``MdR = median(rank) + 1``, ``MnR = mean(rank) + 1``; `lower_median`: torch.median's lower middle value."""
     ranks = np.asarray(ranks)
     out = {f"R{k}": float(100.0 * np.mean(ranks < k)) for k in RECALL_KS}
     if lower_median:  # torch.median: the lower of the two middle values
@@ -100,7 +74,8 @@ def best_own_caption(scores: np.ndarray, text_video_index: np.ndarray, num_video
 
 
 def dual_softmax(sim: np.ndarray, temp: float = 1.0, axis: int = 0) -> np.ndarray:
-    """DSL re-scoring ``sim * softmax(temp * sim, axis)``, computed in float64."""
+    """DSL re-scoring ``sim * softmax(temp * sim, axis)``, computed in float64 (CAMoE's extra factor, the
+    matrix length, is a positive constant that changes no ranking: left out)."""
     x = np.asarray(sim, np.float64)
     z = temp * x
     z = z - z.max(axis=axis, keepdims=True)
@@ -131,10 +106,11 @@ def _check(sim, text_video_index):
 
 def retrieval_metrics(sim, text_video_index, *, dsl_temp: float | None = None, media: str = "video") -> dict:
     """Both directions' metrics, each {R1, R5, R10, MdR, MnR}: ``{'t2v', 'v2t'}`` for videos (CLIP4Clip's
-    definitions), ``{'tr', 'ir'}`` for images (the image-text papers'; see the module doc).
+    definitions), ``{'tr', 'ir'}`` for images (the image-text papers'; docs/image_text.md).
 
-    sim [Nt, Nv] scores (logits or cosines), text_video_index [Nt] int in [0, Nv).
-    ``dsl_temp``: when given, rank the dual-softmax re-scored matrices instead (see module doc).
+    sim [Nt, Nv] scores (higher = more similar: logits or cosines), text_video_index [Nt] int in [0, Nv)
+    (the video each caption describes). ``dsl_temp``: when given, rank the dual-softmax re-scored
+    matrices instead (softmax over texts for t2v / IR, over videos for v2t / TR).
     """
     if media not in DIRECTIONS:
         raise ValueError(f"media must be one of {sorted(DIRECTIONS)}, got {media!r}")

@@ -1,48 +1,9 @@
 """grain input pipeline over a built video-text split: training pairs and evaluation batches.
 
-API (the trainer and the evaluator call these once per process):
-
-    train_iterator(name, split, data_dir, tokenizer, *, num_frames, max_words,
-                   batch_size_per_process, seed, process_index=0, process_count=1, workers=0,
-                   builder_config=None, num_epochs=None, read_threads=2) -> TrainIterator
-        Infinite (num_epochs=None) iterator of training batches:
-        frames [B,T,H,W,3] uint8, frame_mask [B,T] bool, text_ids [B,L] int32, text_mask [B,L] int32,
-        B = batch_size_per_process, T = num_frames, L = max_words. Every (video, caption) pair of the
-        split is one example; this process reads only its contiguous shard of the pairs, shuffled with
-        `seed` (a new order each epoch), incomplete batches dropped. `it.get_state()` -> {'next_batch': k}
-        and `it.set_state(state)` resume it exactly, whatever `workers` (a grain DatasetIterator; its state
-        is saved with every run checkpoint by cma_jax/checkpoint.py, one JSON file per process).
-        Call `it.close()` to stop worker processes.
-
-        `it.steps_per_epoch`: batches per epoch of all pairs over all processes.
-
-    count_pairs(name, split, data_dir, builder_config=None) -> int
-        Number of (video, caption) pairs of the split (all processes together).
-
-    eval_batches(name, split, data_dir, tokenizer, *, num_frames, max_words,
-                 batch_size_per_process, process_index=0, process_count=1, workers=0,
-                 builder_config=None, read_threads=2, max_videos=0) -> EvalBatches
-        `.videos`: iterable of video batches (frames, frame_mask, video_index [B] int32, valid [B] bool),
-        every video of the split once over all processes; `.texts`: iterable of text batches
-        (text_ids, text_mask, video_index, text_index [B] int32, valid), every caption once, with the
-        index of its video (several captions per video for multi-caption sets). Each process gets a
-        contiguous slice, padded with valid=False rows so that every process yields the same number of
-        batches (`.num_video_batches`, `.num_text_batches`): multi-host jit needs equal steps.
-        Padding rows are zeros: frame_mask all False, text_mask all 0, video_index/text_index -1.
-        Also `.num_videos`, `.num_texts`, `.video_ids`, `.text_video_index` (global), and `.media`: 'video',
-        or 'image' for the image-text sets (one-frame records, T = 1: Flickr30K, MSCOCO), which report TR / IR.
-
-    train_iterator_from_config(config, tokenizer=None, process_index=None, process_count=None) -> TrainIterator
-    eval_batches_from_config(config, tokenizer=None, process_index=None, process_count=None) -> EvalBatches
-        The same from a run config (cma_jax/config.py): config.data.*, config.seed, the global
-        config.train.batch_size / config.eval.batch_size split over the processes (jax's by default).
-        config.data.tokenizer '' = the tokenizer/ folder that config.backbone resolves to. A dataset that is
-        not built yet is built first when its files are public (MSR-VTT, MSVD) or generated and this
-        is the only process; otherwise the error names the command that builds it.
-
-`tokenizer` is anything `tokenizer.load_tokenizer` accepts (spec or built tokenizer).
-`workers` > 0 decodes in that many worker processes (grain `mp_prefetch`, spawned); 0 decodes in
-this process with `read_threads` threads. Batches are identical for any `workers` / `read_threads`.
+The trainer and the evaluator call `train_iterator` and `eval_batches` (or their `*_from_config` forms) once
+per process: each process reads only its own contiguous shard of the split, decodes only the sampled JPEGs
+(in this process or in grain worker processes, with the same batches either way), and the training
+iterator's position is saved with every run checkpoint. docs/data.md ("The input pipeline") describes it.
 """
 
 from __future__ import annotations
@@ -188,7 +149,20 @@ def train_iterator(name: str, split: str, data_dir, tokenizer, *, num_frames: in
                    batch_size_per_process: int, seed: int, process_index: int = 0, process_count: int = 1,
                    workers: int = 0, builder_config=None, num_epochs: int | None = None,
                    read_threads: int = 2) -> TrainIterator:
-    """Checkpointable iterator of this process's training batches (see the module docstring)."""
+    """Checkpointable iterator of this process's training batches; infinite when num_epochs is None.
+
+    Batches: frames [B,T,H,W,3] uint8, frame_mask [B,T] bool, text_ids [B,L] int32, text_mask [B,L] int32
+    (B = batch_size_per_process, T = num_frames, L = max_words). Every (video, caption) pair of the split
+    is one example; this process reads its contiguous shard of the pairs, shuffled with `seed` (a new
+    order each epoch), incomplete batches dropped. `get_state()` -> {'next_batch': k} and `set_state`
+    resume it exactly, whatever `workers` (cma_jax/checkpoint.py saves that state with every run
+    checkpoint, one JSON file per process); `close()` stops the worker processes; `steps_per_epoch` is
+    the number of batches of all pairs over all processes.
+
+    `tokenizer`: anything `load_tokenizer` accepts (a spec or a built tokenizer). `workers` > 0 decodes
+    in that many spawned worker processes (grain `mp_prefetch`), 0 in this process with `read_threads`
+    threads; the batches are identical for any `workers` / `read_threads`.
+    """
     _check(batch_size_per_process, num_frames, max_words, workers)
     source = open_source(name, split, data_dir, builder_config)
     pairs = train_pairs(source.num_captions)
@@ -268,7 +242,16 @@ class EvalBatches:
 def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int, max_words: int,
                  batch_size_per_process: int, process_index: int = 0, process_count: int = 1,
                  workers: int = 0, builder_config=None, read_threads: int = 2, max_videos: int = 0) -> EvalBatches:
-    """Every video once and every caption once, sharded over processes (see the module docstring).
+    """Every video once and every caption once over all processes, each process a contiguous slice.
+
+    `.videos`: batches of frames, frame_mask, video_index [B] int32, valid [B] bool; `.texts`: text_ids,
+    text_mask, video_index (the caption's video: several captions per video on multi-caption sets),
+    text_index [B] int32, valid. Each slice is padded with valid=False rows (zeros: frame_mask all
+    False, text_mask all 0, video_index / text_index -1) so that every process yields the same number
+    of batches (`.num_video_batches`, `.num_text_batches`): multi-host jit needs equal steps.
+    `.num_videos`, `.num_texts`, `.video_ids` and `.text_video_index` are global; `.media` is 'video',
+    or 'image' for the image-text sets (one-frame records, T = 1: Flickr30K, MSCOCO), which report
+    TR / IR. `tokenizer`, `workers`, `read_threads`: as for `train_iterator`.
 
     max_videos > 0 keeps only the first max_videos videos (and their captions), for quick checks.
     """
@@ -323,7 +306,11 @@ def _from_config(config, global_batch: int, field: str, tokenizer, process_index
 def train_iterator_from_config(config, tokenizer=None, process_index=None, process_count=None) -> TrainIterator:
     """train_iterator for config.data / config.train.batch_size (global) / config.seed; processes from jax.
 
-    `tokenizer`: the backbone's (a folder or file); None = config.data.tokenizer, which must then be set.
+    The global batch is split over the processes (jax's unless given). `tokenizer`: the backbone's (a
+    folder or file: what config.backbone resolves to, cma_jax.loader.tokenizer); None =
+    config.data.tokenizer, which must then be set. A dataset that is not built yet is built first when
+    its files are public (MSR-VTT, MSVD, MSCOCO) or generated and this is the only process; otherwise
+    the error names the command that builds it.
     """
     args = _from_config(config, config.train.batch_size, "config.train.batch_size", tokenizer, process_index,
                         process_count)
@@ -331,7 +318,10 @@ def train_iterator_from_config(config, tokenizer=None, process_index=None, proce
 
 
 def eval_batches_from_config(config, tokenizer=None, process_index=None, process_count=None) -> EvalBatches:
-    """eval_batches for config.data.eval_split / config.eval.batch_size (global) / config.eval.max_videos."""
+    """eval_batches for config.data.eval_split / config.eval.batch_size (global) / config.eval.max_videos.
+
+    Processes, `tokenizer` and building an unbuilt dataset: as for `train_iterator_from_config`.
+    """
     args = _from_config(config, config.eval.batch_size, "config.eval.batch_size", tokenizer, process_index,
                         process_count)
     return eval_batches(split=config.data.eval_split, max_videos=config.eval.max_videos, **args)

@@ -1,15 +1,9 @@
 """Caption tokenizers: CLIP's BPE (through transformers' CLIPTokenizer) and a word-level one.
 
-Both produce CLIP4Clip's layout: ``[start] + tokens[:max_words - 2] + [end]``, zero padding to
-``max_words`` and a text mask (1 on real tokens, start and end included). End-of-text is the largest
-id of the vocabulary, because the text tower picks its output position by ``argmax(ids)``.
-
-``load_tokenizer(spec)`` accepts:
-- a Hugging Face tokenizer folder (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``), or a folder
-  holding just OpenAI's merges file;
-- OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (any ``*.txt.gz`` BPE merges file): vocab and merges are
-  rebuilt from it as OpenAI's SimpleTokenizer does, once per process;
-- a word-vocabulary file (``*.txt``, one word per line) or a list of words, for the synthetic data.
+Both give CLIP4Clip's layout, ``[start] + tokens[:max_words - 2] + [end]`` zero-padded to ``max_words`` with
+a text mask, end-of-text being the vocabulary's largest id (the text tower pools at ``argmax(ids)``);
+``load_tokenizer(spec)`` builds one from a Hugging Face tokenizer folder, OpenAI's BPE merges file or a word
+list (the synthetic data's). docs/data.md ("The input pipeline") has the layout and the accepted specs.
 """
 
 from __future__ import annotations
@@ -33,7 +27,11 @@ _NUM_CLIP_MERGES = 49152 - 256 - 2
 
 
 def _layout(token_lists: Sequence[Sequence[int]], max_words: int, start_id: int, end_id: int):
-    """CLIP4Clip's layout: [start] + tokens[:max_words-2] + [end], zero pad -> (ids, mask) [N, L]."""
+    """CLIP4Clip's layout: [start] + tokens[:max_words-2] + [end], zero pad -> (ids, mask) [N, L].
+
+    The mask is 1 on real tokens, start and end included. End-of-text must be the vocabulary's largest id:
+    the text tower picks its output position by argmax(ids).
+    """
     if max_words < 2:
         raise ValueError(f"max_words must be >= 2 (room for start and end tokens), got {max_words}")
     ids = np.zeros((len(token_lists), max_words), np.int32)
@@ -70,7 +68,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def clip_vocab_from_bpe(bpe_path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """OpenAI's bpe_simple_vocab_16e6.txt.gz -> (vocab {token: id} of 49408, merges list)."""
+    """OpenAI's bpe_simple_vocab_16e6.txt.gz -> (vocab {token: id} of 49408, merges list), rebuilt as
+    OpenAI's SimpleTokenizer does (built once per process by `load_tokenizer`)."""
     with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     # Line 0 is a version header; OpenAI uses the next _NUM_CLIP_MERGES lines.

@@ -2,21 +2,12 @@
 
     python -m cma_jax.demo [--config=configs/demo.py[:quick|:sweep]] [--workdir=DIR]   (default: the table)
 
-Stages (`stages`), each reused from the workdir when already done (so an interrupted run resumes, and a
-finished one only prints its results again):
-  1. build the synthetic `pretrain` and `adapt` datasets (TFDS builder, cma_jax.data.builders.synthetic)
-     and write the word vocabulary beside them;
-  2. pre-train a small CLIP from scratch on `pretrain` (every weight trains: the stand-in for CLIP's
-     web-scale image-text pre-training) and save it as a read-only backbone checkpoint, once;
-  3. the table (`table`): from that backbone, train on `adapt` with cma_jax.train, `extra.seeds` times each
-     (seeds vary adapter init and data order): uni-modal adapters (d_s = 0), the Cross-Modal Adapter, full
-     fine-tuning; evaluate them and zero-shot on the `adapt` test split and write `results.md` (mean ±
-     std over seeds), `results.json` (every seed's numbers too) and `curves.png`.
-     Or, with `configs/demo.py:sweep`, the training-set-size sweep (`sweep`).
-
-Workdir layout: data/ (TFDS + synthetic_vocab.txt), pretrain/ (its run), backbone/, xla_cache/,
-runs/<method>/seed<S>/, results.{md,json}, curves.png; the sweep: sweep/<method>/n<N>/seed<S>/,
-sweep.{md,json,png}.
+`run` builds the synthetic `pretrain` and `adapt` datasets (`stages`), pre-trains a small CLIP from scratch
+on `pretrain` (once, kept as a read-only backbone), and from that backbone runs the config's task: the
+table of methods with seeds (`table`), the training-set-size sweep (`sweep`) or the baselines'
+learning-rate search (`lr_search`). Each stage is reused from the workdir when already done, so an
+interrupted run resumes and a finished one only prints its results again. docs/demo.md has what it shows
+and the workdir's layout.
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """The demo's training-set-size sweep (`configs/demo.py:sweep`): where adapters win, and whether sharing helps.
 
-From the demo's one pre-trained backbone, every method of `extra.methods` trains on the first N
-training videos of `adapt`, for each N of `extra.sweep.train_videos` (1 to 100 % of them), with
-`extra.seeds` seeds and the table's hyper-parameters; test t2v R@1 against N goes to `sweep.png`
-(log x, mean line, std band), `sweep.md` and `sweep.json` in the workdir. Its protocol, the same
-for every method:
-
-  * batch = min(train.batch_size, N): the whole subset when it is smaller than a batch;
-  * steps: the table's train.num_steps at every N, not scaled down. Scaled steps (10 epochs, at least
-    100 steps) left val R@1 still rising at the last step for N = 300 and 900, for every method: the
-    smaller sets were under-trained, not protected from overfitting. A fixed budget, with the
-    checkpoint chosen on val, lets each method stop where it is best, however early that is;
-  * the checkpoint is chosen on val (early stopping): val t2v R@1 `val_checks` times per run, test at
-    the best step; the last step's test numbers are kept too (no early stopping: room to overfit);
-  * zero-shot trains on nothing: one evaluation, drawn flat.
-Whether sharing helps is the paired (same seed) difference of Cross-Modal and uni-modal adapters at
-each N. Runs go seed by seed, so an interrupted sweep has whole curves for its finished seeds; a
-finished run is reused, an unfinished one restarts.
+From the demo's one pre-trained backbone, every method of `extra.methods` trains on the first N training
+videos of `adapt`, for each N of `extra.sweep.train_videos`, with `extra.seeds` seeds and one protocol for
+every method (the table's step budget at every N, the checkpoint chosen on val); test t2v R@1 against N
+goes to `sweep.png`, `sweep.md` and `sweep.json`, and whether sharing helps is the paired (same seed)
+difference of Cross-Modal and uni-modal adapters. docs/demo.md ("Training-set-size sweep") has the
+protocol, why the steps are not scaled with N, and the results.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """The Cross-Modal Adapter: a bottleneck whose up-projection is partly shared across towers.
 
-For a sub-layer output h (attention or MLP, before the residual add) of a tower of width W:
-
-    A(h) = h + up(act(down(h)))          down: W -> r,  up: r -> W
-
-The last `share_dim` (d_s) output dimensions of `up` come from a `SharedUp` owned by the CLIP
-model and passed in at call time, so the image and text adapter at the same depth and position
-(attention with attention, MLP with MLP) use the very same weights. d_s = 0 gives plain
-uni-modal adapters; d_s = W means the tower has no unique part of `up`.
-
-Depth mapping when the towers differ in depth (ViT-L/14: 24 image layers, 12 text layers): the
-shared bank has `min(L_image, L_text)` entries and layer i of a tower with L layers uses entry
-`i * L_shared // L`, i.e. consecutive image layers 2k and 2k+1 share with text layer k.
+On a sub-layer output h (attention or MLP, before the residual add) of a tower of width W, the adapter is
+`A(h) = h + up(act(down(h)))` (down: W -> r, up: r -> W). The last `share_dim` (d_s) output dimensions of `up`
+come from a `SharedUp` owned by the CLIP model and passed in at call time, so the image and text adapters at
+the same depth and position (attention with attention, MLP with MLP) use the very same weights. d_s = 0 gives
+plain uni-modal adapters; d_s = W leaves the tower no unique part of `up`. docs/method.md has the method and
+how towers of different depth share.
 """
 
 from __future__ import annotations
@@ -53,7 +47,8 @@ class AdapterConfig:
 
 
 def shared_layer_index(layer: int, num_layers: int, num_shared: int) -> int:
-    """Which entry of the shared bank layer `layer` of a `num_layers`-deep tower uses."""
+    """Which entry of the shared bank layer `layer` of a `num_layers`-deep tower uses: `layer * num_shared //
+    num_layers`, the bank having min(L_image, L_text) entries (ViT-L/14: image layers 2k, 2k+1 share text layer k)."""
     return layer * num_shared // num_layers
 
 

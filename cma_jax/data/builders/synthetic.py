@@ -1,30 +1,11 @@
 """A synthetic text-video dataset, generated procedurally: no files, no downloads.
 
-Each clip shows one coloured shape on a plain background for a few frames; the shape drifts a few
-pixels from frame to frame but its shape, colour, size, position region (and texture) never change,
-so every caption describes what *each single frame* shows (a frame-wise model with mean pooling
-cannot see order or direction, and does not need to).
-
-Two variants, as two builder configs:
-
-- ``pretrain``: the stand-in for CLIP's web-scale image-text pre-training. Plain shapes on flat
-  backgrounds; captions like ``"a small red circle at the left on a grey background"``.
-- ``adapt``: the shifted downstream task. The same scene grammar, but
-  * new *wording* for the same concepts (colour and size synonyms, a different sentence order)
-    -> only the text tower can absorb it;
-  * new *content*: every shape carries a texture (plain, striped or dotted) that the captions name
-    with new words -> the image tower has to learn to see it and the text tower to read it, the
-    kind of shift where the Cross-Modal Adapter's shared weights can help;
-  captions like ``"a striped circle coloured crimson , tiny , left , over grey"``.
-  Shape, position and background words are unchanged, so zero-shot retrieval is above chance but
-  far from solved.
-
-Everything is a pure function of (variant, split, seed, index), so builds are deterministic.
-The word vocabulary of both variants is ``VOCABULARY`` (for the word-level tokenizer).
-
-``synthetic_images`` (`SyntheticImages`) is the image-text variant of the same scenes: one frame per record
-(`MEDIA = 'image'`, T = 1) and two captions per image, its variant's wording and the other variant's (which
-names no texture), so that TR / IR run on several captions per image as on Flickr30K and MSCOCO.
+Each clip shows one coloured shape on a plain background, and its caption says what every single frame
+shows. Two builder configs: `pretrain`, the stand-in for CLIP's web-scale image-text pre-training, and
+`adapt`, the shifted downstream task (new wording, and a texture that the captions name); `synthetic_images`
+(`SyntheticImages`) is the same scenes as an image-text set. Everything is a pure function of (variant,
+split, seed, index), so builds are deterministic; `VOCABULARY` holds both variants' words, for the
+word-level tokenizer. docs/demo.md ("The synthetic data") describes the scenes and their captions.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """What a fine-tuning method declares, and the hooks through which it enters the two towers.
 
-A method is a frozen dataclass: its fields are its hyper-parameters (the config section
-`config.<section>`), its class attributes the rest of its declaration (the variable type that
-trains, whether it starts as the identity, the paper's count). It enters CLIP in up to three ways:
-
-* block slots (`SLOTS`): a module placed in every transformer block it chooses, at a named
-  position: on the residual stream before attention (`pre_adapter`), on the attention output before
-  its residual add (`attn_adapter`), on the residual stream before the MLP (`mid_adapter`), beside
-  the MLP (`parallel_adapter`, added to the MLP output), on the MLP output before its residual add
-  (`mlp_adapter`);
-* CLIP-level modules (`clip_modules`): parameters shared across layers or towers (the shared bank
-  of the Cross-Modal Adapter, prompt tokens), handed to the hooks `embed` (the token sequence before
-  the first block) and `layer_input` (the sequence entering each block) and to `shared`;
-* `retype`: the pre-trained weights it trains become `TunedParam` (partial, projection).
-
-Token conventions for methods that lengthen sequences: text methods insert tokens right after the
-start token (so the end-of-text token moves by their number, which the text tower accounts for);
-vision methods append tokens after the patches (so CLS stays at index 0).
+A method is a frozen dataclass: its fields are its hyper-parameters (`config.<section>`), its class
+attributes, set by `declare`, the rest of its declaration (the variable type that trains, whether it starts
+as the identity, the paper's count). It enters CLIP through block slots (`SLOTS`), CLIP-level modules handed
+to the tower hooks (`embed`, `layer_input`, `shared`) and `retype`. docs/methods.md says where each slot
+sits ("How a method is declared") and where prompt tokens go in the sequences.
 """
 
 from __future__ import annotations
