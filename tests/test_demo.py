@@ -347,3 +347,12 @@ def test_every_method_trains_on_the_quick_demo_and_the_figure_is_drawn(tmp_path)
     assert rows["cma"]["metrics"]["t2v"]["R1"] >= rows["zero_shot"]["metrics"]["t2v"]["R1"] + 5
     with Image.open(os.path.join(workdir, "efficiency.png")) as png:
         assert png.size[0] > 400 and png.size[1] > 200
+    # The API takes any method's run as it takes the Cross-Modal Adapter's: VoP (frame-aware prompts) here.
+    from cma_jax import api
+
+    r = api.load(os.path.join(workdir, "backbone"), os.path.join(workdir, "runs", "vop", "seed0"))
+    assert r.model.clip.method.name == "vop" and r.step == config.train.num_steps
+    frames = np.random.default_rng(0).integers(0, 256, (2, 5, 32, 32, 3), dtype=np.uint8)
+    sim = r.similarity(r.encode_text(["a plain square coloured emerald , tiny , top , over grey"]),
+                       *r.encode_videos([frames[0], frames[1]]))
+    assert sim.shape == (1, 2) and np.isfinite(sim).all()
