@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from cma_jax import api, console
+from cma_jax import api, console, paths
 from cma_jax.files import write_atomic
 from cma_jax.search import build, report, scoring, serve, store
 
@@ -15,7 +15,7 @@ DESCRIPTION = "Search your own videos: index a folder once, then query it with t
 
 def _source(spec: str | None) -> str | None:
     """A model path as recorded in the manifest: local paths absolute, names and URLs as they are."""
-    if not spec or "://" in spec or not os.path.exists(spec):
+    if not spec or paths.is_remote(spec) or not os.path.exists(spec):
         return spec or None
     return os.path.abspath(spec)
 

@@ -11,7 +11,7 @@ import os
 import numpy as np
 from etils import epath
 
-from cma_jax import checkpoint
+from cma_jax import checkpoint, paths
 from cma_jax.files import write_atomic
 
 MANIFEST = "manifest.json"
@@ -23,19 +23,11 @@ class IndexMismatchError(ValueError):
 
 
 def index_path(index_dir) -> epath.Path:
-    return epath.Path(index_dir)
-
-
-def _write(path: epath.Path, data: bytes | str) -> None:
-    """Atomically on a local disk (a reader never sees half a file); object stores write whole objects."""
-    if "://" in os.fspath(path):
-        path.write_bytes(data.encode() if isinstance(data, str) else data)
-    else:
-        write_atomic(os.fspath(path), data)
+    return paths.path(index_dir)
 
 
 def save_manifest(index_dir, manifest: dict) -> None:
-    _write(index_path(index_dir) / MANIFEST, json.dumps(manifest, indent=1))
+    write_atomic(index_path(index_dir) / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def read_manifest(index_dir) -> dict | None:
@@ -74,7 +66,7 @@ def write_shard(index_dir, manifest: dict, videos: list[str], frame_emb: np.ndar
     buf = io.BytesIO()
     np.savez(buf, frame_emb=frame_emb.astype(np.float16), frame_mask=frame_mask.astype(bool),
              frame_time=frame_time.astype(np.float32), videos=np.array(videos))
-    _write(index_path(index_dir) / file, buf.getvalue())
+    write_atomic(index_path(index_dir) / file, buf.getvalue())
     manifest["shards"].append({"file": file, "count": len(videos)})
 
 
@@ -110,7 +102,7 @@ def write_graph(index_dir, key: str, data: bytes) -> None:
     for p in root.iterdir():
         if _is_graph(p.name):
             p.unlink()
-    _write(root / f"graph_{key}.faiss", data)
+    write_atomic(root / f"graph_{key}.faiss", data)
 
 
 def _shards(index_dir, manifest: dict, keys: tuple[str, ...]):
