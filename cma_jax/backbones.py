@@ -24,13 +24,12 @@ import huggingface_hub.errors
 from tqdm import tqdm
 
 from cma_jax import checkpoint, convert, paths
+from cma_jax.network import TIMEOUT_S, DownloadError, offline, reason
 from cma_jax.convert.tables import TOKENIZER_FILES
 from cma_jax.models.clip import OPENAI_NAMES
 
 CACHE_ENV = "CMA_JAX_CACHE"
-OFFLINE_ENV = "CMA_JAX_OFFLINE"
 MIRROR_ENV = "CMA_JAX_MIRROR"
-TIMEOUT_S = 15  # connect and per-read: a machine without internet fails fast, a stalled download resumes
 RANDOM = "random"
 
 # OpenAI's released checkpoints (clip/clip.py `_MODELS` in github.com/openai/CLIP; the same table is in the
@@ -62,10 +61,6 @@ log = logging.getLogger(__name__)
 
 class BackboneError(ValueError):
     """A backbone spec that names nothing usable."""
-
-
-class DownloadError(OSError):
-    """A download that failed or did not verify; nothing of it is trusted by a later run."""
 
 
 # ----------------------------------------------------------------------------- resolve
@@ -107,14 +102,6 @@ def cache_root(cache_dir: str | None = None) -> str:
     return os.path.abspath(os.path.expanduser(cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/cma_jax"))
 
 
-def _offline() -> str | None:
-    """The variable that turns downloads off, if one is set."""
-    for var in (OFFLINE_ENV, "HF_HUB_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return var
-    return None
-
-
 def _is_converted(path: str) -> bool:
     return (os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE))
             and os.path.isdir(os.path.join(path, checkpoint.PARAMS_DIR)))
@@ -149,7 +136,7 @@ def _local_key(path: str) -> str:
 
 
 def _from_hub(repo_id: str, revision: str | None, cache: str) -> str:
-    local_only = _offline() is not None
+    local_only = offline() is not None
     try:
         for weights in HF_WEIGHTS:  # safetensors if the repo has them, else pytorch_model.bin
             folder = huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=local_only,
@@ -158,10 +145,10 @@ def _from_hub(repo_id: str, revision: str | None, cache: str) -> str:
                 break
     except (huggingface_hub.errors.LocalEntryNotFoundError, huggingface_hub.errors.HfHubHTTPError, OSError) as e:
         where = f"{repo_id}@{revision}" if revision else repo_id
-        reason = (f"not in the Hugging Face cache and downloads are off ({_offline()}=1)" if local_only
-                  else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        why = (f"not in the Hugging Face cache and downloads are off ({offline()}=1)" if local_only
+               else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise DownloadError(
-            f"backbone {where}: cannot get it from the Hugging Face Hub ({reason}); on a machine with internet run "
+            f"backbone {where}: cannot get it from the Hugging Face Hub ({why}); on a machine with internet run "
             f"`python -m cma_jax.backbones {where}` (or `hf download {repo_id}`) and copy the cache, or "
             f"pass a local folder: --config.backbone=/path/to/{repo_id.split('/')[-1]}") from None
     commit = os.path.basename(os.path.normpath(folder))  # snapshots/<commit>: a new revision converts again
@@ -244,8 +231,8 @@ def download(url: str, cache_dir: str | None = None, *, hint: str = "") -> str:
             os.remove(target)
         source = _source(base)
         advice = f"; without internet, download it elsewhere and {hint}" if hint else ""
-        if _offline():
-            raise DownloadError(f"cannot download {source}: downloads are off ({_offline()}=1) and it is not "
+        if offline():
+            raise DownloadError(f"cannot download {source}: downloads are off ({offline()}=1) and it is not "
                                 f"cached{advice}")
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
@@ -254,7 +241,7 @@ def download(url: str, cache_dir: str | None = None, *, hint: str = "") -> str:
             got = _fetch(source, part)
         except (OSError, http.client.HTTPException) as e:
             _remove_if_empty(folder)  # a partial file stays, to be resumed
-            raise DownloadError(f"cannot download {source}: {_reason(e)}{advice}") from None
+            raise DownloadError(f"cannot download {source}: {reason(e)}{advice}") from None
         if sha is not None and got != sha:
             os.remove(part)
             _remove_if_empty(folder)
@@ -268,14 +255,6 @@ def download(url: str, cache_dir: str | None = None, *, hint: str = "") -> str:
 def _remove_if_empty(folder: str) -> None:
     with contextlib.suppress(OSError):
         os.rmdir(folder)
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code} {e.reason}"
-    if isinstance(e, urllib.error.URLError):
-        return str(e.reason)
-    return str(e) or type(e).__name__
 
 
 def _fetch(url: str, part: str) -> str:

@@ -12,7 +12,10 @@ import io
 import json
 import os
 import pickle
+import re
+import socket
 import tarfile
+import time
 import zipfile
 
 import pytest
@@ -21,7 +24,8 @@ import tensorflow_datasets as tfds
 import videofiles as vf
 from cma_jax.data import builders
 from cma_jax.data.builders import __main__ as build_cli
-from cma_jax.data.builders import base, msrvtt, msvd
+from cma_jax import network
+from cma_jax.data.builders import base, mscoco, msrvtt, msvd
 from loopback import Server
 
 CONFIG = "9k-32px"
@@ -87,7 +91,7 @@ def records(data_dir, config=CONFIG):
     return out
 
 
-def test_downloaded_msrvtt_equals_the_manual_dir_build(sources, server, tmp_path):
+def test_downloaded_msrvtt_equals_the_manual_dir_build(sources, server, tmp_path, monkeypatch):
     manual, _ = sources
     b = builders.get_builder("msrvtt", tmp_path / "manual_build", CONFIG, num_workers=1)
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
@@ -102,7 +106,8 @@ def test_downloaded_msrvtt_equals_the_manual_dir_build(sources, server, tmp_path
     assert all(r["num_frames"] >= 2 for r in got["train"][4])
 
     base.ensure_built("msrvtt", tmp_path / "downloaded", CONFIG)  # built: nothing to do
-    # Another config reuses the downloaded archives (TFDS's download cache): no new request.
+    # Another config reuses the downloaded archives (TFDS's download cache): no new request, no network needed.
+    monkeypatch.setenv("CMA_JAX_OFFLINE", "1")
     build_cli.main(["msrvtt", f"--data_dir={tmp_path / 'downloaded'}", "--config=7k-32px", "--workers=1"])
     assert len(server.requests) == 2
     assert records(tmp_path / "downloaded", "7k-32px")["train"][0] == ["video2", "video1"]
@@ -151,6 +156,69 @@ def test_msvd_downloads_its_caption_zip_and_clip_tar(tmp_path, monkeypatch):
     assert train.video_ids == ids[:2] and train.captions[1] == ["colour 1", "clip of colour 1"]
     assert builders.open_source("msvd", "test", tmp_path / "data", "default-32px").video_ids == ids[2:]
     assert train.skipped == [] and len(train[0]["frames"]) == 2
+
+
+def _refused_port() -> int:
+    with socket.socket() as s:  # a free port; nothing listens there once it is closed
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("module", [msrvtt, msvd, mscoco])
+@pytest.mark.parametrize("network_down", ["refused", "unresolvable", "offline"])
+def test_no_network_fails_at_once_in_one_line_leaving_nothing(module, network_down, tmp_path, monkeypatch):
+    host = {"refused": f"127.0.0.1:{_refused_port()}", "unresolvable": "archives.cma-jax-test.invalid",
+            "offline": "127.0.0.1:1"}[network_down]
+    urls = {k: f"http://{host}/{k}/{os.path.basename(u)}" for k, u in module.URLS.items()}
+    monkeypatch.setattr(module, "URLS", urls)
+    for var in ("CMA_JAX_OFFLINE", "HF_HUB_OFFLINE", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    if network_down == "offline":
+        monkeypatch.setenv("CMA_JAX_OFFLINE", "1")
+    name = module.__name__.rsplit(".", 1)[1]
+    data = tmp_path / "tfds"
+    start = time.monotonic()
+    with pytest.raises(network.DownloadError) as e:
+        base.ensure_built(name, data, None)
+    assert time.monotonic() - start < 5  # no retry loop
+    why = {"refused": rf"cannot connect to {host} \(Connection refused\)",
+           "unresolvable": r"the host name archives.cma-jax-test.invalid does not resolve \(.*; no network\?\)",
+           "offline": r"downloads are off \(CMA_JAX_OFFLINE=1\) and it is not downloaded"}[network_down]
+    builder = builders.get_builder(name, data, None)
+    assert "\n" not in str(e.value)
+    assert re.fullmatch(
+        rf"{name}: cannot download {re.escape(urls['annotations'])}: {why}; to build offline, download "
+        rf"{re.escape(os.path.basename(urls['annotations']))}.* elsewhere, unpack them into one folder holding "
+        rf"{re.escape(', '.join(builder.required_files()))} and the {builder.MEDIA}s \(docs/data.md, Preparing the "
+        rf"datasets\) and run `python -m cma_jax.data.builders {name} --data_dir={data} "
+        rf"--config={builder.builder_config.name} --manual_dir=DIR`, or point {module.__name__}.URLS at a mirror",
+        str(e.value)), str(e.value)
+    assert not data.exists()  # nothing half-built: no dataset folder, no downloads folder
+
+
+def test_the_build_command_says_it_in_one_error_line(tmp_path, monkeypatch):
+    port = _refused_port()
+    monkeypatch.setattr(msvd, "URLS", {"annotations": f"http://127.0.0.1:{port}/msvd_data.zip",
+                                       "videos": f"http://127.0.0.1:{port}/YouTubeClips.tar"})
+    (tmp_path / "tfds").mkdir()
+    with pytest.raises(SystemExit, match=rf"^error: msvd: cannot download http://127.0.0.1:{port}/msvd_data.zip: "
+                                         rf"cannot connect to 127.0.0.1:{port} \(Connection refused\); to build "
+                                         r"offline, download msvd_data.zip and YouTubeClips.tar elsewhere, "):
+        build_cli.main(["msvd", f"--data_dir={tmp_path / 'tfds'}", "--workers=1"])
+    assert os.listdir(tmp_path / "tfds") == []  # the data dir was there before: it stays, empty
+
+
+def test_a_failed_download_leaves_complete_archives_and_nothing_half_built(sources, tmp_path, monkeypatch):
+    with Server({"/msrvtt_data.zip": b"not a zip archive"}) as s:  # and no video archive: HTTP 404
+        monkeypatch.setattr(msrvtt, "URLS", {"annotations": s.url + "/msrvtt_data.zip",
+                                             "videos": s.url + "/MSRVTT.zip"})
+        with pytest.raises(network.DownloadError, match=r"^msrvtt: (Failed to get url .*MSRVTT.zip. HTTP code: 404"
+                                                        r"|Error while extracting .*File is not a zip file); to build "
+                                                        r"offline, download msrvtt_data.zip and MSRVTT.zip "):
+            base.ensure_built("msrvtt", tmp_path, CONFIG)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left[:2] == ["downloads", "downloads/msrvtt"] and len(left) == 4, left  # the complete download + .INFO
+    assert "msrvtt_data" in left[2] and left[2].endswith(".zip") and left[3] == left[2] + ".INFO", left
 
 
 @pytest.mark.parametrize("name", ["vatex", "activitynet", "didemo"])

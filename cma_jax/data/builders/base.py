@@ -14,13 +14,17 @@ import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import requests
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
-from tensorflow_datasets.core.download import download_manager
+from tensorflow_datasets.core.download import download_manager, extractor
+from tensorflow_datasets.core.download import util as download_util
 
+from cma_jax import network
 from cma_jax.data import video
 from cma_jax.data.builders import decode_pool, tf_free
+from cma_jax.data.builders.reader import build_command
 from cma_jax.data.builders.reader import ensure_built, open_source  # noqa: F401  (the import path callers use)
 
 # TFDS hashes keys to 128 bits, and with shuffling disabled uses a key as is: keys spread evenly over that space
@@ -105,6 +109,10 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     `_split_entries(annotation folder, *media roots)`; without public archives it stops with its instructions.
     A builder that makes its own frames overrides `_frame_loader()` (a picklable `source -> list[bytes]` raising
     `video.VideoDecodeError` for a bad source).
+
+    A download needs the network: without it (no name resolution, a connection refused, or `CMA_JAX_OFFLINE=1`)
+    the build stops at once with one line naming the URL and the ways to build offline, and whatever a failed
+    build created in the data dir is removed again (complete downloads stay, for the next try).
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -153,6 +161,44 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     # --- generic build -------------------------------------------------------------------
 
+    def download_and_prepare(self, *args, **kwargs):
+        """TFDS's, except that a failed build leaves nothing half-built in the data dir (see the class)."""
+        root = epath.Path(self.data_dir_root)
+        watched = [root, root / self.name, root / "downloads"]
+        before = _entries(watched)
+        try:
+            super().download_and_prepare(*args, **kwargs)
+        except BaseException:
+            _remove_half_built(watched, before)
+            raise
+
+    def _make_download_manager(self, download_dir, download_config):
+        dl_manager = super()._make_download_manager(download_dir, download_config)
+        fetch = dl_manager._download  # TFDS calls it only for a URL it has not downloaded before
+
+        def fetch_if_online(resource):
+            self._check_online(resource.url)
+            return fetch(resource)
+
+        dl_manager._download = fetch_if_online
+        return dl_manager
+
+    def _check_online(self, url: str) -> None:
+        """Raises DownloadError (one line: the URL, why, the offline ways) unless `url` can be downloaded now."""
+        try:
+            if network.offline():
+                raise network.DownloadError(f"downloads are off ({network.offline()}=1) and it is not downloaded")
+            network.check_reachable(url)
+        except network.DownloadError as e:
+            raise network.DownloadError(f"{self.name}: cannot download {url}: {e}; {self._offline_ways()}") from None
+
+    def _offline_ways(self) -> str:
+        names = [os.path.basename(u) for u in self.download_urls().values()]
+        files = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        return (f"to build offline, download {files} elsewhere, unpack them into one folder holding "
+                f"{', '.join(self.required_files())} and the {self.MEDIA}s (docs/data.md, Preparing the datasets) "
+                f"and run `{build_command(self)} --manual_dir=DIR`, or point {type(self).__module__}.URLS at a mirror")
+
     def check_manual_dir(self, manual_dir: epath.Path) -> None:
         """Raises ManualDirLayoutError listing every required file that is missing."""
         missing = [f for f in self.required_files() if not (epath.Path(manual_dir) / f).exists()]
@@ -192,6 +238,9 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             paths = dl_manager.download_and_extract(urls)
         except download_manager.NonMatchingChecksumError as e:  # the file stays in a .tmp folder, never used
             raise DownloadChecksumError(f"{self.name}: {e}") from None
+        except (download_util.DownloadError, extractor.ExtractError, requests.RequestException) as e:
+            # an HTTP error, a damaged archive, or a network that failed after TFDS's retries
+            raise network.DownloadError(f"{self.name}: {e}; {self._offline_ways()}") from None
         extracted = epath.Path(paths["annotations"])
         media_roots = [epath.Path(paths[k]) for k in urls if k != "annotations"]
         for folder, _, _ in os.walk(os.fspath(extracted)):  # the archive may wrap its files in a folder
@@ -244,6 +293,33 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "captions": [list(e.captions) for e in kept],
             "skipped": skipped,
         }
+
+
+def _entries(roots: Sequence[epath.Path]) -> set[epath.Path]:
+    """The roots that exist and what is in them, two levels down."""
+    out = set()
+    for root in roots:
+        if root.is_dir():
+            out.add(root)
+            for child in root.iterdir():
+                out.add(child)
+                if child.is_dir():
+                    out.update(child.iterdir())
+    return out
+
+
+def _remove_half_built(roots: Sequence[epath.Path], before: set[epath.Path]) -> None:
+    """Removes what a failed build created below `roots`: the dataset's new folders, TFDS's unfinished
+    downloads and extractions (`*.tmp.*`, `*.incomplete*`), then the folders this left empty."""
+    dataset = roots[1]
+    new = sorted(_entries(roots) - before, key=lambda p: len(p.parts))
+    for path in new:
+        half = path.parent == dataset or ".tmp." in path.name or ".incomplete" in path.name
+        if half and path.exists():
+            path.rmtree() if path.is_dir() else path.unlink()
+    for path in reversed(new):  # deepest first
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _manual_dir(dl_manager) -> epath.Path | None:
