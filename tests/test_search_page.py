@@ -44,7 +44,7 @@ def server(served):  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install -y chromium)")
 def test_type_see_click_and_play_at_the_best_moment(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
