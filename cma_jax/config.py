@@ -38,85 +38,136 @@ PLACE_FIELDS = ("backbone", "adapter_checkpoint", "data.data_dir", "data.tokeniz
                 "train.progress_bar", "train.log_every_steps", "train.save_every_steps", "train.keep_checkpoints")
 
 
+def _schema() -> dict:
+    """Every field as (default, meaning), sections as dicts: the one source of `base_config()` (the defaults) and
+    `field_meanings()` (what `python -m cma_jax.main --print_config` prints). Built afresh at each call."""
+    return {
+        "mode": ("train_and_eval", "train | eval | train_and_eval"),
+        "method": ("cma", "the fine-tuning method: a name of cma_jax.models.peft.METHODS (cma, unimodal, full, "
+                          "zero_shot with mode=eval, ...; docs/methods.md)"),
+        "seed": (0, "seeds the trained parameters' initialisation, the data order and dropout"),
+        "backbone": ("", "the pre-trained CLIP: a name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px: OpenAI's "
+                         "weights, downloaded once and cached), a Hugging Face repo id (openai/clip-vit-base-patch32"
+                         "[@revision]), a .pt URL or file, a Hugging Face folder, a converted folder, or 'random' "
+                         "(tests/benchmarks only); '' is an error, so that adapters never train on a random CLIP by "
+                         "accident (docs/backbones.md)"),
+        "adapter_checkpoint": ("", "mode=eval: a run checkpoint (a workdir or its checkpoints/ folder) to take the "
+                                   "trained parameters from; '' = the workdir's latest run checkpoint"),
+        "model": {
+            "preset": ("vit_b32", "the CLIP architecture: vit_b32 | vit_b16 | vit_l14 | vit_l14_336"),
+            "clip": {f: (config_dict.placeholder(int), f"overrides the preset's CLIPConfig.{f}; unset = the "
+                                                       "preset's") for f in CLIP_FIELDS},
+            "dtype": ("float32", "compute dtype (float32 | bfloat16); parameters stay float32"),
+            "remat": ("none", "rematerialisation of each transformer block in the backward pass: none | block "
+                              "(recompute everything) | dots (keep matmul outputs)"),
+            "head": ("text_conditioned", "the video-text similarity: text_conditioned (the paper's) | meanp"),
+            "tau": (5.0, "temperature of the text-conditioned frame weights"),
+            "train_logit_scale": (False, "train CLIP's logit scale (capped at log 100); frozen with the backbone "
+                                         "by default, as in the original"),
+        },
+        # One section per method with hyper-parameters (config.adapter: r, d_s, ... of cma and unimodal;
+        # config.vpt, ...), their defaults from the method's declaration in cma_jax/models/peft/.
+        **{section: {f: (default, f"a hyper-parameter of method {' / '.join(_section_methods(section))} "
+                                  f"(docs/methods.md)") for f, default in fields.items()}
+           for section, fields in method_sections().items()},
+        "data": {
+            "name": ("msrvtt", "the dataset: a builder of cma_jax.data.builders (msrvtt, msvd, vatex, activitynet, "
+                               "didemo, flickr30k, mscoco, synthetic)"),
+            "builder_config": ("", "the builder's config (e.g. 9k | 7k for msrvtt, with -<N>px, -<F>fps, -q<Q> "
+                                   "suffixes); '' = its first"),
+            "data_dir": ("", "TFDS data dir holding the built datasets; '' = TFDS's default (~/tensorflow_datasets)"),
+            "train_split": ("train", "the split training reads"),
+            "eval_split": ("test", "the split evaluation reads"),
+            "num_frames": (12, "T: frames sampled uniformly per video"),
+            "max_words": (32, "L: tokens per caption, start and end included"),
+            "fps": (1, "frames per second of the stored frames; recorded with the run, so that the API and "
+                       "search decode new videos the same way"),
+            "tokenizer": ("", "'' = the backbone's tokenizer; or a BPE file, a Hugging Face tokenizer folder or "
+                              "a word list"),
+            "workers": (0, "grain worker processes reading the data (0 = in-process)"),
+        },
+        "train": {
+            "batch_size": (128, "global batch (all processes), per optimizer update"),
+            "epochs": (5, "passes over every (video, caption) pair of the train split"),
+            "num_steps": (0, "> 0 overrides epochs"),
+            "lr": (1e-5, "peak learning rate of the trained parameters (method=full: of the non-backbone ones)"),
+            "backbone_lr": (1e-7, "method=full: learning rate of the pre-trained CLIP weights"),
+            "b1": (0.9, "Adam's beta 1"),
+            "b2": (0.98, "Adam's beta 2"),
+            "eps": (1e-6, "Adam's epsilon"),
+            "weight_decay": (0.2, "AdamW's; never on biases, LayerNorm or scalars (ndim < 2)"),
+            "schedule": ("cosine", "learning rate after the warm-up: cosine | constant"),
+            "warmup_fraction": (0.1, "share of the steps with a linear warm-up"),
+            "grad_clip": (1.0, "global-norm gradient clip; 0 = off"),
+            "grad_accum_steps": (1, "micro-batches per update (each of batch_size / grad_accum_steps), with the "
+                                    "InfoNCE still over the whole batch"),
+            "log_every_steps": (10, "steps between log lines and TensorBoard points"),
+            "save_every_steps": (500, "steps between run checkpoints (one is also saved at the end)"),
+            "keep_checkpoints": (3, "run checkpoints kept (the newest)"),
+            "eval_every_steps": (0, "steps between evaluations; 0 = evaluate only at the end"),
+            "progress_bar": (True, "show a progress bar"),
+            "max_loss_ratio": (0.0, "divergence guard: a non-finite loss or gradient norm always stops the run "
+                                    "before that state is saved; > 0 also stops when the loss exceeds this factor "
+                                    "times the median of the last 100 losses"),
+            "allow_config_change": (False, "resume a workdir whose checkpoints were saved with other training "
+                                           "settings (lr, batch, ...)"),
+        },
+        "mesh": {
+            "data": (-1, "devices of the pure data-parallel mesh axis; -1 = the devices left over"),
+            "fsdp": (1, "devices of the data-parallel axis that also shards the parameters"),
+            "model": (1, "devices of the tensor-parallel axis"),
+        },
+        "eval": {
+            "batch_size": (64, "videos / captions per encode batch (global)"),
+            "block_size": (1024, "texts x videos per block of the similarity matrix"),
+            "dsl": (False, "also report dual-softmax re-scored metrics"),
+            "max_videos": (0, "> 0: evaluate on the first N videos only (quick checks)"),
+        },
+        "extra": (ml_collections.ConfigDict(), "free-form, file-specific fields; not validated"),
+    }
+
+
+def _defaults(schema: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({k: _defaults(v) if isinstance(v, dict) else v[0] for k, v in schema.items()})
+
+
+def _meanings(schema: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in schema.items():
+        out.update(_meanings(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v[1]})
+    return out
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default (MSR-VTT / ViT-B/32 values of the paper)."""
-    c = ml_collections.ConfigDict()
-    c.mode = "train_and_eval"  # train | eval | train_and_eval
-    c.method = "cma"  # a name of cma_jax.models.peft.METHODS: cma, unimodal, full, zero_shot (eval), ...
-    c.seed = 0
-    # The pre-trained CLIP: a name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px: OpenAI's weights,
-    # downloaded once and cached), a Hugging Face repo id (openai/clip-vit-base-patch32[@revision]), a
-    # .pt URL or file, a Hugging Face folder, a converted folder, or 'random' (tests/benchmarks only).
-    # '' is an error: adapters never train on a random CLIP by accident. See cma_jax.backbones.
-    c.backbone = ""
-    # For mode=eval: a run checkpoint (workdir or its checkpoints/ dir) to take adapters from;
-    # '' = the workdir's latest run checkpoint.
-    c.adapter_checkpoint = ""
+    return _defaults(_schema())
 
-    c.model = ml_collections.ConfigDict()
-    c.model.preset = "vit_b32"  # vit_b32 | vit_b16 | vit_l14 | vit_l14_336
-    c.model.clip = ml_collections.ConfigDict({f: config_dict.placeholder(int) for f in CLIP_FIELDS})
-    c.model.dtype = "float32"  # compute dtype; parameters stay float32
-    c.model.remat = "none"  # rematerialisation of each transformer block (CLIPConfig.remat)
-    c.model.head = "text_conditioned"  # text_conditioned (the paper's) | meanp
-    c.model.tau = 5.0  # temperature of the text-conditioned frame weights
-    c.model.train_logit_scale = False  # frozen with the backbone, as in the original; if trained, <= log(100)
 
-    # One section per method with hyper-parameters (config.adapter: r, d_s, ... of cma and unimodal;
-    # config.vpt, ...), their defaults from the method's declaration in cma_jax/models/peft/.
-    for section, fields in method_sections().items():
-        c[section] = ml_collections.ConfigDict(fields)
+def field_meanings() -> dict[str, str]:
+    """{dotted field: what it means} for every field of `base_config()` (`extra` as one field)."""
+    return _meanings(_schema())
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "msrvtt"  # TFDS builder name
-    c.data.builder_config = ""
-    c.data.data_dir = ""  # TFDS data dir; '' = TFDS default
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.num_frames = 12  # T
-    c.data.max_words = 32  # L
-    c.data.fps = 1
-    c.data.tokenizer = ""  # '' = the backbone's tokenizer; or a BPE file / HF tokenizer folder / word list
-    c.data.workers = 0  # grain worker processes (0 = in-process)
 
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 128  # global batch (all processes), per optimizer update
-    c.train.epochs = 5
-    c.train.num_steps = 0  # > 0 overrides epochs
-    c.train.lr = 1e-5  # adapter (or, for method=full, non-backbone) peak learning rate
-    c.train.backbone_lr = 1e-7  # method=full: learning rate of the pre-trained CLIP weights
-    c.train.b1 = 0.9
-    c.train.b2 = 0.98
-    c.train.eps = 1e-6
-    c.train.weight_decay = 0.2  # AdamW; never on biases / LayerNorm / scalars (ndim < 2)
-    c.train.schedule = "cosine"  # cosine | constant (after warmup)
-    c.train.warmup_fraction = 0.1
-    c.train.grad_clip = 1.0  # global-norm clip; 0 = off
-    c.train.grad_accum_steps = 1  # micro-batches per update (each of batch_size / grad_accum_steps)
-    c.train.log_every_steps = 10
-    c.train.save_every_steps = 500
-    c.train.keep_checkpoints = 3
-    c.train.eval_every_steps = 0  # 0 = evaluate only at the end
-    c.train.progress_bar = True
-    # Divergence guard: a non-finite loss or gradient norm always stops the run before that state is
-    # saved; > 0 also stops when the loss exceeds this factor times the median of the last 100 losses.
-    c.train.max_loss_ratio = 0.0
-    # Resume a workdir whose checkpoints were saved with other training settings (lr, batch, ...).
-    c.train.allow_config_change = False
+def describe(config) -> str:
+    """Every field of `config` with its value and meaning, one per line, in `base_config()`'s order
+    (`python -m cma_jax.main --print_config`)."""
+    meanings = field_meanings()
+    extra = [f"extra.{k}" for k in _field_names(config.extra)] or ["extra"]
+    names = [n for name in meanings for n in (extra if name == "extra" else [name])]
+    rows = [(n, repr(_value(config, n)), meanings.get(n, "free-form, set by the config file (not validated)")) for n in names]
+    name_w = max(len(n) for n, _, _ in rows)
+    value_w = min(max(len(v) for _, v, _ in rows), 24)
+    return "\n".join(f"{n:<{name_w}}  {v:<{value_w}}  {m}" for n, v, m in rows)
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1 = remaining devices
-    c.mesh.fsdp = 1
-    c.mesh.model = 1
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 64  # videos / captions per encode batch (global)
-    c.eval.block_size = 1024  # texts x videos similarity block
-    c.eval.dsl = False  # also report dual-softmax re-scored metrics
-    c.eval.max_videos = 0  # > 0: evaluate on the first N videos only (quick checks)
+def _value(config, dotted: str):
+    for key in dotted.split("."):
+        config = config[key]
+    return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
 
-    c.extra = ml_collections.ConfigDict()  # free-form, file-specific; not validated
-    return c
+
+def _section_methods(section: str) -> list[str]:
+    return [name for name, cls in peft.METHODS.items() if cls.section == section]
 
 
 def config_fields(cls) -> tuple[str, ...]:

@@ -22,6 +22,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msrvt
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder (checkpoints, TensorBoard, results); may be gs://. "
                     "Default: runs/<data.name>_<method>.")
+flags.DEFINE_bool("print_config", False, "Print every field of the config (the file with its --config.* overrides) "
+                  "with its value and meaning, and exit.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster auto-detection "
                   "(Cloud TPU pods, SLURM).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process runs).")
@@ -74,6 +76,9 @@ def check_overrides(argv) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.print_config:
+        print(config_lib.describe(FLAGS.config))
+        return
     console.setup(verbose=FLAGS.verbosity >= 1)
     init_distributed()
     config = FLAGS.config

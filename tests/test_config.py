@@ -142,3 +142,14 @@ def test_main_rejects_unknown_override_and_bad_value():
     assert p.returncode != 0 and "unknown config field config.train.learning_rate" in p.stderr
     p = run("--config.adapter.share_dim=700", "--workdir=/tmp/unused")
     assert p.returncode != 0 and "config.adapter.share_dim: d_s must be in [0, 512]" in p.stderr
+
+
+def test_describe_gives_a_config_files_own_extra_fields_as_free_form():
+    config = config_lib.base_config()
+    config.extra.pretrain = {"num_steps": 200}
+    config.train.lr = 3e-4
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in config_lib.describe(config).splitlines()}
+    assert rows["extra.pretrain.num_steps"] == ["200", "free-form, set by the config file (not validated)"]
+    assert "extra" not in rows
+    assert rows["train.lr"] == ["0.0003", config_lib.field_meanings()["train.lr"]]
+    assert rows["mode"] == ["'train_and_eval'", "train | eval | train_and_eval"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cma_jax import config as config_lib
 from cma_jax import main as main_lib
 from cma_jax.data import video
 from cma_jax.data.builders import REGISTRY
@@ -143,3 +144,19 @@ def test_help_exits_0():
     p = _main("--help")
     assert p.returncode == 0, p.stderr
     assert "--workdir: Run folder" in p.stdout
+
+
+def test_print_config_lists_every_field_with_its_value_and_meaning_and_does_nothing_else(tmp_path):
+    p = _main("--config=configs/msrvtt.py:vit_b16", "--config.adapter.share_dim=32", "--print_config",
+              f"--workdir={tmp_path / 'run'}")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    meanings = config_lib.field_meanings()
+    assert [line.split()[0] for line in lines] == list(meanings)  # every field once, in base_config()'s order
+    row = {line.split()[0]: line for line in lines}
+    assert row["adapter.share_dim"].split()[1] == "32"  # the override
+    assert row["backbone"].split()[1] == "'ViT-B/16'"  # the file's preset argument
+    assert row["model.preset"].split()[1] == "'vit_b16'"
+    assert row["train.lr"].split(None, 2)[1:] == ["1e-05", meanings["train.lr"]]
+    assert row["model.clip.text_width"].split(None, 2)[1:] == ["None", meanings["model.clip.text_width"]]
+    assert not (tmp_path / "run").exists()
