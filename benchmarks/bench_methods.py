@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 
 from bench_train_step import bench_config, compile_step, make_batch, mb, shape_args  # noqa: E402
 from cma_jax import config as config_lib  # noqa: E402
+from cma_jax import loader
 from cma_jax.models import peft, state  # noqa: E402
 from cma_jax.models.summary import count  # noqa: E402
 
@@ -53,7 +54,7 @@ def main(argv=None):
     words = min(args.words, SMOKE_CLIP["context_length"]) if args.smoke else args.words
     config = bench_config(args.preset, args.videos, args.frames, words, args.dtype,
                           clip=SMOKE_CLIP if args.smoke else None)
-    clip_cfg = config_lib.clip_config(config)
+    clip_cfg = loader.clip_config(config)
     backbone = state.backbone_state(state.new_model(clip_cfg, None, seed=0))  # shared by every model
     batch = jax.tree.map(jnp.asarray, make_batch(config))
     steps, total = {}, {}

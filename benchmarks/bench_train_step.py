@@ -32,7 +32,9 @@ from flax import nnx  # noqa: E402
 
 from cma_jax import checkpoint as ckpt_lib  # noqa: E402
 from cma_jax import config as config_lib  # noqa: E402
+from cma_jax import loader
 from cma_jax import optim  # noqa: E402
+from cma_jax import run as run_lib
 from cma_jax import train as train_lib  # noqa: E402
 from cma_jax.models import state  # noqa: E402
 from cma_jax.models.summary import count  # noqa: E402
@@ -51,13 +53,13 @@ def bench_config(preset="vit_b32", videos=4, frames=4, words=32, dtype="float32"
         config.model.clip[k] = v
     config.train.batch_size = videos
     config.data.num_frames, config.data.max_words = frames, words
-    config_lib.validate(config)
+    run_lib.check(config)
     return config
 
 
 def make_batch(config, seed=0) -> dict:
     """One batch of the batch contract (numpy): random uint8 frames, random words ending in end-of-text."""
-    cfg = config_lib.clip_config(config)
+    cfg = loader.clip_config(config)
     b, t, words = config.train.batch_size, config.data.num_frames, config.data.max_words
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, cfg.vocab_size - 1, (b, words)).astype(np.int32)
@@ -72,10 +74,10 @@ def build(config, remat: str = "none", abstract: bool = False):
 
     remat is a compute setting (same weights for every value); `abstract` builds shapes only.
     """
-    clip_cfg = dataclasses.replace(config_lib.clip_config(config), remat=remat)
+    clip_cfg = dataclasses.replace(loader.clip_config(config), remat=remat)
 
     def make():
-        return state.new_model(clip_cfg, config_lib.method(config), head=config.model.head,
+        return state.new_model(clip_cfg, loader.method(config), head=config.model.head,
                                tau=config.model.tau, seed=config.seed)
     return nnx.eval_shape(make) if abstract else make()
 
@@ -120,7 +122,7 @@ def compile_step(model, config, method: str, batch, grad_accum_steps: int = 1, a
 
 def abstract_batch(config) -> dict:
     """ShapeDtypeStructs of `make_batch(config)` (for compile-only steps)."""
-    cfg = config_lib.clip_config(config)
+    cfg = loader.clip_config(config)
     b, t, words, res = config.train.batch_size, config.data.num_frames, config.data.max_words, cfg.image_resolution
     return {"frames": jax.ShapeDtypeStruct((b, t, res, res, 3), jnp.uint8),
             "frame_mask": jax.ShapeDtypeStruct((b, t), jnp.bool_),

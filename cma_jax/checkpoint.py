@@ -20,7 +20,6 @@ from etils import epath
 from flax import nnx
 
 from cma_jax import optim, paths
-from cma_jax.config import TRAINING_FIELDS
 from cma_jax.errors import CheckpointError, CheckpointMismatch
 from cma_jax.files import write_dir_atomic
 from cma_jax.models import peft
@@ -94,12 +93,12 @@ def decode_iterator_state(state):
 DATA_FIELDS = ("num_frames", "fps", "max_words")  # what encoding a video / caption needs to match training
 
 
-def run_meta(model, train_logit_scale: bool = False, data=None, config=None) -> dict:
+def run_meta(model, train_logit_scale: bool = False, data=None, training: dict | None = None) -> dict:
     """What a run checkpoint must match to be restored into `model`: its architecture and method.
 
     `data` (config.data) is recorded so that evaluation and search default to the frames and words the
-    model was trained with; `config` (the whole run config) records the training settings that a
-    resumed run must keep (`config.TRAINING_FIELDS`, plus the seed).
+    model was trained with; `training` records the settings that a resumed run must keep
+    (`cma_jax.config.training_settings`).
     """
     clip = model.clip
     meta = {
@@ -109,9 +108,8 @@ def run_meta(model, train_logit_scale: bool = False, data=None, config=None) -> 
         "train_logit_scale": bool(train_logit_scale),
         "data": {k: data[k] for k in DATA_FIELDS} if data is not None else None,
     }
-    if config is not None:
-        meta["training"] = {"seed": config.seed, **{f"{sec}.{k}": config[sec][k]
-                                                   for sec, keys in TRAINING_FIELDS.items() for k in keys}}
+    if training is not None:
+        meta["training"] = dict(training)
     return meta
 
 
@@ -426,9 +424,13 @@ def load_backbone_config(path: str) -> CLIPConfig:
 
 
 def load_backbone(path: str, abstract_state: dict | None = None) -> tuple[CLIPConfig, dict]:
-    """-> (CLIPConfig, backbone pure dict). Pass `abstract_state` (a pure dict of
+    """-> (CLIPConfig, backbone pure dict): `load_backbone_config` and `load_backbone_params`."""
+    return load_backbone_config(path), load_backbone_params(path, abstract_state)
+
+
+def load_backbone_params(path: str, abstract_state: dict | None = None) -> dict:
+    """The backbone pure dict of a backbone folder. Pass `abstract_state` (a pure dict of
     jax.ShapeDtypeStruct with shardings) to restore straight into sharded arrays."""
-    cfg = load_backbone_config(path)
     params = paths.absolute(path) / PARAMS_DIR
     if not params.is_dir():
         raise CheckpointError(f"{path}: not a cma_jax backbone folder (no {PARAMS_DIR}/ inside)")
@@ -439,7 +441,7 @@ def load_backbone(path: str, abstract_state: dict | None = None) -> tuple[CLIPCo
         else:
             abstract_flat = flatten(abstract_state)
         flat = ckptr.restore(params, abstract_flat)
-    return cfg, unflatten(flat)
+    return unflatten(flat)
 
 
 def tokenizer_dir(path: str) -> str | None:

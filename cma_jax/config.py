@@ -138,6 +138,11 @@ def _meanings(schema: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def training_settings(config) -> dict:
+    """{"seed": .., "train.lr": .., ...}: the TRAINING_FIELDS a resumed run must share with the run that saved."""
+    return {"seed": config.seed, **{f"{sec}.{k}": config[sec][k] for sec, keys in TRAINING_FIELDS.items() for k in keys}}
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default (MSR-VTT / ViT-B/32 values of the paper)."""
     return _defaults(_schema())
@@ -185,18 +190,6 @@ def method_sections() -> dict[str, dict]:
     return sections
 
 
-def method(config) -> peft.Method:
-    """The fine-tuning method `config.method` with its hyper-parameters from `config.<section>`."""
-    if config.method not in peft.METHODS:
-        raise ValueError(f"config.method: expected one of {METHODS}, got {config.method!r}")
-    cls = peft.get(config.method)
-    fields = {f: config[cls.section][f] for f in config_fields(cls)} if cls.section else {}
-    try:
-        return cls(**fields)
-    except (ValueError, TypeError) as e:
-        raise _named(e, {f: f"{cls.section}.{f}" for f in fields}, cls.section or "method") from None
-
-
 def dataset_config(name: str, preset: str | None, *, reduction_dim: int, share_dim: int, num_frames: int = 12,
                    max_words: int = 32, epochs: int = 5) -> ml_collections.ConfigDict:
     """A benchmark preset with the paper's settings: `base_config()` plus what differs per dataset.
@@ -229,18 +222,7 @@ def image_text_config(name: str, preset: str | None) -> ml_collections.ConfigDic
     return config
 
 
-def clip_config(config) -> clip_lib.CLIPConfig:
-    """The CLIPConfig the config describes (preset + overrides + compute settings)."""
-    overrides = {f: config.model.clip[f] for f in CLIP_FIELDS if config.model.clip[f] is not None}
-    compute = {f: config.model[f] for f in clip_lib.CLIPConfig.COMPUTE_FIELDS if f in config.model}
-    try:
-        return clip_lib.preset(config.model.preset, **compute, **overrides)
-    except (ValueError, TypeError) as e:
-        paths = {**{f: f"model.{f}" for f in compute}, **{f: f"model.clip.{f}" for f in overrides}}
-        raise _named(e, paths, "model") from None
-
-
-def _named(error: Exception, paths: dict[str, str], section: str) -> ValueError:
+def named_error(error: Exception, paths: dict[str, str], section: str) -> ValueError:
     """A model dataclass's own message, prefixed with the config path of the field it names."""
     msg = str(error)
     named = [getattr(error, "field")] if getattr(error, "field", None) in paths else [f for f in paths if f in msg]
@@ -348,32 +330,30 @@ def unused_fields(config, overridden) -> list[str]:
     return out
 
 
-def check_architecture(config, clip: clip_lib.CLIPConfig) -> None:
+def check_architecture(config, method: peft.Method, clip: clip_lib.CLIPConfig) -> None:
     """The checks that need the backbone's architecture (ValueError naming the field): the method fits
     the towers, a caption fits the text context, and so do the method's prompt tokens with words left
     (captions longer than the context minus the prompts lose their last words, as in CoOp)."""
-    m = method(config)
-    paths = {f: f"{m.section}.{f}" for f in config_fields(type(m))}
+    paths = {f: f"{method.section}.{f}" for f in config_fields(type(method))}
     try:
-        m.check(clip)
+        method.check(clip)
     except ValueError as e:
-        raise _named(e, paths, m.section or "method") from None
+        raise named_error(e, paths, method.section or "method") from None
     if not 2 <= config.data.max_words <= clip.context_length:
         raise ValueError(f"config.data.max_words: must be in [2, context_length={clip.context_length}], "
                          f"got {config.data.max_words}")
-    extra = m.extra_text_tokens()
+    extra = method.extra_text_tokens()
     if extra > clip.context_length - 2:
-        raise ValueError(f"config.{m.section}: {extra} prompt tokens leave no room for a caption in the text "
+        raise ValueError(f"config.{method.section}: {extra} prompt tokens leave no room for a caption in the text "
                          f"context of {clip.context_length}")
 
 
 def validate(config, num_devices: int | None = None, overridden=()) -> None:
-    """Raise ValueError naming the field for unknown fields or impossible values (once, at the entry point).
+    """Raise ValueError naming the field for unknown fields or impossible values of the schema.
 
     `overridden`: the dotted fields set on the command line; a field of a method section that
-    `config.method` does not read is an error (e.g. config.vpt.num_tokens with method=cma). Checks
-    that need the backbone's architecture run here for `backbone=random` (its architecture is the
-    config's), else once the backbone is resolved (`check_architecture`).
+    `config.method` does not read is an error (e.g. config.vpt.num_tokens with method=cma). The checks
+    that build the method and the CLIP architecture are `cma_jax.run.check` (which calls this first).
     """
     bad = _unknown_fields(config, base_config())
     if bad:
@@ -386,9 +366,7 @@ def validate(config, num_devices: int | None = None, overridden=()) -> None:
             raise ValueError(f"config.{field}: {msg}")
 
     check(config.mode in MODES, "mode", f"expected one of {MODES}, got {config.mode!r}")
-    m = method(config)  # the method's declaration checks its own fields
-    check(m.trains or config.mode == "eval", "mode",
-          f"method={config.method} has nothing to train; use mode=eval (got mode={config.mode!r})")
+    check(config.method in peft.METHODS, "method", f"expected one of {METHODS}, got {config.method!r}")
     unused = unused_fields(config, overridden)
     if unused:
         raise ValueError(unused[0])
@@ -397,11 +375,6 @@ def validate(config, num_devices: int | None = None, overridden=()) -> None:
     for f in CLIP_FIELDS:
         v = config.model.clip[f]
         check(v is None or (isinstance(v, int) and v >= 1), f"model.clip.{f}", f"must be a positive int, got {v!r}")
-    clip = clip_config(config)  # CLIPConfig checks its own fields (dtype, remat, ...)
-    if config.backbone in ("", "random") or config.backbone in clip_lib.PRESETS:
-        # The architecture is known before anything is downloaded: check now, not after the download.
-        named = config.backbone in clip_lib.PRESETS and config.backbone != config.model.preset
-        check_architecture(config, clip_lib.preset(config.backbone) if named else clip)
 
     d = config.data
     check(d.num_frames >= 1, "data.num_frames", f"must be >= 1, got {d.num_frames}")

@@ -17,10 +17,9 @@ import tqdm
 from flax import nnx
 from jax.sharding import Mesh
 
-from cma_jax import config as config_lib
 from cma_jax import loader
 from cma_jax import metrics as metrics_lib
-from cma_jax import paths, sharding, tb
+from cma_jax import paths, sharding
 from cma_jax.data import pipeline
 from cma_jax.files import write_atomic
 
@@ -214,36 +213,23 @@ def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict],
 
 
 # ----------------------------------------------------------------------------- from a config
-def evaluate_from_config(config, workdir: str, model=None, *, backbone=None, mesh: Mesh | None = None,
-                         step: int | None = None, writer=None) -> dict:
-    """Evaluate on config.data.eval_split; results to `workdir` (what `main.py` runs for mode=eval).
+def evaluate_from_config(run, model=None, *, step: int | None = None) -> dict:
+    """Evaluate a `cma_jax.run.Run` on config.data.eval_split; results to run.workdir (what `main.py` runs for
+    mode=eval), TensorBoard scalars to run.writer.
 
-    backbone: the entry point's `cma_jax.loader.Backbone` (None: config.backbone is resolved here), or
-    a module / pure dict (then config.data.tokenizer must be set). model=None loads one: the backbone
-    plus, unless the method trains nothing (zero-shot), the trained parameters of
-    config.adapter_checkpoint (or the workdir's latest run checkpoint). TensorBoard scalars go to
-    `writer` (the program's, `cma_jax.tb`; None: one is opened on WORKDIR/tb for this call).
+    model=None loads one: the run's backbone plus, unless the method trains nothing (zero-shot), the
+    trained parameters of config.adapter_checkpoint (or the workdir's latest run checkpoint).
     """
-    if backbone is None and (model is None or config.data.tokenizer in ("", "clip")):
-        backbone = loader.backbone_from_config(config)
+    config = run.config
     if model is None:
-        trains = config_lib.method(config).trains
-        adapters = (config.adapter_checkpoint or workdir) if trains else None
-        model, loaded = loader.from_config(config, backbone, adapters=adapters)
+        adapters = (config.adapter_checkpoint or run.workdir) if run.method.trains else None
+        model, loaded = loader.from_run(run, adapters=adapters)
         if adapters is not None:
             step = loaded if step is None else step
             logging.info("evaluating the trained parameters of %s (step %s)", adapters, loaded)
         else:
             logging.info("evaluating zero-shot (backbone %s, no adapters)", config.backbone)
-    mesh = sharding.make_mesh(config) if mesh is None else mesh
-    own_writer = writer is None
-    if own_writer:
-        writer = tb.open_writer(workdir)
-    try:
-        batches = pipeline.eval_batches_from_config(config, loader.tokenizer(config, backbone))
-        return evaluate(model, batches.texts, batches.videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
-                        workdir=workdir, writer=writer, step=step, mesh=mesh, name=config.data.eval_split,
-                        num_batches=(batches.num_text_batches, batches.num_video_batches), media=batches.media)
-    finally:
-        if own_writer and writer is not None:
-            writer.close()
+    batches = pipeline.eval_batches_from_config(config, loader.require_tokenizer(run))
+    return evaluate(model, batches.texts, batches.videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
+                    workdir=run.workdir, writer=run.writer, step=step, mesh=run.mesh, name=config.data.eval_split,
+                    num_batches=(batches.num_text_batches, batches.num_video_batches), media=batches.media)

@@ -16,7 +16,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cma_jax import config as config_lib
-from cma_jax import console, loader, sharding, train
+from cma_jax import console, sharding, train
+from cma_jax import run as run_lib
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msrvtt.py or configs/msrvtt.py:vit_b16.",
                                 lock_config=True)
@@ -47,18 +48,19 @@ def default_workdir(config) -> str:
 
 
 def run(config, workdir: str, overridden=()):
-    """Validate the config, resolve its backbone once, and run it (what `main` does after flag parsing).
+    """Resolve the config once into a run value and run it (what `main` does after flag parsing).
 
     `overridden`: the dotted fields set on the command line (a method field the method does not use
     is an error).
     """
-    config_lib.validate(config, num_devices=jax.device_count(), overridden=overridden)
     sharding.select_partitioner(config, jax.device_count())
     logging.info("process %d/%d, %d devices (%s); workdir %s", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform, workdir)
-    backbone = loader.backbone_from_config(config)
-    config_lib.check_architecture(config, backbone.clip)
-    return train.train_and_evaluate(config, workdir, backbone)
+    resolved = run_lib.resolve(config, workdir, overridden=overridden)
+    try:
+        return train.train_and_evaluate(resolved)
+    finally:
+        resolved.close()
 
 
 def check_overrides(argv) -> None:

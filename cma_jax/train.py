@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from cma_jax import checkpoint as ckpt_lib
 from cma_jax import config as config_lib
-from cma_jax import evaluate, gradcache, loader, lock, optim, paths, tb
+from cma_jax import evaluate, gradcache, loader, lock, optim, paths
 from cma_jax import sharding as shd
 from cma_jax.data import pipeline
 from cma_jax.errors import TrainingDiverged
@@ -62,13 +62,30 @@ def make_train_step(graphdef, tx, lr_fn, grad_accum_steps: int, micro_sharding=N
     return step
 
 
-def compile_step(step_fn, mesh, state_shardings, frozen_shardings):
-    """jax.jit with explicit shardings; the train state's buffers are donated."""
-    batch = shd.batch_sharding(mesh)
+def build_step(run, graphdef, params, rngs, frozen, num_steps: int):
+    """The jitted, donated train step of a run -> (step_fn, state_shardings, frozen_shardings, tx, lr_fn).
+
+    The one used by training (`train`) and by the ahead-of-time compile command: from the run's mesh and
+    config.train and the model's split state (`optim.split`), which may be abstract (jax.ShapeDtypeStruct,
+    nnx.eval_shape output): nothing is allocated. `step_fn(state: TrainState, frozen, batch)` has explicit
+    shardings: parameters and optimizer state by the shape rule (cma_jax.sharding), RNG state and step
+    replicated, the batch on the data axes; the train state's buffers are donated.
+    """
+    mesh, t = run.mesh, run.config.train
+    tx, lr_fn = optim.make_optimizer(t, params, num_steps)
     rep = shd.replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch),
-                   out_shardings=(state_shardings, {"loss": rep, "grad_norm": rep, "lr": rep}),
-                   donate_argnums=(0,))
+    frozen_sh = shd.tree_shardings(frozen, mesh)
+    state_sh = TrainState(params=shd.tree_shardings(params, mesh),
+                          opt_state=shd.tree_shardings(jax.eval_shape(tx.init, params), mesh),
+                          rngs=jax.tree.map(lambda _: rep, rngs), step=rep)
+    micro_sharding = None
+    if t.grad_accum_steps > 1:
+        micro_sharding = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
+            mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, *([None] * (ndim - 2))))
+    step = make_train_step(graphdef, tx, lr_fn, t.grad_accum_steps, micro_sharding)
+    step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, shd.batch_sharding(mesh)),
+                      out_shardings=(state_sh, {"loss": rep, "grad_norm": rep, "lr": rep}), donate_argnums=(0,))
+    return step_fn, state_sh, frozen_sh, tx, lr_fn
 
 
 # ----------------------------------------------------------------------------- data
@@ -160,71 +177,46 @@ class _Logger:
             self.remote_history.write_text(before + "".join(json.dumps(r) + "\n" for r in self.history))
 
 
-def train(config, workdir: str, backbone=None, train_iter=None, eval_fn=None, writer=None):
-    """Train per config in `workdir` (resuming from its last checkpoint) -> (model, history).
+def train(run, train_iter=None, eval_fn=None):
+    """Train `run` (a `cma_jax.run.Run`) in run.workdir, resuming from its last checkpoint -> (model, history).
 
-    The config is taken as validated (cma_jax.main does it once). backbone: a `cma_jax.loader.Backbone`
-    (resolved once by the entry point), a module or pure dict of the config's architecture, or None
-    (config.backbone is resolved here); train_iter: any iterator of this process's rows of each global
-    batch (default: config.data's grain pipeline), resumed exactly through `get_state()` / `set_state()`
-    (grain's) or else by skipping the batches already trained on, with `steps_per_epoch` for
-    `train.num_steps = 0`; a Ctrl-C saves the step it interrupted; eval_fn(model, step) is called every
-    train.eval_every_steps (if > 0). The returned model holds the trained parameters; history is one
-    dict per step run here (step, loss, lr, grad_norm, step_time, examples_per_s). writer: the program's
-    TensorBoard writer (`cma_jax.tb`; None: one is opened on WORKDIR/tb for this call).
+    train_iter: any iterator of this process's rows of each global batch (default: config.data's grain
+    pipeline), resumed exactly through `get_state()` / `set_state()` (grain's) or else by skipping the
+    batches already trained on, with `steps_per_epoch` for `train.num_steps = 0`; a Ctrl-C saves the step
+    it interrupted; eval_fn(model, step) is called every train.eval_every_steps (if > 0). The returned
+    model holds the trained parameters; history is one dict per step run here (step, loss, lr, grad_norm,
+    step_time, examples_per_s). TensorBoard scalars go to run.writer.
     """
-    if not config_lib.method(config).trains:
-        raise ValueError(f"config.method={config.method} has nothing to train; use config.mode=eval")
-    paths.path(workdir).mkdir(parents=True, exist_ok=True)
-    own_writer = writer is None
-    if own_writer:
-        writer = tb.open_writer(workdir)
-    try:
-        with lock.workdir_lock(workdir):  # one run per workdir
-            return _train(config, workdir, backbone, train_iter, eval_fn, writer)
-    finally:
-        if own_writer and writer is not None:
-            writer.close()
+    if not run.method.trains:
+        raise ValueError(f"config.method={run.config.method} has nothing to train; use config.mode=eval")
+    paths.path(run.workdir).mkdir(parents=True, exist_ok=True)
+    with lock.workdir_lock(run.workdir):  # one run per workdir
+        return _train(run, train_iter, eval_fn)
 
 
-def _train(config, workdir: str, backbone, train_iter, eval_fn, writer):
+def _train(run, train_iter, eval_fn):
+    config, workdir, mesh = run.config, run.workdir, run.mesh
     # ------------------------------------------------------------------------- model and optimizer
-    mesh = shd.make_mesh(config)
-    if backbone is None:
-        backbone = loader.backbone_from_config(config)
-    model, _ = loader.from_config(config, backbone)
+    model, _ = loader.from_run(run)
     train_ls = bool(config.model.train_logit_scale)
-    graphdef, params, rngs, frozen = optim.split(model, model.clip.method, train_ls)
+    graphdef, params, rngs, frozen = optim.split(model, run.method, train_ls)
     own_iter = train_iter is None
     if own_iter:
-        train_iter = pipeline.train_iterator_from_config(config, loader.tokenizer(config, backbone))
+        train_iter = pipeline.train_iterator_from_config(config, loader.require_tokenizer(run))
     num_steps = num_train_steps(config, train_iter)
-    tx, lr_fn = optim.make_optimizer(config.train, params, num_steps)
     total, trainable = count(nnx.state(model, nnx.Param)), count(params)
     log.info("parameters: %s total, %s trainable (%.3f %%), method=%s", f"{total:,}", f"{trainable:,}",
              100.0 * trainable / total, config.method)
-    meta = ckpt_lib.run_meta(model, train_ls, data=config.data, config=config)
+    meta = ckpt_lib.run_meta(model, train_ls, data=config.data, training=config_lib.training_settings(config))
     del model  # its arrays are the unsharded copies; the step uses the sharded ones
 
-    # ------------------------------------------------------------------------- shardings
-    # Parameters and optimizer state by the shape rule, RNG state and step replicated.
+    # ------------------------------------------------------------------------- update step and shardings
+    step_fn, state_sh, frozen_sh, tx, _ = build_step(run, graphdef, params, rngs, frozen, num_steps)
     rep = shd.replicated(mesh)
-    frozen_sh = shd.tree_shardings(frozen, mesh)
-    state_sh = TrainState(params=shd.tree_shardings(params, mesh),
-                          opt_state=shd.tree_shardings(jax.eval_shape(tx.init, params), mesh),
-                          rngs=jax.tree.map(lambda _: rep, rngs), step=rep)
     params = shd.shard_tree(params, state_sh.params)
     frozen = shd.shard_tree(frozen, frozen_sh)
     state = TrainState(params=params, opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
                        rngs=shd.shard_tree(rngs, state_sh.rngs), step=jax.device_put(jnp.int32(0), rep))
-
-    # ------------------------------------------------------------------------- update step
-    micro_sharding = None
-    if config.train.grad_accum_steps > 1:
-        micro_sharding = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
-            mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, *([None] * (ndim - 2))))
-    step_fn = compile_step(make_train_step(graphdef, tx, lr_fn, config.train.grad_accum_steps, micro_sharding),
-                           mesh, state_sh, frozen_sh)
 
     # ------------------------------------------------------------------------- checkpoint (resume)
     ckpt = ckpt_lib.RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
@@ -237,7 +229,7 @@ def _train(config, workdir: str, backbone, train_iter, eval_fn, writer):
         log.info("resumed from %s at step %d", ckpt.directory, start)
 
     # ------------------------------------------------------------------------- loop
-    logger = _Logger(workdir, config, num_steps, start, writer)
+    logger = _Logger(workdir, config, num_steps, start, run.writer)
     # The iterator state that goes with a model at each step: at an interrupt the state's own step
     # (done before or after the interrupted wait) picks the matching one (_save_on_interrupt).
     step, data_at = start, {}
@@ -330,31 +322,22 @@ class _DivergenceGuard:
 
 
 # ----------------------------------------------------------------------------- train and evaluate
-def train_and_evaluate(config, workdir: str, backbone=None):
-    """The program `python -m cma_jax.main` runs: train and/or evaluate as config.mode says.
+def train_and_evaluate(run):
+    """The program `python -m cma_jax.main` runs on a resolved `cma_jax.run.Run`: train and/or evaluate as
+    config.mode says.
 
     Evaluation (cma_jax.evaluate) runs on config.data.eval_split at the end of training and every
     train.eval_every_steps; mode=eval loads the backbone plus, unless zero-shot, the trained
     parameters of config.adapter_checkpoint (default: the workdir's latest run checkpoint).
-    `backbone`: the entry point's resolved `cma_jax.loader.Backbone` (None: resolved here).
     Returns the final evaluation results (None for mode=train).
     """
-    mesh = shd.make_mesh(config)
-    if backbone is None:
-        backbone = loader.backbone_from_config(config)
+    config = run.config
     model, step = None, None
-    writer = tb.open_writer(workdir)  # one event file for the training curve and every evaluation
-    try:
-        if config.mode in ("train", "train_and_eval"):
-            def eval_fn(model, step):
-                evaluate.evaluate_from_config(config, workdir, model, backbone=backbone, mesh=mesh, step=step,
-                                              writer=writer)
-            model, history = train(config, workdir, backbone, eval_fn=eval_fn, writer=writer)
-            step = history[-1]["step"] if history else None
-        if config.mode in ("eval", "train_and_eval"):
-            return evaluate.evaluate_from_config(config, workdir, model, backbone=backbone, mesh=mesh, step=step,
-                                                 writer=writer)
-        return None
-    finally:
-        if writer is not None:
-            writer.close()
+    if config.mode in ("train", "train_and_eval"):
+        def eval_fn(model, step):
+            evaluate.evaluate_from_config(run, model, step=step)
+        model, history = train(run, eval_fn=eval_fn)
+        step = history[-1]["step"] if history else None
+    if config.mode in ("eval", "train_and_eval"):
+        return evaluate.evaluate_from_config(run, model, step=step)
+    return None

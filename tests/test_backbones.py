@@ -330,9 +330,10 @@ def test_hf_repo_id_as_config_backbone_trains_a_step(hf_home, tmp_path):
         sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
         from tiny import SyntheticBatches, tiny_config
         from cma_jax import backbones, checkpoint, train
+        from cma_jax import run as run_lib
         config = tiny_config(num_steps=1)
         config.backbone = "tiny-org/tiny-clip"
-        model, history = train.train(config, {str(tmp_path / "run")!r}, train_iter=SyntheticBatches(config))
+        model, history = train.train(run_lib.resolve(config, {str(tmp_path / "run")!r}), train_iter=SyntheticBatches(config))
         _, state = checkpoint.load_backbone(backbones.resolve(config.backbone))
         same = bool(np.array_equal(np.asarray(model.clip.visual.proj[...]), np.asarray(state["visual"]["proj"])))
         print(json.dumps({{"losses": [h["loss"] for h in history], "same_backbone": same}}))

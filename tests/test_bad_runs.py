@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from cma_jax import checkpoint as ckpt_lib
-from cma_jax import config as config_lib
 from cma_jax import lock
+from cma_jax import run as run_lib
 from cma_jax import train as train_lib
 from cma_jax.errors import CheckpointError, CheckpointMismatch, TrainingDiverged
 from cma_jax.models.adapter import AdapterParam
@@ -46,12 +46,12 @@ def test_non_finite_loss_stops_before_saving_and_names_the_step(tmp_path):
     config = tiny_config(num_steps=10, save_every_steps=2)
     workdir = str(tmp_path)
     with pytest.raises(TrainingDiverged) as e:
-        train_lib.train(config, workdir, train_iter=PoisonedBatches(config, poison_at=5))
+        train_lib.train(run_lib.resolve(config, workdir), train_iter=PoisonedBatches(config, poison_at=5))
     msg = str(e.value)
     assert msg.startswith("training diverged at step 6: loss nan")
     assert "the last checkpoint, step 4, is intact: run the same command with a lower --config.train.lr" in msg
     assert _steps(workdir) == [2, 4]  # nothing of step 6 (nor later) reached the disk
-    model = train_lib.loader.from_config(config)[0]
+    model = train_lib.loader.from_run(run_lib.resolve(config))[0]
     ckpt_lib.load_adapters(workdir, model)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, AdapterParam)))
 
@@ -71,7 +71,7 @@ def test_loss_spike_guard_is_opt_in_and_names_the_factor():
     config = tiny_config()
     config.train.max_loss_ratio = 0.5
     with pytest.raises(ValueError, match="config.train.max_loss_ratio: must be 0 \\(off\\) or > 1"):
-        config_lib.validate(config)
+        run_lib.check(config)
 
 
 @pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0])
@@ -79,12 +79,12 @@ def test_learning_rate_must_be_finite_and_positive(lr):
     config = tiny_config()
     config.train.lr = lr
     with pytest.raises(ValueError, match="config.train.lr: must be finite and > 0"):
-        config_lib.validate(config)
+        run_lib.check(config)
 
 
 def test_best_checkpoint_is_kept_out_of_rotation(tmp_path, ):
     config = tiny_config()
-    model = train_lib.loader.from_config(config)[0]
+    model = train_lib.loader.from_run(run_lib.resolve(config))[0]
     graphdef, params, rngs, _ = train_lib.optim.split(model, "cma")
     tx, _ = train_lib.optim.make_optimizer(config.train, params, 10)
     state = train_lib.optim.TrainState(params=params, opt_state=tx.init(params), rngs=rngs, step=0)
@@ -107,7 +107,7 @@ def test_a_live_run_holds_the_workdir(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         config = tiny_config()
         with pytest.raises(lock.WorkdirLockedError, match=f"pid {holder.pid}"):
-            train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+            train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config))
         assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # the refused run wrote nothing
     finally:
         holder.kill()
@@ -117,16 +117,16 @@ def test_a_live_run_holds_the_workdir(tmp_path):
 def test_resuming_with_another_training_config_is_refused_unless_allowed(tmp_path):
     workdir = str(tmp_path)
     config = tiny_config()
-    train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+    train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config))
     changed = tiny_config(num_steps=6)
     changed.train.lr = 3e-2
     with pytest.raises(CheckpointMismatch) as e:
-        train_lib.train(changed, workdir, train_iter=SyntheticBatches(changed))
+        train_lib.train(run_lib.resolve(changed, workdir), train_iter=SyntheticBatches(changed))
     assert "config.train.lr: checkpoint 0.01, now 0.03" in str(e.value)
     assert "config.train.num_steps: checkpoint 4, now 6" in str(e.value)
     assert "--config.train.allow_config_change=True" in str(e.value)
     changed.train.allow_config_change = True
-    _, history = train_lib.train(changed, workdir, train_iter=SyntheticBatches(changed))
+    _, history = train_lib.train(run_lib.resolve(changed, workdir), train_iter=SyntheticBatches(changed))
     assert [h["step"] for h in history] == [5, 6]
 
 
@@ -152,10 +152,10 @@ def _damage(step_dir, how):
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes(tmp_path, caplog, how):
     workdir = str(tmp_path)
     config = tiny_config()  # checkpoints at 2 and 4
-    _, full = train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+    _, full = train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config))
     _damage(os.path.join(workdir, "checkpoints", "4"), how)
     with caplog.at_level("WARNING"):
-        _, history = train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+        _, history = train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config))
     assert "checkpoint step 4 in" in caplog.text and "cannot be restored" in caplog.text
     assert "resuming from step 2, the newest intact checkpoint" in caplog.text
     assert [h["step"] for h in history] == [3, 4]
@@ -168,9 +168,9 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes
 def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
     workdir = str(tmp_path)
     config = tiny_config()
-    train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+    train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config))
     for s in (2, 4):
         _damage(os.path.join(workdir, "checkpoints", str(s)), "no params item")
     with pytest.raises(CheckpointError, match="no checkpoint could be restored: step 4 .*; step 2 "):
-        train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+        train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config))
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))

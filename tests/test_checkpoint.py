@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from cma_jax import checkpoint as ckpt_lib
+from cma_jax import loader
 from cma_jax import optim
 from cma_jax.models.summary import count
 from cma_jax.models.retrieval import RetrievalModel
@@ -32,7 +33,7 @@ def _dir_bytes(path):
 
 def test_vit_b32_run_checkpoint_is_small_and_holds_no_backbone(tmp_path):
     config = config_lib.base_config()  # MSR-VTT: ViT-B/32, r=8, d_s=16
-    model = nnx.eval_shape(lambda: RetrievalModel(config_lib.clip_config(config), config_lib.method(config),
+    model = nnx.eval_shape(lambda: RetrievalModel(loader.clip_config(config), loader.method(config),
                                                   rngs=nnx.Rngs(0)))
     state = _run_state(model, config)
     ckpt = ckpt_lib.RunCheckpointer(str(tmp_path))
@@ -52,7 +53,7 @@ def tiny():
                      context_length=8, vocab_size=64, text_width=32, text_heads=2, text_layers=2).items():
         config.model.clip[k] = v
     config.adapter.reduction_dim, config.adapter.share_dim = 4, 8
-    model = RetrievalModel(config_lib.clip_config(config), config_lib.method(config), rngs=nnx.Rngs(0))
+    model = RetrievalModel(loader.clip_config(config), loader.method(config), rngs=nnx.Rngs(0))
     return config, model
 
 
@@ -113,7 +114,7 @@ def test_restore_into_other_architecture_names_the_difference(tmp_path, tiny):
         other.model.clip[k] = v
     other.model.clip.vision_layers = 3
     other.adapter.reduction_dim, other.adapter.share_dim = 4, 4
-    model2 = RetrievalModel(config_lib.clip_config(other), config_lib.method(other), rngs=nnx.Rngs(0))
+    model2 = RetrievalModel(loader.clip_config(other), loader.method(other), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError) as e:
         ckpt.restore(1, ckpt_lib.abstract(_run_state(model2, other)), ckpt_lib.run_meta(model2))
     assert "clip.vision_layers: checkpoint 2, config 3" in str(e.value)

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 from cma_jax import config as config_lib
+from cma_jax import loader
+from cma_jax import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = {  # dataset: (r, d_s, frames, words, epochs)
@@ -19,7 +21,7 @@ PAPER = {  # dataset: (r, d_s, frames, words, epochs)
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_dataset_configs_have_the_papers_settings(name):
     config = importlib.import_module(f"configs.{name}").get_config()
-    config_lib.validate(config, num_devices=8)
+    run_lib.check(config, num_devices=8)
     r, ds, frames, words, epochs = PAPER[name]
     assert (config.adapter.reduction_dim, config.adapter.share_dim) == (r, ds)
     assert (config.data.num_frames, config.data.max_words, config.train.epochs) == (frames, words, epochs)
@@ -41,8 +43,8 @@ def test_dataset_configs_name_splits_their_builder_writes(name):
 def test_backbone_preset_is_the_config_arg():
     from configs import msrvtt
     config = msrvtt.get_config("vit_l14")
-    assert config_lib.clip_config(config).vision_width == 1024
-    config_lib.validate(config)
+    assert loader.clip_config(config).vision_width == 1024
+    run_lib.check(config)
 
 
 def _config(**fields):
@@ -73,7 +75,7 @@ def _config(**fields):
 ])
 def test_impossible_values_fail_naming_the_field(fields, num_devices, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        config_lib.validate(_config(**fields), num_devices=num_devices)
+        run_lib.check(_config(**fields), num_devices=num_devices)
 
 
 def test_unknown_field_fails_naming_it():
@@ -81,10 +83,10 @@ def test_unknown_field_fails_naming_it():
     c.train.unlock()
     c.train.learning_rate = 1e-4
     with pytest.raises(ValueError, match=r"config\.train\.learning_rate"):
-        config_lib.validate(c)
+        run_lib.check(c)
     c = config_lib.base_config()
     c.extra.anything = 1  # the free-form section is not checked
-    config_lib.validate(c)
+    run_lib.check(c)
 
 
 @pytest.mark.parametrize("section, field, hint", [
@@ -102,7 +104,7 @@ def test_an_unknown_field_names_the_closest_real_one(section, field, hint):
     node[field] = 1
     name = field if section is None else f"{section}.{field}"
     with pytest.raises(ValueError) as e:
-        config_lib.validate(c)
+        run_lib.check(c)
     assert str(e.value) == f"unknown config field(s): config.{name} ({hint})"
 
 
@@ -120,17 +122,17 @@ def test_place_fields_keep_paths_out_of_the_demo_reuse_key():
 
 def test_baselines_are_config_changes_only():
     c = config_lib.base_config()
-    assert config_lib.method(c).name == "cma" and config_lib.method(c).share_dim == 16
+    assert loader.method(c).name == "cma" and loader.method(c).share_dim == 16
     c.adapter.share_dim = 0  # d_s = 0 by hand is still the Cross-Modal Adapter's code path
-    assert config_lib.method(c).share_dim == 0
+    assert loader.method(c).share_dim == 0
     c.method = "unimodal"  # the ablation as its own method: d_s is 0 whatever config.adapter.share_dim says
     c.adapter.share_dim = 16
-    assert config_lib.method(c).share_dim == 0 and config_lib.method(c).reduction_dim == 8
+    assert loader.method(c).share_dim == 0 and loader.method(c).reduction_dim == 8
     c.method = "full"
-    assert config_lib.method(c).name == "full"
+    assert loader.method(c).name == "full"
     c.method, c.mode = "zero_shot", "eval"
-    config_lib.validate(c)
-    assert not config_lib.method(c).trains
+    run_lib.check(c)
+    assert not loader.method(c).trains
 
 
 @pytest.mark.slow

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from cma_jax import demo, train
+from cma_jax import loader
+from cma_jax import run as run_lib
 from cma_jax.demo import stages as demo_stages
 from cma_jax.demo import sweep as demo_sweep
 from cma_jax.demo import table as demo_table
-from cma_jax import config as config_lib
 from cma_jax.data import pipeline
 from cma_jax.data.builders.synthetic import Synthetic
 from configs import demo as demo_config
@@ -24,11 +25,11 @@ from configs import demo as demo_config
 @pytest.mark.parametrize("arg", ["", "quick", "sweep", "sweep,width=128"])
 def test_stage_configs_are_valid_and_differ_as_intended(arg):
     config = demo_config.get_config(arg)
-    config_lib.validate(config, num_devices=1)
+    run_lib.check(config, num_devices=1)
     stages = {s: demo_stages.stage_config(config, s, "/data", "/bb") for s in
               ("pretrain", "pretrain_eval", "zero_shot", "uni", "cma", "full")}
     for s, c in stages.items():
-        config_lib.validate(c, num_devices=1)
+        run_lib.check(c, num_devices=1)
         assert c.data.data_dir == "/data"
         assert c.data.tokenizer == os.path.join("/data", demo_stages.VOCAB_FILE)
     pre = stages["pretrain"]
@@ -37,7 +38,7 @@ def test_stage_configs_are_valid_and_differ_as_intended(arg):
     assert pre.data.builder_config.startswith("pretrain") and pre.data.num_frames == 1
     assert stages["pretrain_eval"].mode == "eval" and stages["pretrain_eval"].data.eval_split == "val"
     assert (stages["zero_shot"].method, stages["zero_shot"].mode) == ("zero_shot", "eval")
-    assert stages["uni"].method == "unimodal" and config_lib.method(stages["uni"]).share_dim == 0
+    assert stages["uni"].method == "unimodal" and loader.method(stages["uni"]).share_dim == 0
     assert stages["cma"].adapter.share_dim == config.adapter.share_dim > 0
     assert stages["full"].method == "full" and stages["full"].train.backbone_lr == config.extra.full_lr
     for s in ("zero_shot", "uni", "cma", "full"):  # same starting point, same task, same test split
@@ -53,12 +54,12 @@ def test_stage_configs_are_valid_and_differ_as_intended(arg):
 def test_the_methods_variants_train_every_row_of_the_papers_table(arg):
     """Fourteen rows, each a valid stage of its own method, with the demo's fields and learning rate for it."""
     config = demo_config.get_config(arg)
-    config_lib.validate(config, num_devices=1)
+    run_lib.check(config, num_devices=1)
     assert list(config.extra.methods) == list(demo_stages.METHODS) and len(config.extra.methods) == 14
     for stage in config.extra.methods:
         c = demo_stages.stage_config(config, stage, "/data", "/bb")
-        config_lib.validate(c, num_devices=1)
-        method = config_lib.method(c)
+        run_lib.check(c, num_devices=1)
+        method = loader.method(c)
         assert method.name == demo_stages.STAGE_METHOD.get(stage, stage)
         if stage in config.extra.lr:
             assert c.train.lr == config.extra.lr[stage] and set(config.extra.lr_grid[stage])
@@ -67,7 +68,7 @@ def test_the_methods_variants_train_every_row_of_the_papers_table(arg):
         assert c.mode == ("eval" if stage == "zero_shot" else "train")
     # every caption keeps its words: 12 words + start and end tokens + a method's text prompts fit 16
     prompted = [demo_stages.stage_config(config, s, "/d", "/bb") for s in ("coop", "vl_prompt", "maple", "vop")]
-    assert all(config_lib.method(c).extra_text_tokens() + 14 <= c.model.clip.context_length for c in prompted)
+    assert all(loader.method(c).extra_text_tokens() + 14 <= c.model.clip.context_length for c in prompted)
     assert config.extra.task == ("lr_search" if arg == "methods_lr" else "table")
     assert (config.extra.seeds, config.train.num_steps) == {"methods": (3, 300), "methods_quick": (1, 100),
                                                             "methods_lr": (1, 300)}[arg]
@@ -125,7 +126,7 @@ def test_sweep_steps_batches_and_data_follow_the_training_set_size():
     got = {}
     for n in config.extra.sweep.train_videos:
         c = demo_sweep.run_config(config, "full", n, 2, "/data", "/bb")
-        config_lib.validate(c, num_devices=1)
+        run_lib.check(c, num_devices=1)
         got[n] = (c.data.builder_config, c.train.batch_size, c.train.num_steps, c.seed)
     # The table's 300 steps at every size (the checkpoint is chosen on val); the whole subset when it
     # is smaller than a batch.
@@ -330,7 +331,7 @@ def test_every_method_trains_on_the_quick_demo_and_the_figure_is_drawn(tmp_path)
     res = demo.run(config, workdir)
     rows = res["methods"]
     assert list(rows) == list(demo_stages.METHODS)
-    clip = config_lib.clip_config(config)
+    clip = loader.clip_config(config)
     for stage, r in rows.items():
         name = demo_stages.STAGE_METHOD.get(stage, stage)
         run = r["seeds"][0]
@@ -338,7 +339,7 @@ def test_every_method_trains_on_the_quick_demo_and_the_figure_is_drawn(tmp_path)
             assert run["num_steps"] == 0 and r["trainable_params"] == 0
             continue
         c = demo_stages.stage_config(config, stage, "/d", "/bb")
-        assert r["trainable_params"] == config_lib.method(c).count(clip), stage
+        assert r["trainable_params"] == loader.method(c).count(clip), stage
         record = demo_stages.read_json(os.path.join(workdir, "runs", stage, "seed0", demo_stages.RECORD))
         loss = [h["loss"] for h in record["history"]]
         assert len(loss) == 100 and np.isfinite(loss).all(), stage

@@ -12,6 +12,7 @@ from flax import nnx
 
 from cma_jax import evaluate as ev
 from cma_jax import metrics
+from cma_jax import run as run_lib
 from cma_jax.models.adapter import AdapterConfig
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.models.retrieval import RetrievalModel
@@ -211,7 +212,9 @@ def test_evaluate_from_config_zero_shot(eval_setup, tmp_path):
     from cma_jax.data.tokenizer import load_tokenizer
 
     config, model = eval_setup
-    res = ev.evaluate_from_config(config, str(tmp_path))
+    run = run_lib.resolve(config, str(tmp_path))
+    res = ev.evaluate_from_config(run)
+    run.close()
     assert (res["num_texts"], res["num_videos"], res["step"]) == (11, 5, None)
     # Reference: the same model, every clip and caption encoded directly from the built split.
     source = open_source(DATASET, "test", config.data.data_dir)
@@ -232,7 +235,7 @@ def test_evaluate_from_config_zero_shot(eval_setup, tmp_path):
     # eval.max_videos: the first 3 videos and their 6 captions only.
     config.eval.max_videos = 3
     try:
-        small = ev.evaluate_from_config(config, str(tmp_path), model=model)
+        small = ev.evaluate_from_config(run_lib.resolve(config, str(tmp_path)), model)
     finally:
         config.eval.max_videos = 0
     assert (small["num_texts"], small["num_videos"]) == (6, 3)

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cma_jax import config as config_lib
 from cma_jax import gradcache, optim
+from cma_jax import loader
 from cma_jax.models import state
 from cma_jax.models.retrieval import symmetric_infonce
 from tiny import SyntheticBatches, tiny_config
@@ -38,8 +38,8 @@ def rel_err(got, want) -> float:
 def setup(head, dropout=0.0):
     c = tiny_config()
     # init_std 0.2: adapters large enough that their gradients are not dominated by rounding
-    adapter_cfg = dataclasses.replace(config_lib.method(c), dropout=dropout, init_std=0.2)
-    model = state.new_model(config_lib.clip_config(c), adapter_cfg, head=head, seed=0)
+    adapter_cfg = dataclasses.replace(loader.method(c), dropout=dropout, init_std=0.2)
+    model = state.new_model(loader.clip_config(c), adapter_cfg, head=head, seed=0)
     graphdef, params, rngs, frozen = optim.split(model, "cma", train_logit_scale=True)
     batch = jax.tree.map(jnp.asarray, SyntheticBatches(c).global_batch(0))  # 8 videos x 2 frames
     return graphdef, params, rngs, frozen, batch

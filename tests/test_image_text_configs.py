@@ -3,18 +3,19 @@
 import pytest
 
 from cma_jax import config as config_lib
+from cma_jax import run as run_lib
 from configs import flickr30k, mscoco
 
 
 @pytest.mark.parametrize("module, name", [(flickr30k, "flickr30k"), (mscoco, "mscoco")])
 def test_image_text_presets(module, name):
     c = module.get_config()
-    config_lib.validate(c)
+    run_lib.check(c)
     assert (c.data.name, c.data.num_frames, c.data.max_words, c.model.head) == (name, 1, 77, "meanp")
     assert (c.adapter.reduction_dim, c.adapter.share_dim, c.backbone) == (8, 16, "ViT-B/32")
     assert (c.data.train_split, c.data.eval_split, c.train.batch_size, c.train.lr) == ("train", "test", 128, 1e-5)
     b16 = module.get_config("vit_b16")
-    config_lib.validate(b16)
+    run_lib.check(b16)
     assert (b16.model.preset, b16.backbone) == ("vit_b16", "ViT-B/16")
 
 
@@ -25,4 +26,4 @@ def test_every_method_is_a_valid_image_text_config(module, method):
     c.method = method
     if method == "zero_shot":
         c.mode = "eval"
-    config_lib.validate(c)
+    run_lib.check(c)

@@ -9,6 +9,7 @@ import pytest
 
 from cma_jax import evaluate as ev
 from cma_jax import metrics
+from cma_jax import run as run_lib
 from cma_jax import train as train_lib
 from cma_jax.data import pipeline
 from cma_jax.data.builders import get_builder, synthetic
@@ -56,7 +57,7 @@ def test_evaluation_encodes_every_image_and_caption_once(image_config):
 
 @pytest.mark.slow  # ~13 s: compiles the tiny train step and both encoders
 def test_one_step_then_tr_and_ir_with_and_without_dsl(image_config, tmp_path):
-    model, history = train_lib.train(image_config, str(tmp_path / "run"))
+    model, history = train_lib.train(run_lib.resolve(image_config, str(tmp_path / "run")))
     assert [h["step"] for h in history] == [1] and np.isfinite(history[0]["loss"])
     batches = pipeline.eval_batches_from_config(image_config, process_index=0, process_count=1)
     res = ev.evaluate(model, batches.texts, batches.videos, block_size=100, dsl=True, workdir=str(tmp_path),

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from cma_jax import checkpoint, loader, sharding
+from cma_jax import run as run_lib
 from cma_jax.errors import CheckpointError
 from cma_jax.models import peft, state
 from cma_jax.models.adapter import AdapterConfig, AdapterParam
@@ -76,10 +77,10 @@ def test_from_config_needs_an_explicit_backbone(caplog):
     config = tiny_config()
     config.backbone = ""
     with pytest.raises(ValueError, match="config.backbone is empty: set it to a CLIP name"):
-        loader.from_config(config)
+        loader.from_run(run_lib.resolve(config))
     config.backbone = "random"
     with caplog.at_level(logging.WARNING):
-        model, step = loader.from_config(config)
+        model, step = loader.from_run(run_lib.resolve(config))
     assert step is None and "RANDOMLY INITIALISED" in caplog.text
     assert model.clip.method == peft.make("cma", {"reduction_dim": 4, "share_dim": 8})
 
@@ -125,17 +126,17 @@ def test_the_backbone_is_resolved_once_into_a_plain_value(saved, caplog):
     config.model.dtype = "bfloat16"
     for f in TINY_CLIP:  # the architecture comes from the folder, not from the config
         config.model.clip[f] = None
-    b = loader.backbone_from_config(config)
+    b = loader.backbone_from_config(config, loader.clip_config(config))
     assert b.folder == str(root / "backbone") and b.tokenizer is None
     assert b.clip == dataclasses.replace(CFG, dtype="bfloat16")
-    built, _ = loader.from_config(config, b)
+    built, _ = loader.from_run(run_lib.resolve(config, backbone=b))
     assert _same(built, model, BACKBONE)
     config.model.clip.vision_layers = 3
     with pytest.raises(ValueError, match="config.model.clip.vision_layers=3, but backbone .* has vision_layers=2"):
-        loader.backbone_from_config(config)
+        loader.backbone_from_config(config, loader.clip_config(config))
     config.data.tokenizer = ""
     with pytest.raises(ValueError, match="config.data.tokenizer='' takes the tokenizer/ folder of config.backbone"):
-        loader.tokenizer(config, b)
+        loader.require_tokenizer(run_lib.resolve(config, backbone=b))
     config.data.tokenizer = "/some/vocab.txt"
     assert loader.tokenizer(config, b) == "/some/vocab.txt"
     with caplog.at_level(logging.WARNING):

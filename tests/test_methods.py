@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from cma_jax import checkpoint as ckpt_lib
-from cma_jax import config as config_lib
 from cma_jax import loader, optim
+from cma_jax import run as run_lib
 from cma_jax import train as train_lib
 from cma_jax.models import peft
 from cma_jax.models.clip import PRESETS, CLIPConfig
@@ -76,8 +76,8 @@ def test_one_step_trains_only_the_method_and_its_checkpoint_restores(method, tmp
     """After a step only the method's variables moved (frozen ones bit-identical); the run checkpoint holds
     exactly that tree and, loaded into a fresh model on the same backbone, gives identical outputs."""
     config = tiny_method_config(method, num_steps=1, save_every_steps=1)
-    init = loader.from_config(config)[0]
-    model, history = train_lib.train(config, str(tmp_path), train_iter=SyntheticBatches(config))
+    init = loader.from_run(run_lib.resolve(config))[0]
+    model, history = train_lib.train(run_lib.resolve(config, str(tmp_path)), train_iter=SyntheticBatches(config))
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
     m = model.clip.method
     train_filter = optim.trainable_filter(m)
@@ -204,28 +204,28 @@ def test_frame_aware_methods_mix_frames_but_ignore_padding(method):
 def test_a_method_field_without_its_method_stops_at_start_up():
     config = tiny_method_config("cma")
     with pytest.raises(ValueError, match=r"config.vpt.num_tokens is set, but config.method=cma does not use it"):
-        config_lib.validate(config, overridden=["vpt.num_tokens"])
+        run_lib.check(config, overridden=["vpt.num_tokens"])
     config.method = "unimodal"
     with pytest.raises(ValueError, match=r"config.adapter.share_dim is set, but config.method=unimodal"):
-        config_lib.validate(config, overridden=["adapter.share_dim"])
-    config_lib.validate(config, overridden=["adapter.reduction_dim", "train.lr"])
+        run_lib.check(config, overridden=["adapter.share_dim"])
+    run_lib.check(config, overridden=["adapter.reduction_dim", "train.lr"])
     config.method = "lora"
     with pytest.raises(ValueError, match=r"config.method: expected one of \('zero_shot', 'full', 'partial'"):
-        config_lib.validate(config)
+        run_lib.check(config)
     config = tiny_method_config("vpt")
     config.vpt.num_tokens = 0
     with pytest.raises(ValueError, match=r"config.vpt.num_tokens: vpt num_tokens must be >= 1, got 0"):
-        config_lib.validate(config)
+        run_lib.check(config)
     config = tiny_method_config("coop")
     config.coop.num_tokens = 7  # the tiny context is 8: no word would be left
     with pytest.raises(ValueError, match=r"config.coop: 7 prompt tokens leave no room for a caption"):
-        config_lib.validate(config)
+        run_lib.check(config)
 
 
 def test_a_checkpoint_of_another_method_is_refused(tmp_path):
     config = tiny_method_config("vpt", num_steps=1)
-    train_lib.train(config, str(tmp_path / "vpt"), train_iter=SyntheticBatches(config))
-    other = loader.from_config(tiny_method_config("coop"))[0]
+    train_lib.train(run_lib.resolve(config, str(tmp_path / "vpt")), train_iter=SyntheticBatches(config))
+    other = loader.from_run(run_lib.resolve(tiny_method_config("coop")))[0]
     with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"method: checkpoint 'vpt', config 'coop'"):
         ckpt_lib.load_adapters(str(tmp_path / "vpt"), other)
     longer = dataclasses.replace(tiny("vpt"), num_tokens=3)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cma_jax import run as run_lib
 from cma_jax import train as train_lib
 from cma_jax.models.adapter import AdapterParam
 from tiny import SyntheticBatches, get_config
@@ -40,7 +41,7 @@ def test_two_processes_match_one(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
 
     config = get_config()
-    model, history = train_lib.train(config, str(tmp_path / "single"), train_iter=SyntheticBatches(config))
+    model, history = train_lib.train(run_lib.resolve(config, str(tmp_path / "single")), train_iter=SyntheticBatches(config))
     ref = {jax.tree_util.keystr(p): np.asarray(v)
            for p, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, AdapterParam))[0]}
     for i in range(2):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cma_jax import run as run_lib
 from cma_jax import sharding as shd
 from cma_jax import train as train_lib
 from cma_jax.models.adapter import AdapterParam
@@ -58,7 +59,7 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from flax import nnx
     sys.path[:0] = [{root!r}, {tests!r}]
-    from cma_jax import sharding as shd, train as train_lib
+    from cma_jax import run as run_lib, sharding as shd, train as train_lib
     from cma_jax.models.adapter import AdapterParam
     from tiny import SyntheticBatches, tiny_config
     shd.MIN_SHARD_SIZE = 0  # shard even the tiny model's parameters
@@ -68,7 +69,7 @@ SCRIPT = textwrap.dedent("""
         c = tiny_config(save_every_steps=100, grad_accum_steps=k)
         c.mesh.data, c.mesh.fsdp, c.mesh.model = d, f, m
         shd.select_partitioner(c, jax.device_count())  # what cma_jax.main does at start-up
-        model, hist = train_lib.train(c, {workdir!r} + f"/{{d}}_{{f}}_{{m}}_{{k}}", train_iter=SyntheticBatches(c))
+        model, hist = train_lib.train(run_lib.resolve(c, {workdir!r} + f"/{{d}}_{{f}}_{{m}}_{{k}}"), train_iter=SyntheticBatches(c))
         kernel = model.clip.visual.transformer.resblocks[0].mlp.c_fc.kernel[...]
         adapter = model.clip.visual.transformer.resblocks[0].mlp_adapter.down_kernel[...]
         out[f"{{d}}_{{f}}_{{m}}_{{k}}"] = dict(
@@ -85,7 +86,7 @@ def test_same_result_on_one_and_eight_devices(tmp_path):
     refs = {}  # grad_accum_steps -> (losses, adapters) on this process's single device
     for k in sorted({mesh[3] for mesh in MESHES}):
         config = tiny_config(save_every_steps=100, grad_accum_steps=k)
-        model, hist = train_lib.train(config, str(tmp_path / f"ref{k}"), train_iter=SyntheticBatches(config))
+        model, hist = train_lib.train(run_lib.resolve(config, str(tmp_path / f"ref{k}")), train_iter=SyntheticBatches(config))
         refs[k] = ([h["loss"] for h in hist],
                    {jax.tree_util.keystr(p): np.asarray(v)
                     for p, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, AdapterParam))[0]})

@@ -10,6 +10,7 @@ from flax import nnx
 from cma_jax import checkpoint as ckpt_lib
 from cma_jax import optim
 from cma_jax import loader
+from cma_jax import run as run_lib
 from cma_jax.models.summary import count
 from cma_jax import train as train_lib
 from cma_jax.models.adapter import AdapterParam
@@ -33,13 +34,13 @@ def trained(tmp_path_factory):
     """4 steps of adapter training (checkpoints at 2 and 4)."""
     config = tiny_config()
     workdir = str(tmp_path_factory.mktemp("run"))
-    model, history = train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+    model, history = train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config))
     return config, workdir, model, history
 
 
 def test_frozen_weights_bit_identical_and_adapters_learn(trained):
     config, _, model, history = trained
-    init = loader.from_config(config)[0]  # same seed -> the starting point of the run
+    init = loader.from_run(run_lib.resolve(config))[0]  # same seed -> the starting point of the run
     before, after = _frozen(init), _frozen(model)
     assert before.keys() == after.keys() and len(before) > 20
     for k in before:
@@ -53,9 +54,31 @@ def test_frozen_weights_bit_identical_and_adapters_learn(trained):
     np.testing.assert_allclose([h["lr"] for h in history][:2], [0.0, config.train.lr], rtol=1e-6)
 
 
+def test_the_step_compiled_from_shapes_is_the_step_training_runs(trained):
+    """train.build_step on abstract values (no weights, no data: the compile command's way) lowers and
+    compiles; run on the tiny model's real initial state it gives training's first loss."""
+    config, _, _, history = trained
+    run = run_lib.resolve(config)
+    graphdef, params, rngs, frozen = optim.split(nnx.eval_shape(lambda: loader.from_run(run)[0]), run.method)
+    step_fn, state_sh, frozen_sh, tx, _ = train_lib.build_step(run, graphdef, params, rngs, frozen, 4)
+    assert isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
+    batch = SyntheticBatches(config).global_batch(0)
+    shapes = optim.TrainState(params=params, opt_state=jax.eval_shape(tx.init, params), rngs=rngs,
+                              step=jax.ShapeDtypeStruct((), jnp.int32))
+    compiled = step_fn.lower(shapes, frozen, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+                             ).compile()
+    assert compiled.cost_analysis()["flops"] > 0
+
+    _, params, rngs, frozen = optim.split(loader.from_run(run)[0], run.method)
+    state = jax.device_put(optim.TrainState(params=params, opt_state=tx.init(params), rngs=rngs, step=jnp.int32(0)),
+                           state_sh)
+    _, metrics = compiled(state, jax.device_put(frozen, frozen_sh), batch)
+    np.testing.assert_allclose(float(metrics["loss"]), history[0]["loss"], rtol=1e-6)
+
+
 def test_logit_scale_frozen_unless_configured():
     config = tiny_config()
-    model = loader.from_config(config)[0]
+    model = loader.from_run(run_lib.resolve(config))[0]
     _, params, _, frozen = optim.split(model, config.method, config.model.train_logit_scale)
     assert "logit_scale" not in jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params)[0])
     config.model.train_logit_scale = True
@@ -67,7 +90,7 @@ def test_logit_scale_frozen_unless_configured():
 
 def test_weight_decay_skips_biases():
     config = tiny_config()
-    model = loader.from_config(config)[0]
+    model = loader.from_run(run_lib.resolve(config))[0]
     _, params, _, _ = optim.split(model, config.method, config.model.train_logit_scale)
     mask = _flat(optim.decay_mask(params))
     assert all(v == ("kernel" in k) for k, v in mask.items()), mask
@@ -79,7 +102,7 @@ def test_adapter_step_computes_no_backbone_weight_gradients():
     for method in ("cma", "full"):
         config = tiny_config()
         config.method = method
-        model = loader.from_config(config)[0]
+        model = loader.from_run(run_lib.resolve(config))[0]
         graphdef, params, rngs, frozen = optim.split(model, config.method, config.model.train_logit_scale)
         tx, lr = optim.make_optimizer(config.train, params, 10)
         step = jax.jit(train_lib.make_train_step(graphdef, tx, lr, 1))
@@ -96,8 +119,8 @@ def test_full_finetuning_trains_backbone_but_not_logit_scale(tmp_path):
     config = tiny_config(num_steps=2, save_every_steps=10)
     config.method = "full"
     config.train.backbone_lr = 1e-3
-    model, _ = train_lib.train(config, str(tmp_path), train_iter=SyntheticBatches(config))
-    init = loader.from_config(config)[0]
+    model, _ = train_lib.train(run_lib.resolve(config, str(tmp_path)), train_iter=SyntheticBatches(config))
+    init = loader.from_run(run_lib.resolve(config))[0]
     before, after = _frozen(init), _frozen(model)
     moved = [k for k in before if not np.array_equal(before[k], after[k])]
     assert len(moved) == len(before) - 1 and not any("logit_scale" in k for k in moved)
@@ -108,7 +131,7 @@ def test_full_finetuning_trains_backbone_but_not_logit_scale(tmp_path):
 def test_grad_accumulation_is_the_whole_batch_objective():
     """k micro-batches take the InfoNCE over the whole batch (gradient caching): same loss, same update."""
     config = tiny_config(grad_accum_steps=2, grad_clip=0.0)
-    model = loader.from_config(config)[0]
+    model = loader.from_run(run_lib.resolve(config))[0]
     graphdef, params, rngs, frozen = optim.split(model, config.method, config.model.train_logit_scale)
     tx = optax.sgd(1.0)  # new params = params - gradient
     state = optim.TrainState(params=params, opt_state=tx.init(params), rngs=rngs, step=jnp.int32(0))
@@ -134,10 +157,10 @@ def test_killed_run_resumes_to_the_same_parameters(trained, tmp_path, exc):
     config, _, uninterrupted, _ = trained
     workdir = str(tmp_path)
     with pytest.raises(exc):
-        train_lib.train(config, workdir, train_iter=SyntheticBatches(config, fail_at=3, exc=exc))
+        train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config, fail_at=3, exc=exc))
     saved = ckpt_lib.RunCheckpointer(workdir).latest_step()
     assert saved == (3 if exc is KeyboardInterrupt else 2)
-    model, history = train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+    model, history = train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config))
     assert [h["step"] for h in history] == list(range(saved + 1, 5))
     # The workdir's history spans both runs, with the steps re-run after the checkpoint taken from the rerun.
     whole = train_lib.read_history(workdir)
@@ -150,7 +173,7 @@ def test_killed_run_resumes_to_the_same_parameters(trained, tmp_path, exc):
 
 def test_load_adapters_for_eval_and_wrong_checkpoint_message(trained, tmp_path):
     config, workdir, model, _ = trained
-    fresh = loader.from_config(config)[0]
+    fresh = loader.from_run(run_lib.resolve(config))[0]
     assert ckpt_lib.load_adapters(workdir, fresh) == 4
     a, b = _adapters(model), _adapters(fresh)
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -158,18 +181,18 @@ def test_load_adapters_for_eval_and_wrong_checkpoint_message(trained, tmp_path):
     other = tiny_config()
     other.adapter.reduction_dim = 2
     with pytest.raises(ValueError, match="adapter.reduction_dim: checkpoint 4, config 2"):
-        ckpt_lib.load_adapters(workdir, loader.from_config(other)[0])
+        ckpt_lib.load_adapters(workdir, loader.from_run(run_lib.resolve(other))[0])
     with pytest.raises(ValueError, match="reduction_dim"):  # resuming a run with another r
-        train_lib.train(other, workdir, train_iter=SyntheticBatches(other))
+        train_lib.train(run_lib.resolve(other, workdir), train_iter=SyntheticBatches(other))
 
 
 def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     config = tiny_config(num_steps=2, save_every_steps=10)
     config.model.dtype = "bfloat16"
-    model, history = train_lib.train(config, str(tmp_path), train_iter=SyntheticBatches(config))
+    model, history = train_lib.train(run_lib.resolve(config, str(tmp_path)), train_iter=SyntheticBatches(config))
     assert all(np.isfinite(h["loss"]) for h in history)
     assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype("float32")}
-    init = loader.from_config(config)[0]
+    init = loader.from_run(run_lib.resolve(config))[0]
     before, after = _frozen(init), _frozen(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
@@ -189,11 +212,11 @@ def test_interrupt_while_waiting_for_a_step_saves_the_matching_iterator_state(tr
 
     monkeypatch.setattr(jax, "device_get", device_get)
     with pytest.raises(KeyboardInterrupt):
-        train_lib.train(config, workdir, train_iter=SyntheticBatches(config))
+        train_lib.train(run_lib.resolve(config, workdir), train_iter=SyntheticBatches(config))
     monkeypatch.setattr(jax, "device_get", real)
     assert ckpt_lib.RunCheckpointer(workdir).latest_step() == 3
     it = SyntheticBatches(config)
-    model, history = train_lib.train(config, workdir, train_iter=it)
+    model, history = train_lib.train(run_lib.resolve(config, workdir), train_iter=it)
     assert [h["step"] for h in history] == [4] and it.i == 4  # batch 3 (0-based) trained once, as step 4
     a, b = _adapters(uninterrupted), _adapters(model)
     for k in a:
@@ -204,7 +227,7 @@ def test_trained_logit_scale_is_clamped_at_log_100():
     """As CLIP / the original train.py: after each update, logit_scale <= log(100)."""
     config = tiny_config()
     config.model.train_logit_scale = True
-    model = loader.from_config(config)[0]
+    model = loader.from_run(run_lib.resolve(config))[0]
     model.clip.logit_scale[...] = jnp.float32(4.5)
     graphdef, params, rngs, frozen = optim.split(model, config.method, config.model.train_logit_scale)
     plus_one = optax.GradientTransformation(lambda p: optax.EmptyState(),
@@ -223,5 +246,5 @@ def test_trained_logit_scale_is_clamped_at_log_100():
 def test_adapter_dropout_trains(tmp_path):
     config = tiny_config(num_steps=2, save_every_steps=10)
     config.adapter.dropout = 0.1
-    _, history = train_lib.train(config, str(tmp_path), train_iter=SyntheticBatches(config))
+    _, history = train_lib.train(run_lib.resolve(config, str(tmp_path)), train_iter=SyntheticBatches(config))
     assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)

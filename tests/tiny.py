@@ -12,6 +12,8 @@ multi-process job and saves the adapters: what the multi-host tests launch.
 import numpy as np
 
 from cma_jax import config as config_lib
+from cma_jax import loader
+from cma_jax import run as run_lib
 
 TINY_CLIP = dict(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=32, vision_patch_size=8,
                  context_length=8, vocab_size=64, text_width=32, text_heads=2, text_layers=2)
@@ -36,7 +38,7 @@ def tiny_method_config(method: str, **train):
     cls = peft.get(method)
     for k, v in TINY_METHOD_FIELDS.get(method, {}).items():
         c[cls.section][k] = v
-    if not config_lib.method(c).trains:
+    if not loader.method(c).trains:
         c.mode = "eval"
     return c
 
@@ -122,7 +124,7 @@ def train_synthetic(config, workdir):
     from cma_jax.models.adapter import AdapterParam
 
     it = SyntheticBatches(config, process_index=jax.process_index(), process_count=jax.process_count())
-    model, history = train_lib.train(config, workdir, train_iter=it)
+    model, history = train_lib.train(run_lib.resolve(config, workdir), train_iter=it)
     flat = {jax.tree_util.keystr(p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, AdapterParam))[0]}
     np.savez(os.path.join(workdir, f"adapters_process{jax.process_index()}.npz"), **flat)

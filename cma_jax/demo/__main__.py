@@ -9,8 +9,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cma_jax import config as config_lib
 from cma_jax import console, demo, sharding
+from cma_jax import run as run_lib
 from cma_jax.demo.stages import demo_config
 
 config_flags.DEFINE_config_file("config", None, "Demo config file, e.g. configs/demo.py:quick or :sweep "
@@ -32,7 +32,7 @@ def main(argv):
     console.setup(verbose=FLAGS.verbosity >= 1)
     config = FLAGS.config if FLAGS.config is not None else demo_config()
     try:
-        config_lib.validate(config, num_devices=jax.device_count())
+        run_lib.check(config, jax.device_count())
         sharding.select_partitioner(config, jax.device_count())
         _cache_compiled_steps(FLAGS.workdir)
         demo.run(config, FLAGS.workdir)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from cma_jax import checkpoint, console, evaluate, loader, optim, train
 from cma_jax import config as config_lib
+from cma_jax import run as run_lib
 from cma_jax.data import pipeline
 from cma_jax.data.builders import get_builder, synthetic
 from cma_jax.files import write_atomic
@@ -347,9 +348,9 @@ def _run_checkpoint_bytes(workdir: str) -> int:
     return _dir_bytes(os.path.join(ckpt_dir, str(max(steps)), "params"))
 
 
-def _param_counts(model, cfg) -> dict:
-    total = count(nnx.state(model, nnx.Param))
-    trainable = 0 if not config_lib.method(cfg).trains else count(
+def _param_counts(model, run) -> dict:
+    total, cfg = count(nnx.state(model, nnx.Param)), run.config
+    trainable = 0 if not run.method.trains else count(
         nnx.state(model, optim.trainable_filter(cfg.method, cfg.model.train_logit_scale)))
     return {"total_params": int(total), "trainable_params": int(trainable),
             "trainable_percent": 100.0 * trainable / total}
@@ -373,14 +374,22 @@ def pretrain(config, workdir: str, data_dir: str) -> tuple[str, dict]:
         return backbone, summary
     _claim(run_dir, cfg)
     t0 = time.time()
-    clip = config_lib.clip_config(cfg)
-    model, _ = train.train(cfg, run_dir, backbone=loader.Backbone.random(clip, cfg.data.tokenizer))  # on purpose
-    checkpoint.save_backbone(backbone, clip, jax.device_get(state.backbone_state(model)),
+    scratch = loader.Backbone.random(loader.clip_config(cfg), cfg.data.tokenizer)  # on purpose
+    run = run_lib.resolve(cfg, run_dir, backbone=scratch)
+    try:
+        model, _ = train.train(run)
+    finally:
+        run.close()
+    checkpoint.save_backbone(backbone, scratch.clip, jax.device_get(state.backbone_state(model)),
                              tokenizer_files=(cfg.data.tokenizer,), overwrite=True)
     # How well it does on its own task (pretrain val): the backbone is a working CLIP.
-    val = evaluate.evaluate_from_config(stage_config(config, "pretrain_eval", data_dir), run_dir, model=model)
+    eval_run = run_lib.resolve(stage_config(config, "pretrain_eval", data_dir), run_dir, backbone=scratch)
+    try:
+        val = evaluate.evaluate_from_config(eval_run, model)
+    finally:
+        eval_run.close()
     summary = {"config": config_key(cfg), "seconds": time.time() - t0, "history": _history(run_dir),
-               "val_metrics": val["metrics"], **_param_counts(model, cfg)}
+               "val_metrics": val["metrics"], **_param_counts(model, run)}
     write_json(summary_path, summary)
     m = val["metrics"]
     say(f"  pre-trained in {summary['seconds']:.0f}s; on pretrain/val: t2v R@1 {m['t2v']['R1']:.1f}, "
@@ -406,7 +415,8 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
                    val_checks: int = 0, test_name: str = "test") -> dict:
     """One run of `stage` (train unless zero-shot, then test) -> its record, saved in run_dir and reused.
 
-    backbone: the backbone's pure dict (loaded once, shared by every run). val_set: also evaluated.
+    backbone: the resolved backbone with its weights (`loader.with_weights`: loaded once, shared by every run).
+    val_set: also evaluated.
     val_checks > 0 chooses the checkpoint on val (early stopping): val t2v R@1 every num_steps /
     val_checks steps and at the end; `metrics` are then the test metrics of the best val step (the
     earliest of ties) and `selection.final_metrics` those of the last step. Such a run restarts
@@ -433,15 +443,19 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
             trainable = optim.trainable_filter(cfg.method, cfg.model.train_logit_scale)
             best.update(r1=r1, step=step, params=jax.device_get(nnx.state(model, trainable)))
 
-    if stage == "zero_shot":
-        model, _ = loader.from_config(cfg, backbone)
-    else:
-        model, _ = train.train(cfg, run_dir, backbone=backbone, eval_fn=check_on_val if val_checks else None)
-        history = _history(run_dir)
+    run = run_lib.resolve(cfg, run_dir, backbone=backbone)
+    try:
+        if stage == "zero_shot":
+            model, _ = loader.from_run(run)
+        else:
+            model, _ = train.train(run, eval_fn=check_on_val if val_checks else None)
+            history = _history(run_dir)
+    finally:
+        run.close()
     train_seconds = time.time() - t0
     record = {"config": config_key(cfg), "method": stage, "name": METHODS[stage], "seed": cfg.seed,
               "data": cfg.data.builder_config, "num_steps": len(history), "batch_size": cfg.train.batch_size,
-              **_param_counts(model, cfg)}
+              **_param_counts(model, run)}
     metrics = evaluate_on(model, test_set, cfg, run_dir, name=test_name)
     if val_checks and stage != "zero_shot":
         check_on_val(model, len(history))

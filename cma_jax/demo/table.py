@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from cma_jax import checkpoint
+from cma_jax import loader
 from cma_jax.data.builders import open_source
 from cma_jax.demo import stages
 from cma_jax.demo.stages import METHODS, say
@@ -176,7 +176,7 @@ def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: 
     base = stages.stage_config(config, "zero_shot", data_dir, backbone)
     test_set = stages.eval_set(base, config.data.eval_split)
     val_set = stages.eval_set(base, "val") if config.extra.eval_val else None
-    tree = checkpoint.load_backbone(backbone)[1]  # loaded once, shared by every run
+    tree = loader.with_weights(loader.resolve(backbone))  # loaded once, shared by every run
     rows = [method_row(config, m, workdir, data_dir, backbone, tree, test_set, val_set)
             for m in config.extra.methods]
     ceiling = r1_ceiling(config, data_dir)
