@@ -57,6 +57,9 @@ def select_partitioner(config, num_devices: int) -> None:
 def make_mesh(config, devices=None) -> Mesh:
     """A (data, fsdp, model) mesh over `devices` (default: all global devices) from config.mesh.
 
+    `devices` may span hosts (a pod) or be a topology's compile-only devices (cma_jax.accelerators),
+    TPU v4 / v5p ones with one device per chip (megacore) or per core.
+
     Refuses a mesh that would silently get wrong gradients under the current partitioner
     (`needs_gspmd`): call `select_partitioner` first, as the entry points do.
     """
@@ -66,7 +69,13 @@ def make_mesh(config, devices=None) -> Mesh:
         raise ValueError(f"config.mesh: a {'x'.join(map(str, shape))} mesh (data, fsdp and model all > 1) needs "
                          "the GSPMD partitioner because of an XLA bug (see cma_jax.sharding.needs_gspmd); call "
                          "cma_jax.sharding.select_partitioner(config, jax.device_count()) at start-up")
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(AXES)
+    if len({getattr(d, "core_on_chip", 0) for d in devices}) > 1:
+        # TPU v4 / v5p cores addressed one by one (not megacore: e.g. a topology's compile-only devices),
+        # which jax's physical layout refuses: chips in coordinate order, a chip's cores side by side.
+        ordered = sorted(devices, key=lambda d: (d.process_index, tuple(d.coords), d.core_on_chip))
+        return Mesh(np.array(ordered).reshape(shape), AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
 
 
 def local_data_mesh() -> Mesh | None:
