@@ -1,32 +1,44 @@
-"""Input-pipeline throughput: clips/s and frames/s, per CPU core, on a generated dataset.
+"""Input-pipeline throughput: where the time goes per frame, and frames/s per CPU core, on generated data.
 
-Builds (once, into --data-dir) a split of --videos clips of --stored-frames JPEG frames at
---resolution, textured like natural images (smooth colour fields, moving blobs, sensor noise),
-with base.py's builder machinery; then times `pipeline.train_iterator` (T=--num-frames) for each
-worker count in --workers. "Per core" divides by the CPU seconds the pipeline used (this process
-plus its worker processes), so it holds on a busy machine; wall-clock rates are printed too.
+Builds (once, into --data-dir) a split of --videos clips of --stored-frames JPEG (q90) frames at
+--resolution, textured like natural images (smooth colour fields, moving blobs, sensor noise), with
+base.py's builder machinery. It prints
+
+* the stage breakdown: CPU microseconds per sampled frame of reading the records, decoding, the
+  clip (decoding into [T,H,W,3]), tokenizing, the batch (stacking the clips) and putting it on
+  jax's default device (a copy on CPU; a host-to-device transfer on an accelerator), each timed
+  alone in this process, and the clip as it was decoded before issue 24 (PIL's decode + convert,
+  np.stack, pad_clip) on the same frames;
+* `pipeline.train_iterator` (T=--num-frames) end to end for each worker count in --workers. "Per
+  core" divides by the CPU seconds the pipeline used (this process plus its worker processes), so
+  it holds on a busy machine; wall-clock rates are printed too.
 
     python benchmarks/bench_pipeline.py                     # T=12 at 224x224, workers 0 and 2
+    python benchmarks/bench_pipeline.py --resolution 336    # ViT-L/14@336's frames
     python benchmarks/bench_pipeline.py --workers 0,1,4 --batches 40
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import resource
 import tempfile
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 
 from cma_jax.data import pipeline, video
 from cma_jax.data.builders import REGISTRY
 from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
+from cma_jax.data.tokenizer import load_tokenizer
 
 NAME = "bench_pipeline"
 WORDS = ["a", "clip", "of", "moving", "blobs", "number"] + [str(i) for i in range(10)]
+TOKENIZER = load_tokenizer(WORDS)
 
 
 def natural_frames(src) -> list[bytes]:
@@ -70,6 +82,44 @@ def cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def per_frame_us(fn, frames: int, repeats: int = 3) -> float:
+    """Best-of-`repeats` CPU microseconds of `fn()` per frame (CPU time: robust to a shared machine)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return best / frames * 1e6
+
+
+def pil_clip(jpegs: list[bytes], num_frames: int) -> np.ndarray:
+    """The clip as pipeline.load_clip decoded it before issue 24: the reference of the breakdown."""
+    chosen = [np.asarray(Image.open(io.BytesIO(jpegs[i])).convert("RGB"))
+              for i in pipeline.sample_frame_indices(len(jpegs), num_frames)]
+    return pipeline.pad_clip(np.stack(chosen), num_frames)[0]
+
+
+def stages(source, args) -> dict[str, float]:
+    """CPU microseconds per sampled frame of each stage, on the first --batch-size records."""
+    t, b = args.num_frames, args.batch_size
+    records = [source[i] for i in range(b)]
+    chosen = [[r["frames"][j] for j in pipeline.sample_frame_indices(len(r["frames"]), t)] for r in records]
+    n = sum(len(c) for c in chosen)
+    clips = [pipeline.load_clip(r["frames"], t)[0] for r in records]
+    assert all(np.array_equal(c, pil_clip(r["frames"], t)) for c, r in zip(clips, records))
+    batch = {"frames": np.stack(clips)}
+    return {
+        "read records": per_frame_us(lambda: [source[i] for i in range(b)], n),
+        "decode": per_frame_us(lambda: [video.decode_jpeg(f) for c in chosen for f in c], n),
+        "clip (decode into [T,H,W,3])": per_frame_us(lambda: [pipeline.load_clip(r["frames"], t) for r in records], n),
+        "clip before issue 24 (PIL)": per_frame_us(lambda: [pil_clip(r["frames"], t) for r in records], n),
+        "tokenize": per_frame_us(lambda: [TOKENIZER.tokenize(r["captions"][:1], 32) for r in records], n),
+        "batch (stack the clips)": per_frame_us(lambda: np.stack(clips), n),
+        "to device": per_frame_us(lambda: jax.block_until_ready(jax.device_put(batch)), n),
+    }
 
 
 def run(data_dir: str, args, workers: int, batches: int) -> tuple[float, float, int]:
@@ -121,10 +171,14 @@ def main() -> None:
         t0 = time.perf_counter()
         builder.download_and_prepare()
         print(f"built {args.videos} videos in {time.perf_counter() - t0:.1f}s")
-    sizes = [len(f) for f in natural_frames((0, args.stored_frames, args.resolution))]
+    source = pipeline.open_source(NAME, "train", args.data_dir)
+    sizes = [len(f) for f in source[0]["frames"]]
     print(f"dataset: {args.videos} videos x {args.stored_frames} frames at {args.resolution}px, "
           f"mean JPEG {np.mean(sizes) / 1024:.1f} KiB; T={args.num_frames}, batch {args.batch_size}; "
-          f"{os.cpu_count()} CPUs visible")
+          f"{os.cpu_count()} CPUs visible; jax device: {jax.devices()[0].device_kind}")
+    print("CPU us per sampled frame:")
+    for stage, us in stages(source, args).items():
+        print(f"  {stage:30s} {us:7.1f}")
     for workers in (int(w) for w in args.workers.split(",")):
         bench(args.data_dir, args, workers)
 

@@ -4,6 +4,7 @@ Frame j of video i is a solid colour (R, G) = (15 j, 10 i), and caption c of vid
 "clip v<i> c<c>", so every batch row tells which video, which frames and which caption it holds.
 """
 
+import io
 import json
 
 import numpy as np
@@ -84,6 +85,36 @@ def test_sample_frame_indices():
     np.testing.assert_array_equal(pipeline.sample_frame_indices(20, 12), [0, 1, 3, 5, 6, 8, 10, 12, 13, 15, 17, 19])
     np.testing.assert_array_equal(pipeline.sample_frame_indices(5, 12), [0, 1, 2, 3, 4])
     np.testing.assert_array_equal(pipeline.sample_frame_indices(12, 12), np.arange(12))
+
+
+def _pil_clip(jpegs, num_frames):
+    """The decoding before issue 24 (PIL, np.stack, zero padding): the reference load_clip must match."""
+    chosen = [np.asarray(Image.open(io.BytesIO(jpegs[i])).convert("RGB"))
+              for i in pipeline.sample_frame_indices(len(jpegs), num_frames)]
+    return pipeline.pad_clip(np.stack(chosen), num_frames)
+
+
+@pytest.mark.parametrize("quality,subsampling", [(90, -1), (95, 0)])  # the builders' and the synthetic set's
+def test_load_clip_gives_the_pixels_of_pil_decoding(quality, subsampling):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:40]
+    jpegs = []
+    for j in range(9):  # gradients + noise: every DCT coefficient and the chroma upsampling matter
+        img = np.stack([xx * 5 + j, yy * 6, (xx + yy) * 3], -1) + rng.normal(0, 20, (40, 40, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality,
+                                                                       subsampling=subsampling)
+        jpegs.append(buf.getvalue())
+    for stored, t in ((9, 4), (3, 5), (1, 2), (9, 9)):  # sampled, padded, one frame, all
+        frames, mask = pipeline.load_clip(jpegs[:stored], t)
+        want_frames, want_mask = _pil_clip(jpegs[:stored], t)
+        assert frames.dtype == np.uint8 and frames.shape == (t, 40, 40, 3)
+        np.testing.assert_array_equal(frames, want_frames)
+        np.testing.assert_array_equal(mask, want_mask)
+    with pytest.raises(ValueError, match=r"shape \(40, 40, 3\) where the clip holds \(48, 48, 3\)"):
+        video.decode_jpeg(jpegs[0], out=np.zeros((48, 48, 3), np.uint8))
+    with pytest.raises(ValueError):
+        video.decode_jpeg(jpegs[0], out=np.zeros((32, 32, 3), np.uint8))
 
 
 def test_train_pairs_and_shard_bounds():

@@ -28,11 +28,20 @@ def sample_frame_indices(num_stored: int, num_frames: int) -> np.ndarray:
 
 
 def load_clip(jpegs: list[bytes], num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes only the sampled JPEGs -> (frames [T,H,W,3] uint8 zero-padded, frame_mask [T] bool)."""
+    """Decodes only the sampled JPEGs -> (frames [T,H,W,3] uint8 zero-padded, frame_mask [T] bool).
+
+    Each frame is decoded straight into its row of the clip: no copies for stacking and padding.
+    """
     if not jpegs:
         raise ValueError("a record holds no frames (builders store at least one); rebuild the dataset")
-    chosen = [video.decode_jpeg(jpegs[i]) for i in sample_frame_indices(len(jpegs), num_frames)]
-    return pad_clip(np.stack(chosen), num_frames)
+    chosen = sample_frame_indices(len(jpegs), num_frames)
+    first = video.decode_jpeg(jpegs[chosen[0]])
+    frames = np.empty((num_frames, *first.shape), np.uint8)
+    frames[0] = first
+    for row, i in enumerate(chosen[1:], start=1):
+        video.decode_jpeg(jpegs[i], out=frames[row])
+    frames[len(chosen):] = 0
+    return frames, np.arange(num_frames) < len(chosen)
 
 
 def pad_clip(chosen: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
