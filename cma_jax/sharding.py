@@ -1,6 +1,7 @@
 """Mesh construction, parameter and batch shardings, global arrays from per-process data, and back.
 
-The only place that builds meshes and places trees and batches (training, evaluation, the API).
+The only place that builds meshes and places trees and batches (training, evaluation, the API), and
+that puts batches on the mesh ahead of the step that takes them (`Prefetcher`).
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism whose devices also hold a slice
 of every large parameter), `model` (tensor parallelism over MLP / attention widths). The batch is
@@ -10,6 +11,10 @@ over `model` when divisible, then the largest remaining dimension divisible by t
 """
 
 from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -170,3 +175,65 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     concatenation in process order.
     """
     return {k: global_array(v, mesh) for k, v in local_batch.items()}
+
+
+class Prefetcher:
+    """Global batches put on the mesh by a background thread, `depth` ahead of the step that takes them.
+
+    Yields (global batch, the host iterator's `get_state()` right after that batch, or None if it has
+    none): the state that resumes exactly after it, whatever was read ahead. Reads at most `count`
+    batches (None: no limit), so a run reads no batch it will not train on. An exception of the host
+    iterator is raised by the `next` that reaches its batch. `close()` stops the thread (the host
+    iterator is the caller's to close, after it).
+    """
+
+    _DONE = object()
+
+    def __init__(self, it: Iterator[dict], mesh: Mesh, count: int | None = None, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._fill, args=(it, mesh, count), daemon=True,
+                                        name="device-prefetch")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, it, mesh, count):
+        n = 0
+        while count is None or n < count:
+            try:
+                local = next(it)
+                state = it.get_state() if hasattr(it, "get_state") else None
+                item: Any = (global_batch(local, mesh), state)
+            except BaseException as e:  # noqa: BLE001 (re-raised in the consumer, StopIteration included)
+                item = e
+            if not self._put(item) or isinstance(item, BaseException):
+                return
+            n += 1
+        self._put(self._DONE)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict, Any]:
+        if self._finished:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._DONE or isinstance(item, BaseException):
+            self._finished = True
+            if isinstance(item, BaseException):
+                raise item
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,66 @@
+"""Device prefetch: the batches and iterator states of the host iterator, in order, read ahead while steps run."""
+
+import time
+
+import numpy as np
+import pytest
+
+from cma_jax import sharding as shd
+from cma_jax import train as train_lib
+from tiny import SyntheticBatches, tiny_config
+
+
+class SlowBatches(SyntheticBatches):
+    """SyntheticBatches whose every batch takes `seconds` to make (a slow input pipeline)."""
+
+    def __init__(self, config, seconds, **kw):
+        super().__init__(config, **kw)
+        self.seconds = seconds
+
+    def __next__(self):
+        time.sleep(self.seconds)
+        return super().__next__()
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config()
+
+
+def test_prefetched_batches_and_states_follow_the_host_iterator(config):
+    mesh = shd.make_mesh(config)
+    host = SyntheticBatches(config)
+    host.set_state({"i": 2})
+    batches = shd.Prefetcher(host, mesh, count=3)
+    got = list(batches)
+    batches.close()
+    assert [state for _, state in got] == [{"i": 3}, {"i": 4}, {"i": 5}]
+    assert host.i == 5  # no batch read past `count`
+    for i, (batch, _) in enumerate(got, start=2):
+        want = SyntheticBatches(config).global_batch(i)
+        assert batch["frames"].sharding == shd.batch_sharding(mesh)
+        for key in want:
+            np.testing.assert_array_equal(np.asarray(batch[key]), want[key])
+
+
+def test_an_error_of_the_host_iterator_is_raised_at_its_batch(config):
+    batches = shd.Prefetcher(SyntheticBatches(config, fail_at=2, exc=ValueError), shd.make_mesh(config))
+    next(batches), next(batches)
+    with pytest.raises(ValueError, match="simulated"):
+        next(batches)
+    with pytest.raises(StopIteration):
+        next(batches)
+    batches.close()
+
+
+def test_the_next_batch_is_ready_when_the_step_ends(config):
+    """A 0.2 s pipeline and 0.3 s steps: after the first batch, taking the next one waits ~0."""
+    batches = shd.Prefetcher(SlowBatches(config, 0.2), shd.make_mesh(config), count=4)
+    waits = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        next(batches)
+        waits.append(time.perf_counter() - t0)
+        time.sleep(0.3)  # the step
+    batches.close()
+    assert waits[0] > 0.15 and max(waits[1:]) < 0.1, waits
