@@ -314,6 +314,19 @@ def field_hint(path: list[str]) -> str:
     return f"did you mean {close[0]}?" if close else ""
 
 
+def unknown_override(args) -> str | None:
+    """The message for the first `--config.<field>=` command-line argument that names no field (None: all known)."""
+    for arg in args:
+        if arg.startswith("--config."):
+            path = arg[len("--config."):].split("=", 1)[0].split(".")
+            unknown = unknown_prefix(path)
+            if unknown is not None:
+                hint = field_hint(path)
+                return (f"unknown config field config.{'.'.join(unknown)} in {arg!r}"
+                        f"{'; ' + hint if hint else ''} (every field is in cma_jax/config.py)")
+    return None
+
+
 def unused_fields(config, overridden) -> list[str]:
     """The overridden dotted fields that belong to a method section `config.method` does not read."""
     cls = peft.get(config.method)

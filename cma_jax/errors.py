@@ -11,6 +11,10 @@ class CheckpointMismatch(ValueError):
     """A sound checkpoint made for another model or training configuration (not damage: never skipped)."""
 
 
+class DoesNotFit(ValueError):
+    """A configuration whose compiled step needs more memory per chip than the chip has (cma_jax.compile)."""
+
+
 class TrainingDiverged(ValueError):
     """The loss or gradient norm became non-finite (or spiked): the run stopped before saving that state."""
 

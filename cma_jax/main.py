@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cma_jax import config as config_lib
-from cma_jax import console, sharding, train
+from cma_jax import accelerators, console, sharding, train
 from cma_jax import run as run_lib
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msrvtt.py or configs/msrvtt.py:vit_b16.",
@@ -65,14 +65,9 @@ def run(config, workdir: str, overridden=()):
 
 def check_overrides(argv) -> None:
     """Fail early, naming the field and the closest real ones, on `--config.<field>=` overrides no config has."""
-    for arg in argv[1:]:
-        if arg.startswith("--config."):
-            path = arg[len("--config."):].split("=", 1)[0].split(".")
-            unknown = config_lib.unknown_prefix(path)
-            if unknown is not None:
-                hint = config_lib.field_hint(path)
-                sys.exit(f"error: unknown config field config.{'.'.join(unknown)} in {arg!r}"
-                         f"{'; ' + hint if hint else ''} (every field is in cma_jax/config.py)")
+    problem = config_lib.unknown_override(argv[1:])
+    if problem:
+        sys.exit(f"error: {problem}")
 
 
 def main(argv):
@@ -81,6 +76,7 @@ def main(argv):
     if FLAGS.print_config:
         print(config_lib.describe(FLAGS.config))
         return
+    accelerators.libtpu_without_chips()  # before JAX starts its backends
     console.setup(verbose=FLAGS.verbosity >= 1)
     init_distributed()
     config = FLAGS.config
