@@ -357,3 +357,35 @@ def test_every_method_trains_on_the_quick_demo_and_the_figure_is_drawn(tmp_path)
     sim = r.similarity(r.encode_text(["a plain square coloured emerald , tiny , top , over grey"]),
                        *r.encode_videos([frames[0], frames[1]]))
     assert sim.shape == (1, 2) and np.isfinite(sim).all()
+
+
+def test_efficiency_labels_stay_inside_the_frame_and_clear_of_each_other_and_the_points():
+    """The README's `:methods` run: the two adapters side by side, full fine-tuning at the right edge (x = 1),
+    prompts bunched at the bottom; and the same with the adapters' step times swapped (another machine)."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - the demo imports it only to draw
+
+    at = {"full": ("Full fine-tuning", 93, 63.5, 0.4), "partial": ("Partial", 63, 60.7, 1.2),
+          "projection": ("Projection", 22, 31.6, 0.9), "coop": ("CoOp", 28, 4.2, 0.8), "vpt": ("VPT", 76, 1.0, 0.2),
+          "vl_prompt": ("VL-Prompt", 81, 10.6, 2.3), "maple": ("MaPLe", 76, 9.2, 0.9), "vop": ("VoP", 94, 17.3, 0.2),
+          "adapter_attn": ("Adapter-ATTN", 64, 41.2, 1.1), "adaptformer": ("AdaptFormer", 55, 44.7, 3.1),
+          "st_adapter": ("ST-Adapter", 69, 6.2, 0.6), "uni": ("Uni-modal adapters (d_s=0)", 70, 49.5, 0.6),
+          "cma": ("Cross-Modal Adapter", 72, 49.3, 1.3)}
+    for swap in (False, True):
+        if swap:
+            at["uni"], at["cma"] = at["uni"][:1] + (73, 49.5, 0.6), at["cma"][:1] + (70, 49.3, 1.3)
+        rows = [{"method": m, "name": name, "step_time_s": ms / 1000, "metrics": {"t2v": {"R1": r1}},
+                 "metrics_std": {"t2v": {"R1": std}}} for m, (name, ms, r1, std) in at.items()]
+        _check_efficiency_labels(demo_table.efficiency_figure(rows), [r["name"] for r in rows])
+        plt.close("all")
+
+
+def _check_efficiency_labels(fig, names):
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t.get_window_extent(renderer) for t in ax.texts]
+    marks = [a.get_window_extent(renderer) for c in ax.containers for a in c.get_children()]
+    frame = ax.get_window_extent(renderer)
+    assert [t.get_text() for t in ax.texts] == names
+    for i, box in enumerate(labels):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        assert all(demo_table._overlap(box, other) == 0 for other in labels[:i] + labels[i + 1:] + marks)

@@ -117,28 +117,78 @@ def plot_curves(pretrain_history: list[dict], rows: list[dict], path: str) -> No
 def plot_efficiency(rows: list[dict], path: str) -> None:
     """The paper's efficiency figure: test t2v R@1 (mean ± std over seeds) against each method's median step
     time relative to full fine-tuning's, measured in this run -> PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = efficiency_figure(rows)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def efficiency_figure(rows: list[dict]):
+    """plot_efficiency's matplotlib figure (pyplot's: close it)."""
     import matplotlib  # heavy: only when the plot is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     full = next(r["step_time_s"] for r in rows if r["method"] == "full")
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = []  # (x, y, name, the label's distance from the point in points)
     for r in rows:
         if not r["step_time_s"]:
             continue  # zero-shot trains nothing
         x, y, e = r["step_time_s"] / full, r["metrics"]["t2v"]["R1"], r["metrics_std"]["t2v"]["R1"]
         ours = r["method"] == "cma"
-        ax.errorbar([x], [y], yerr=[e], fmt="*" if ours else "o", ms=14 if ours else 6,
+        size = 14 if ours else 6
+        ax.errorbar([x], [y], yerr=[e], fmt="*" if ours else "o", ms=size,
                     color="red" if ours else "grey" if r["method"] == "full" else None, capsize=3)
-        # The Cross-Modal Adapter's label below its star: the uni-modal adapters are often right beside it.
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, -12) if ours else (5, 4), fontsize=7)
+        points.append((x, y, r["name"], size / 2 + 3))
+    ax.margins(x=0.08, y=0.1)
     ax.set_xlabel("relative training time (median step time / full fine-tuning's, this run)")
     ax.set_ylabel("test t2v R@1")
     ax.set_title("synthetic adapt task: R@1 vs training time", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
+    _place_labels(ax, points)  # once the frame is where it stays
+    return fig
+
+
+# Where a point's label may go, in order of preference: (direction, horizontal alignment, vertical alignment).
+_LABEL_SPOTS = (((1, 0.7), "left", "bottom"), ((-1, 0.7), "right", "bottom"), ((1, -0.7), "left", "top"),
+                ((-1, -0.7), "right", "top"), ((0, 1.5), "center", "bottom"), ((0, -1.5), "center", "top"))
+
+
+def _place_labels(ax, points) -> None:
+    """Each point's name `away` points from it, at the first spot of _LABEL_SPOTS where it stays inside the axes and clear of
+    every marker and error bar (each artist's drawn box) and of the labels placed before; else where it
+    overlaps least. Methods sit close together (the two adapters often side by side), and where depends on the
+    machine's step times, so no spot is fixed."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [b for c in ax.containers for a in c.get_children() for b in [a.get_window_extent(renderer)]
+             if b.width > 0 or b.height > 0]
+    for x, y, name, away in points:
+        best = None
+        for (dx, dy), ha, va in _LABEL_SPOTS:
+            label = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx * away, dy * away), ha=ha, va=va,
+                                fontsize=7)
+            box = label.get_window_extent(renderer)
+            outside = box.width * box.height - _overlap(box, frame)
+            cost = outside * 10 + sum(_overlap(box, t) for t in taken)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, label, box)
+            else:
+                label.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
 
 
 def r1_ceiling(config, data_dir: str) -> float:
