@@ -93,6 +93,11 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
         raise
 
 
+def plural(n: int, one: str, many: str) -> str:
+    """'1 video', '3 videos'."""
+    return f"{n} {one if n == 1 else many}"
+
+
 # ----------------------------------------------------------------------------- logging
 class QuietLibraries(logging.Filter):
     """Keeps warnings and errors, cma_jax's own INFO lines, and drops the rest (see `setup`)."""

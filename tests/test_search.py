@@ -87,6 +87,8 @@ def test_index_resume_query_and_refusal(trained, tmp_path, capsys):
     assert search.main(index_args(t, index_dir, "--adapters", t["adapters"])) == 0
     out = capsys.readouterr().out
     assert "6 videos" in out and "6 to encode" in out
+    assert out.splitlines()[-1] == (f"index {index_dir}: 5 encoded now; 5 videos in all, in 3 shards; "
+                                    "1 unreadable video skipped (1 new)")
     manifest = json.loads((index_dir / "manifest.json").read_text())
     # sorted: [blue, broken] [green, more/purple] [red, yellow]: the unreadable one leaves a gap
     assert [s["count"] for s in manifest["shards"]] == [1, 2, 2]
@@ -111,7 +113,9 @@ def test_index_resume_query_and_refusal(trained, tmp_path, capsys):
 
     # Resume: a rerun encodes nothing; a new file is the only one encoded.
     assert search.main(index_args(t, index_dir, "--adapters", t["adapters"])) == 0
-    assert "0 to encode" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0 to encode" in out and out.endswith(": 0 encoded now; 5 videos in all, in 3 shards; 1 unreadable video "
+                                                 "skipped (0 new)\n")
     # (a second red clip: the model was trained on these five colours only)
     videofiles.write_video(t["videos"] / "late" / "red_again.mp4", 0, 3.0)
     try:

@@ -85,6 +85,24 @@ def test_type_see_click_and_play_at_the_best_moment(server, tmp_path):
             page.fill("#q", "a red video of a red video")
             page.wait_for_selector("#status.error")
             assert "query too long" in page.inner_text("#status")
+            # A long file name wraps inside its card, which stays in line with the others.
+            long = "holiday_2019_beach_sunset_with_family_and_friends_full_length_original_upload.mp4"
+
+            def renamed(route):
+                data = route.fetch().json()
+                data["hits"][1]["video"] = long
+                route.fulfill(json=data)
+
+            page.route("**/api/search*", renamed)
+            page.fill("#q", caption("blue"))
+            page.wait_for_function(f"[...document.querySelectorAll('.hit')].some(c => c.dataset.video === {long!r})")
+            cards = page.eval_on_selector_all(".hit", """cs => cs.map(c => [c.getBoundingClientRect().top,
+                c.firstElementChild.getBoundingClientRect().top, c.getBoundingClientRect().width,
+                c.scrollWidth <= c.clientWidth, c.querySelector('.name').title])""")
+            row = [c for c in cards if c[0] == cards[0][0]]
+            assert len(row) >= 3 and cards[1][4] == long
+            assert len({c[1] for c in row}) == 1 and len({c[2] for c in row}) == 1  # pictures in line, same widths
+            assert all(c[3] for c in cards)  # nothing sticks out of its card
         finally:
             browser.close()
 

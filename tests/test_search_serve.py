@@ -281,6 +281,12 @@ def test_serve_binds_loopback_unless_told_and_says_so(served, trained, monkeypat
                        "machine only; --host changes it)")
     assert out[-2].startswith("parameters in memory: ") and "for 2 adapter sets on one backbone" in out[-2]
     assert sum(line.startswith("loaded backbone ") for line in out) == 1  # once, for both indexes
+    assert "index 'cma' (" in "\n".join(out) and "  index 'uni': method unimodal, its own parameters " in "\n".join(out)
+    lines = []
+    serve.serve(served["served"][:1], host="127.0.0.1", port=9000, log=lines.append)
+    assert lines[-1].startswith("serving 1 index on http://127.0.0.1:9000/")
+    assert serve.memory_lines(served["backbone"], served["served"][:1])[-1].endswith(
+        " for 1 adapter set on one backbone")
     lines = []
     serve.serve(served["served"], host="0.0.0.0", port=9000, log=lines.append)
     assert calls[-1]["host"] == "0.0.0.0" and "reachable from other machines too" in lines[0]

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from cma_jax.console import plural
 from cma_jax.search import store
 
 
@@ -88,6 +89,8 @@ def build_index(retriever, video_dir: str, index_dir, *, shard_size: int = 256, 
     if not todo:
         store.save_manifest(index_dir, manifest)
     total = sum(s["count"] for s in manifest["shards"])
-    log(f"index {index_dir}: {total} videos in {len(manifest['shards'])} shards; "
-        f"{len(manifest['failed'])} unreadable skipped ({new_failed} new)")
+    failed = len(manifest["failed"])
+    log(f"index {index_dir}: {len(todo) - new_failed} encoded now; {plural(total, 'video', 'videos')} in all, in "
+        f"{plural(len(manifest['shards']), 'shard', 'shards')}"
+        + (f"; {plural(failed, 'unreadable video', 'unreadable videos')} skipped ({new_failed} new)" if failed else ""))
     return manifest

@@ -141,12 +141,12 @@ def _query_or_report(args) -> int:
     page = report.render_report(results, texts, index, thumbs=args.thumbs, fps=index["manifest"]["settings"]["fps"])
     write_atomic(args.out, page)
     hits = len(results[0])  # every query gets min(k, videos in the index)
-    line = f"report with {report.plural(len(texts), 'query', 'queries')} x {report.plural(hits, 'hit', 'hits')}"
+    line = f"report with {console.plural(len(texts), 'query', 'queries')} x {console.plural(hits, 'hit', 'hits')}"
     if hits < args.k:
         line += f" (k={args.k}, but the index holds {hits} videos)"
     unreadable = len(index["manifest"]["failed"])
     if unreadable:
-        line += f", listing {report.plural(unreadable, 'unreadable video', 'unreadable videos')}"
+        line += f", listing {console.plural(unreadable, 'unreadable video', 'unreadable videos')}"
     print(f"{line} -> {args.out}")
     return 0
 

@@ -17,13 +17,14 @@ select{font-size:14px;padding:7px;border-radius:6px;border:1px solid #bbb}
 #status.error{color:#b00020}
 main{display:flex;gap:20px;padding:0 24px 24px;align-items:flex-start}
 #grid{flex:1;display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:12px}
-.hit{background:#fff;border:1px solid #ddd;border-radius:8px;overflow:hidden;cursor:pointer;padding:0;text-align:left;font:inherit}
+.hit{background:#fff;border:1px solid #ddd;border-radius:8px;overflow:hidden;cursor:pointer;padding:0;text-align:left;font:inherit;
+  display:flex;flex-direction:column;justify-content:flex-start;min-width:0}
 .hit:hover,.hit.playing{border-color:#2563eb;box-shadow:0 0 0 2px #2563eb33}
-.hit img{width:100%;height:120px;object-fit:contain;background:#111;display:block}
-.hit .meta{padding:6px 8px;font-size:12px}
-.hit .name{word-break:break-all;font-weight:600}
+.hit img{width:100%;height:120px;flex:none;object-fit:contain;background:#111;display:block}
+.hit .meta{padding:6px 8px;font-size:12px;width:100%;box-sizing:border-box}
+.hit .name{overflow-wrap:anywhere;font-weight:600;display:-webkit-box;-webkit-box-orient:vertical;-webkit-line-clamp:3;overflow:hidden}
 .hit .score{font-family:monospace;color:#444}
-.hit .nopic{height:120px;background:#e5e5e5;color:#777;display:flex;align-items:center;justify-content:center;font-size:12px;padding:0 8px;text-align:center}
+.hit .nopic{height:120px;flex:none;background:#e5e5e5;color:#777;display:flex;align-items:center;justify-content:center;font-size:12px;padding:0 8px;text-align:center}
 .hit.missing{opacity:.7} .hit.missing .name{color:#b00020}
 #side{width:420px;position:sticky;top:12px;background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px}
 #side[hidden]{display:none}
@@ -83,7 +84,9 @@ async function search() {
     const meta = document.createElement("div");
     meta.className = "meta";
     meta.innerHTML = `<div class="name"></div><div class="score">#${h.rank} &middot; ${h.score.toFixed(4)} &middot; at ${h.time.toFixed(1)} s</div>`;
-    meta.firstChild.textContent = h.video;
+    // long names wrap after _ - . / and spaces (mid-word only when a part is still too long), at most 3 lines
+    h.video.split(/(?<=[_\-.\/ ])/).forEach((part, i) => meta.firstChild.append(...(i ? [document.createElement("wbr")] : []), part));
+    meta.firstChild.title = h.video;
     b.append(img, meta);
     b.addEventListener("click", () => play(b));
     grid.appendChild(b);

@@ -6,12 +6,8 @@ import datetime
 import html
 import os
 
+from cma_jax.console import plural
 from cma_jax.search.thumbs import thumbnails
-
-
-def plural(n: int, one: str, many: str) -> str:
-    """'1 video', '3 videos'."""
-    return f"{n} {one if n == 1 else many}"
 
 
 _CSS = """

@@ -19,6 +19,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 
 from cma_jax import api
+from cma_jax.console import plural
 from cma_jax.search import ann, page, scoring, store, thumbs
 
 MAX_QUERY_CHARS = 1000  # longer is refused before tokenizing
@@ -111,10 +112,11 @@ def memory_lines(backbone: api.SharedBackbone, served: list[Served]) -> list[str
     m = memory(backbone, served)
     lines = [f"backbone {backbone.backbone.folder}: {_size(m['backbone'])} of parameters, loaded once"]
     for s, own in zip(served, m["own"]):
-        lines.append(f"  index {s.name}: method {s.searcher.manifest['fingerprint']['method']}, its own parameters "
+        lines.append(f"  index '{s.name}': method {s.searcher.manifest['fingerprint']['method']}, its own parameters "
                      f"{_size(own)}; {len(s.searcher)} videos' embeddings {_size(s.searcher.nbytes())}")
-    lines.append(f"parameters in memory: {_size(m['total'])} for {len(served)} adapter sets on one backbone "
-                 f"(as {len(served)} separate models: {_size(m['separate'])})")
+    lines.append(f"parameters in memory: {_size(m['total'])} for {plural(len(served), 'adapter set', 'adapter sets')} "
+                 "on one backbone" + (f" (as {len(served)} separate models: {_size(m['separate'])})"
+                                      if len(served) > 1 else ""))
     return lines
 
 
@@ -181,7 +183,7 @@ def load_indexes(index_dirs: list[str], *, backbone: str | None = None, tokenize
         searcher = scoring.Searcher(r, index, candidates=candidates if two_stage else 0, graph=graph)
         searcher.search(["warm up"], min(PAGE_K, n))  # compiles the query path now, not on the first query
         served.append(Served(name, d, searcher, m["video_root"], frozenset(index["videos"])))
-        log(f"index {name} ({d}): {n} videos, method {m['fingerprint']['method']}, "
+        log(f"index '{name}' ({d}): {plural(n, 'video', 'videos')}, method {m['fingerprint']['method']}, "
             f"{served[-1].describe()['search']} search")
     return shared, served
 
@@ -305,6 +307,6 @@ def make_app(served: list[Served], *, title: str = "cma_jax video search") -> St
 def serve(served: list[Served], *, host: str = "127.0.0.1", port: int = 8000, log=print) -> None:
     """Run the app with uvicorn until interrupted."""
     where = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else "other machines too"
-    log(f"serving {len(served)} indexes on http://{host}:{port}/ (bound to {host}: reachable from {where}; "
+    log(f"serving {plural(len(served), 'index', 'indexes')} on http://{host}:{port}/ (bound to {host}: reachable from {where}; "
         "--host changes it)")
     uvicorn.run(make_app(served), host=host, port=port, log_level="warning")
