@@ -89,8 +89,9 @@ class Topology:
 
 
 def topology(name: str) -> Topology:
-    """`v5e-8`, `v5e-16`, `v4-32`, `v5p-8`, `v6e-8`, `8xH100`, `16xA100`, ... -> Topology (ValueError otherwise)."""
-    m = _TPU_NAME.match(name)
+    """`v5e-8` (or `v5litepod-8`), `v5e-16`, `v4-32`, `v5p-8`, `v6e-8`, `8xH100`, `16xA100`, ... -> Topology
+    (ValueError otherwise)."""
+    m = _TPU_NAME.match(name.replace("v5litepod-", "v5e-"))  # Cloud TPU's accelerator type for v5e
     if m:
         kind, n = m.group(1), int(m.group(2))
         chips = n // _CORES_PER_CHIP.get(kind, 1)

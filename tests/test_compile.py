@@ -116,3 +116,45 @@ def test_tiny_train_step_compiles_for_gpus_without_a_gpu():
     assert 0 < peak < 2 ** 30 and 0 < eval_peak < 2 ** 30 and hbm is None  # the GPU compiler counts no bytes
     # nor FLOPs: they are the CPU compile's of the same step, split over the 8 GPUs
     assert flops * 8 == pytest.approx(plugins.result(plugins.run_python(CPU_FLOPS, plugins.env())), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the pod launcher's compile check
+FAKE_GCLOUD = """#!/bin/bash
+echo "$*" >> "$GCLOUD_LOG"
+if [[ "$*" == *"tpu-vm describe"* ]]; then echo v5litepod-16; fi
+"""
+
+
+def _pod(tmp_path, *main_flags):
+    """launch/tpu_pod.sh on an existing slice with a fake gcloud (its calls logged) -> (process, gcloud calls)."""
+    gcloud = tmp_path / "bin" / "gcloud"
+    gcloud.parent.mkdir(exist_ok=True)
+    gcloud.write_text(FAKE_GCLOUD)
+    gcloud.chmod(0o755)
+    log = tmp_path / "gcloud.log"
+    log.unlink(missing_ok=True)
+    env = plugins.env(plugins.TPU)
+    env.update(PATH=f"{gcloud.parent}:{env['PATH']}", GCLOUD_LOG=str(log), PYTHON=sys.executable)
+    p = subprocess.run(["bash", "launch/tpu_pod.sh", "--tpu=pod1", "--zone=z", "--", "--config=tests/tiny.py",
+                        "--workdir=gs://bucket/run", *main_flags], env=env, cwd=plugins.ROOT, capture_output=True,
+                       text=True, timeout=600)
+    return p, log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.slow
+def test_pod_launch_compiles_for_the_slice_before_starting_its_hosts(tmp_path):
+    p, calls = _pod(tmp_path, "--config.train.batch_size=16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    # the slice's type asked first, the step compiled for its 16 chips on 4 hosts, then every worker started
+    assert "on v5litepod-16: 16 v5e chips, 4 host(s), mesh data/fsdp/model = 16x1x1" in p.stderr
+    assert "fits" in p.stderr
+    assert len(calls) == 2 and "tpu-vm describe pod1" in calls[0]
+    assert calls[1].startswith("compute tpus tpu-vm ssh pod1 --zone=z --worker=all --command=cd cma_jax && "
+                               "python3 -m cma_jax.main --distributed --config=tests/tiny.py")
+    # a batch the slice cannot hold: nothing is started
+    p, calls = _pod(tmp_path, "--config.train.batch_size=262144")
+    assert p.returncode == 1
+    assert "error: vit_b32 cma does not fit v5litepod-16: XLA refuses its train step" in p.stderr
+    assert p.stderr.strip().endswith("tpu_pod.sh: nothing was started: the run does not compile for v5litepod-16 "
+                                     "(above)")
+    assert len(calls) == 1 and "describe" in calls[0]
