@@ -214,8 +214,8 @@ def setup(verbose: bool = False) -> None:
     INFO lines of other libraries are dropped (JAX's "Unable to initialize backend 'tpu'", Orbax's per-save
     chatter, TFDS's dataset-info lines), and so are Orbax's notices that it opened a checkpoint read-only
     (which we ask for); their warnings and errors stay, and so do cma_jax's own INFO lines. `verbose`
-    (`--verbosity=1`) keeps every line. Log lines are written between progress bars (tqdm's
-    external_write_mode), not into them. After a restore that fails, tensorstore still completes the reads
+    (`--verbosity=1`) keeps every line. Log lines, Python warnings among them, are written between progress
+    bars (tqdm's external_write_mode), not into them. After a restore that fails, tensorstore still completes the reads
     already in flight and hands their results to Orbax's asyncio loop, which the failure has closed: each
     prints an `Event loop is closed` traceback (through sys.unraisablehook), and its sibling read
     coroutines, never awaited, print the very error the failed restore already raised. Those, and only
@@ -232,5 +232,6 @@ def setup(verbose: bool = False) -> None:
         console = _console_handler(handler)
         if console is not None:
             console.setStream(BetweenBars(console.stream))
+    logging.captureWarnings(True)  # Python warnings as log lines too: between the bars, not written into them
     sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
     threading.excepthook = _thread_hook(threading.excepthook)

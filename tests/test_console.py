@@ -5,6 +5,9 @@ import errno
 import io
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import pytest
@@ -163,3 +166,24 @@ def test_a_config_files_own_error_is_one_line_without_its_traceback(flag_values,
     with pytest.raises(SystemExit) as e:
         console.parse_flags(["demo", f"--config={config}:fast"], flag_values)
     assert e.value.code == f"error: flag --config={config}:fast: cfg: unknown variant 'fast' (--help lists the flags)"
+
+
+def test_python_warnings_go_between_progress_bars_too():
+    code = textwrap.dedent("""
+        import warnings
+        from tqdm import tqdm
+        from cma_jax import console
+        console.setup()
+        bar = tqdm(total=10, desc="train", ascii=True, bar_format="{desc} {n_fmt}/{total_fmt}")
+        bar.update(3)
+        warnings.warn("a library's warning")
+        bar.close()
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,  # bytes: keep each \r
+                       env={**os.environ, "PYTHONPATH": root})
+    err = p.stderr.decode()
+    assert p.returncode == 0, err
+    before, line, after = err.partition("WARNING: <string>:8: UserWarning: a library's warning\n")  # (+ "\n")
+    assert line, err
+    assert before.endswith("\r" + " " * len("train 3/10") + "\r") and after.startswith("\n\rtrain 3/10"), err
