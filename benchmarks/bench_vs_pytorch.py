@@ -46,8 +46,8 @@ from bench_train_step import (abstract_batch, bench_config, build, compile_step,
                               shape_args)
 from cma_jax.convert import to_cma  # noqa: E402
 from cma_jax.models import state  # noqa: E402
-from cma_jax.models.adapter import AdapterParam  # noqa: E402
 from cma_jax.models.clip import REMAT_POLICIES  # noqa: E402
+from cma_jax.models.peft.adapter import AdapterParam  # noqa: E402
 
 METHODS = ("cma", "full")
 TARGETS = {"jax/torch cma": 0.8, "jax/torch full": 0.9, "cma/full time": 0.70, "cma/full XLA memory": 0.45}

@@ -379,7 +379,7 @@ def validate(config, num_devices: int | None = None, overridden=()) -> None:
             raise ValueError(f"config.{field}: {msg}")
 
     check(config.mode in MODES, "mode", f"expected one of {MODES}, got {config.mode!r}")
-    check(config.method in peft.METHODS, "method", f"expected one of {METHODS}, got {config.method!r}")
+    check(config.method in peft.METHODS, "method", f"expected one of {tuple(peft.METHODS)}, got {config.method!r}")
     unused = unused_fields(config, overridden)
     if unused:
         raise ValueError(unused[0])

@@ -71,7 +71,7 @@ def with_weights(backbone: Backbone) -> Backbone:
 def method(config) -> peft.Method:
     """The fine-tuning method `config.method` with its hyper-parameters from `config.<section>`."""
     if config.method not in peft.METHODS:
-        raise ValueError(f"config.method: expected one of {config_lib.METHODS}, got {config.method!r}")
+        raise ValueError(f"config.method: expected one of {tuple(peft.METHODS)}, got {config.method!r}")
     cls = peft.get(config.method)
     fields = {f: config[cls.section][f] for f in config_lib.config_fields(cls)} if cls.section else {}
     try:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cma_jax.models.adapter import Adapter, AdapterConfig, AdapterParam, SharedBlock, SharedUp, shared_layer_index
 from cma_jax.models.clip import CLIP, CLIPConfig, ResidualAttentionBlock
+from cma_jax.models.peft.adapter import Adapter, AdapterConfig, AdapterParam, SharedBlock, SharedUp, shared_layer_index
+from cma_jax.models.peft.base import Site
 
 NP_ACT = {
     "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
@@ -54,7 +55,7 @@ def test_adapter_matches_numpy(width, d_s, activation):
         randomize(shared, 1)
     assert (adapter.up_kernel is None) == (d_s == width)
     h = np.random.default_rng(2).normal(size=(2, 3, width)).astype(np.float32)
-    got = np.asarray(adapter(jnp.asarray(h), shared))
+    got = np.asarray(adapter(jnp.asarray(h), Site(shared=shared)))
     want = np_adapter(h, params(adapter), params(shared) if shared is not None else None, activation, d_s)
     assert got.shape == (2, 3, width)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -66,9 +67,9 @@ def test_shared_slice_is_the_last_share_dim_outputs():
     adapter, shared = Adapter(10, cfg, rngs=nnx.Rngs(0)), SharedUp(cfg, rngs=nnx.Rngs(1))
     randomize(adapter, 0)
     h = jnp.asarray(np.random.default_rng(0).normal(size=(5, 10)), jnp.float32)
-    before = np.asarray(adapter(h, shared))
+    before = np.asarray(adapter(h, Site(shared=shared)))
     shared.bias[...] = shared.bias[...] + 1.0
-    diff = np.asarray(adapter(h, shared)) - before
+    diff = np.asarray(adapter(h, Site(shared=shared))) - before
     np.testing.assert_allclose(diff[:, :6], 0.0, atol=1e-6)
     np.testing.assert_allclose(diff[:, 6:], 1.0, atol=1e-5)
 
@@ -127,9 +128,9 @@ def test_unequal_depths_follow_documented_mapping(monkeypatch):
     seen, traced = [], []
     original = Adapter.__call__
 
-    def spy(self, h, shared, *rest):
-        seen.append(shared)
-        return original(self, h, shared, *rest)
+    def spy(self, h, site):
+        seen.append(site.shared)
+        return original(self, h, site)
 
     def run(model, images, ids):
         traced.append(model)  # the model object the spied calls belong to
@@ -194,6 +195,11 @@ def np_block(x, p, heads, mask, shared):
     return x + np_adapter(h, sub("mlp_adapter"), shared["mlp"], "quick_gelu", 4)
 
 
+def by_site(shared: SharedBlock) -> dict:
+    """A depth's bank entry as the block takes it: {site: shared slice} (what CMA's `shared` hook returns)."""
+    return {"attn_adapter": shared.attn, "mlp_adapter": shared.mlp}
+
+
 def block_and_shared(seed=0):
     cfg = AdapterConfig(reduction_dim=4, share_dim=4)
     block = ResidualAttentionBlock(16, 2, jnp.float32, cfg, rngs=nnx.Rngs(seed))
@@ -207,7 +213,7 @@ def test_block_matches_numpy_with_causal_mask():
     block, shared = block_and_shared()
     x = np.random.default_rng(5).normal(size=(2, 5, 16)).astype(np.float32)
     mask = np.tril(np.ones((5, 5), bool))
-    got = np.asarray(block(jnp.asarray(x), jnp.asarray(mask), shared))
+    got = np.asarray(block(jnp.asarray(x), jnp.asarray(mask), by_site(shared)))
     p = params(block)
     sp = {pos: {k.split(".", 1)[1]: v for k, v in params(shared).items() if k.startswith(pos)}
           for pos in ("attn", "mlp")}
@@ -227,7 +233,7 @@ def test_zero_up_weights_give_plain_clip_block():
         up.kernel[...] = jnp.zeros_like(up.kernel[...])
         up.bias[...] = jnp.zeros_like(up.bias[...])
     x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 5, 16)), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(block(x, None, shared)), np.asarray(plain(x, None, None)))
+    np.testing.assert_array_equal(np.asarray(block(x, None, by_site(shared))), np.asarray(plain(x, None, None)))
 
 
 # ----------------------------------------------------------------------------- parameter counts

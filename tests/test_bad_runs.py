@@ -16,7 +16,7 @@ from cma_jax import lock
 from cma_jax import run as run_lib
 from cma_jax import train as train_lib
 from cma_jax.errors import CheckpointError, CheckpointMismatch, TrainingDiverged
-from cma_jax.models.adapter import AdapterParam
+from cma_jax.models.peft.adapter import AdapterParam
 from tiny import SyntheticBatches, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

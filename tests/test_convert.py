@@ -16,8 +16,8 @@ from cma_jax.models import peft  # noqa: E402
 from cma_jax.models.state import apply_state  # noqa: E402
 from cma_jax.trees import flatten  # noqa: E402
 from cma_jax.convert import CheckpointError  # noqa: E402
-from cma_jax.models.adapter import AdapterConfig, AdapterParam  # noqa: E402
 from cma_jax.models.clip import CLIP  # noqa: E402
+from cma_jax.models.peft.adapter import AdapterConfig, AdapterParam  # noqa: E402
 from fake_bucket import bucket  # noqa: E402, F401 - the fixture: gs:// in a local folder
 
 R = 4

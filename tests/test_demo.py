@@ -19,6 +19,7 @@ from cma_jax.demo import sweep as demo_sweep
 from cma_jax.demo import table as demo_table
 from cma_jax.data import pipeline
 from cma_jax.data.builders.synthetic import Synthetic
+from cma_jax.models import peft
 from configs import demo as demo_config
 
 
@@ -52,18 +53,22 @@ def test_stage_configs_are_valid_and_differ_as_intended(arg):
 
 @pytest.mark.parametrize("arg", ["methods", "methods_quick", "methods_lr"])
 def test_the_methods_variants_train_every_row_of_the_papers_table(arg):
-    """Fourteen rows, each a valid stage of its own method, with the demo's fields and learning rate for it."""
+    """A row per declared method, each a valid stage of its own method, with the demo's fields and learning rate
+    for it as the method declares them."""
     config = demo_config.get_config(arg)
     run_lib.check(config, num_devices=1)
-    assert list(config.extra.methods) == list(demo_stages.METHODS) and len(config.extra.methods) == 14
+    assert list(config.extra.methods) == list(demo_stages.rows()) and len(config.extra.methods) == len(peft.METHODS)
     for stage in config.extra.methods:
         c = demo_stages.stage_config(config, stage, "/data", "/bb")
         run_lib.check(c, num_devices=1)
         method = loader.method(c)
         assert method.name == demo_stages.STAGE_METHOD.get(stage, stage)
         if stage in config.extra.lr:
-            assert c.train.lr == config.extra.lr[stage] and set(config.extra.lr_grid[stage])
-            for k, v in config.extra.fields.get(stage, {}).items():
+            demo = peft.get(method.name).demo
+            assert c.train.lr == config.extra.lr[stage] == demo.lr
+            assert tuple(config.extra.lr_grid[stage]) == demo.lr_grid
+            assert dict(config.extra.fields.get(stage, {})) == demo.fields
+            for k, v in demo.fields.items():
                 assert getattr(method, k) == v
         assert c.mode == ("eval" if stage == "zero_shot" else "train")
     # every caption keeps its words: 12 words + start and end tokens + a method's text prompts fit 16
@@ -140,7 +145,7 @@ def _fake_run(method, n, seed, r1, last):
     metrics = {d: {"R1": r1, "R5": 0.0, "R10": 0.0, "MdR": 1.0, "MnR": 1.0} for d in ("t2v", "v2t")}
     final = {d: {**v, "R1": last} for d, v in metrics.items()}
     params = {"zero_shot": 0, "uni": 17024, "cma": 15936, "full": 225728}[method]
-    rec = {"method": method, "name": demo_stages.METHODS[method], "seed": seed, "metrics": metrics,
+    rec = {"method": method, "name": demo_stages.rows()[method], "seed": seed, "metrics": metrics,
            "batch_size": min(64, n), "num_steps": 100, "trainable_params": params, "trainable_percent": 1.0,
            "step_time_s": None if method == "zero_shot" else 0.1, "history": [], "config": "{}"}
     if method != "zero_shot":
@@ -259,7 +264,7 @@ def _check_results(workdir, config):
     assert res["wall_seconds_this_run"] > 0 and res["machine"]["cpu_count"] >= 1
     table = open(os.path.join(workdir, "results.md")).read()
     for method in config.extra.methods:
-        assert demo_stages.METHODS[method] in table
+        assert demo_stages.rows()[method] in table
     with Image.open(os.path.join(workdir, "curves.png")) as png:
         assert png.size[0] > 400 and png.size[1] > 200
     return res
@@ -322,15 +327,13 @@ def test_a_workdir_made_with_another_config_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_every_method_trains_on_the_quick_demo_and_the_figure_is_drawn(tmp_path):
-    """configs/demo.py:methods_quick end to end: fourteen rows, each trained method's loss goes down, its
+    """configs/demo.py:methods_quick end to end: a row per method, each trained method's loss goes down, its
     trained-parameter count is its formula's on the demo's CLIP, and the efficiency figure is written."""
-    from cma_jax.models import peft
-
     config = demo_config.get_config("methods_quick")
     workdir = str(tmp_path / "demo")
     res = demo.run(config, workdir)
     rows = res["methods"]
-    assert list(rows) == list(demo_stages.METHODS)
+    assert list(rows) == list(demo_stages.rows())
     clip = loader.clip_config(config)
     for stage, r in rows.items():
         name = demo_stages.STAGE_METHOD.get(stage, stage)

@@ -13,8 +13,8 @@ from flax import nnx
 from cma_jax import evaluate as ev
 from cma_jax import metrics
 from cma_jax import run as run_lib
-from cma_jax.models.adapter import AdapterConfig
 from cma_jax.models.clip import CLIPConfig
+from cma_jax.models.peft.adapter import AdapterConfig
 from cma_jax.models.retrieval import RetrievalModel
 
 TINY = CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=32, vision_patch_size=16,
@@ -170,7 +170,7 @@ def eval_setup(tmp_path_factory):
     from cma_jax import checkpoint
     from cma_jax.data.builders import REGISTRY
     from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
-    from cma_jax.models.adapter import AdapterParam
+    from cma_jax.models.peft.adapter import AdapterParam
     from cma_jax import config as config_lib
 
     class TinyEval(VideoTextBuilder, skip_registration=True):

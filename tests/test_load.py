@@ -12,8 +12,8 @@ from cma_jax import checkpoint, loader, sharding
 from cma_jax import run as run_lib
 from cma_jax.errors import CheckpointError
 from cma_jax.models import peft, state
-from cma_jax.models.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.clip import BACKBONE, CLIPConfig
+from cma_jax.models.peft.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.retrieval import RetrievalModel
 from cma_jax.trees import flatten, unflatten
 from tiny import TINY_CLIP, tiny_config

@@ -12,7 +12,7 @@ from flax import nnx
 
 from cma_jax import run as run_lib
 from cma_jax import train as train_lib
-from cma_jax.models.adapter import AdapterParam
+from cma_jax.models.peft.adapter import AdapterParam
 from tiny import SyntheticBatches, get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -102,7 +102,7 @@ def test_search_index_and_query_on_a_gs_index(bucket, tmp_path, monkeypatch, cap
 
     import videofiles
     from cma_jax import checkpoint, search
-    from cma_jax.models.adapter import AdapterConfig, AdapterParam
+    from cma_jax.models.peft.adapter import AdapterConfig, AdapterParam
     from cma_jax.models.clip import CLIPConfig
     from cma_jax.models.retrieval import RetrievalModel
 

@@ -19,8 +19,8 @@ import videofiles
 from cma_jax import api, checkpoint, console, search
 from cma_jax.search import build, cli, thumbs
 from cma_jax.models import peft
-from cma_jax.models.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.clip import CLIPConfig
+from cma_jax.models.peft.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.retrieval import RetrievalModel
 
 COLOURS = ["red", "green", "blue", "yellow", "purple"]  # = videofiles.PALETTE order

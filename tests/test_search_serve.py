@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 import videofiles
 from cma_jax import api, checkpoint
 from cma_jax.models import peft, retrieval, state
-from cma_jax.models.adapter import AdapterConfig
+from cma_jax.models.peft.adapter import AdapterConfig
 from cma_jax.models.retrieval import RetrievalModel
 from cma_jax.search import cli, scoring, serve, store
 from test_search import CFG, COLOURS, caption, trained  # noqa: F401  (the module's trained model)

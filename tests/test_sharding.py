@@ -14,7 +14,7 @@ from flax import nnx
 from cma_jax import run as run_lib
 from cma_jax import sharding as shd
 from cma_jax import train as train_lib
-from cma_jax.models.adapter import AdapterParam
+from cma_jax.models.peft.adapter import AdapterParam
 from cma_jax import config as config_lib
 from tiny import SyntheticBatches, tiny_config
 
@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx
     sys.path[:0] = [{root!r}, {tests!r}]
     from cma_jax import run as run_lib, sharding as shd, train as train_lib
-    from cma_jax.models.adapter import AdapterParam
+    from cma_jax.models.peft.adapter import AdapterParam
     from tiny import SyntheticBatches, tiny_config
     shd.MIN_SHARD_SIZE = 0  # shard even the tiny model's parameters
     assert jax.device_count() == 8

@@ -13,7 +13,7 @@ from cma_jax import loader
 from cma_jax import run as run_lib
 from cma_jax.models.summary import count
 from cma_jax import train as train_lib
-from cma_jax.models.adapter import AdapterParam
+from cma_jax.models.peft.adapter import AdapterParam
 from tiny import SyntheticBatches, tiny_config
 
 

@@ -121,7 +121,7 @@ def train_synthetic(config, workdir):
     from flax import nnx
 
     from cma_jax import train as train_lib
-    from cma_jax.models.adapter import AdapterParam
+    from cma_jax.models.peft.adapter import AdapterParam
 
     it = SyntheticBatches(config, process_index=jax.process_index(), process_count=jax.process_count())
     model, history = train_lib.train(run_lib.resolve(config, workdir), train_iter=it)

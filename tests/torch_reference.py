@@ -16,8 +16,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from cma_jax.models.adapter import shared_layer_index
 from cma_jax.models.clip import CLIPConfig
+from cma_jax.models.peft.adapter import shared_layer_index
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

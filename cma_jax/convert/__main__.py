@@ -14,7 +14,7 @@ from cma_jax import checkpoint
 from cma_jax.convert.mapping import convert_checkpoint, export_adapters
 from cma_jax.errors import CheckpointError
 from cma_jax.models import state
-from cma_jax.models.adapter import AdapterConfig, AdapterParam
+from cma_jax.models.peft.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.clip import CLIPConfig
 from cma_jax.models.retrieval import RetrievalModel
 

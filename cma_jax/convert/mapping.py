@@ -22,8 +22,8 @@ from cma_jax.convert.tables import (CLIP4CLIP_HEAD_PREFIXES, CMA_KEYS, HF_BLOCK,
                                     from_torch_layout, openai_table, to_torch_layout)
 from cma_jax.convert.torch_io import read_checkpoint, save_torch
 from cma_jax.errors import CheckpointError, listing
-from cma_jax.models.adapter import AdapterConfig
 from cma_jax.models.clip import CLIPConfig, backbone_shapes
+from cma_jax.models.peft.adapter import AdapterConfig
 from cma_jax.trees import flatten, unflatten
 
 

@@ -16,7 +16,7 @@ import os
 import time
 
 from cma_jax.demo import lr_search, stages, sweep, table
-from cma_jax.demo.stages import METHODS, say
+from cma_jax.demo.stages import rows, say
 
 TASKS = {"table": table, "sweep": sweep, "lr_search": lr_search}
 
@@ -27,9 +27,9 @@ def run(config, workdir: str) -> dict:
     t_start = time.time()
     workdir = os.path.abspath(workdir)
     data_dir = os.path.abspath(config.data.data_dir) if config.data.data_dir else os.path.join(workdir, "data")
-    unknown = [m for m in config.extra.methods if m not in METHODS]
+    unknown = [m for m in config.extra.methods if m not in rows()]
     if unknown:
-        raise ValueError(f"config.extra.methods: unknown {unknown}; expected some of {list(METHODS)}")
+        raise ValueError(f"config.extra.methods: unknown {unknown}; expected some of {list(rows())}")
     if config.extra.task not in TASKS:
         raise ValueError(f"config.extra.task: unknown {config.extra.task!r}; expected one of {tuple(TASKS)}")
     is_sweep = config.extra.task == "sweep"

@@ -9,7 +9,7 @@ import time
 
 from cma_jax import loader
 from cma_jax.demo import stages
-from cma_jax.demo.stages import METHODS, say
+from cma_jax.demo.stages import rows, say
 from cma_jax.files import write_atomic
 
 
@@ -30,7 +30,7 @@ def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: 
             m = rec["metrics"]
             runs.append({"lr": lr, "val_t2v_R1": m["t2v"]["R1"], "val_v2t_R1": m["v2t"]["R1"],
                          "final_loss": rec["history"][-1]["loss"]})
-            say(f"  {METHODS[method]}, lr {lr:g}: val t2v R@1 {m['t2v']['R1']:.1f}, v2t R@1 {m['v2t']['R1']:.1f}")
+            say(f"  {rows()[method]}, lr {lr:g}: val t2v R@1 {m['t2v']['R1']:.1f}, v2t R@1 {m['v2t']['R1']:.1f}")
         best = max(runs, key=lambda r: (r["val_t2v_R1"], r["val_v2t_R1"]))  # ties: the better v2t
         results[method] = {"runs": runs, "best_lr": best["lr"], "in_config": config.extra.lr[method]}
     out = {"methods": results, "seed": config.seed, "num_steps": config.train.num_steps,
@@ -47,5 +47,5 @@ def markdown(out: dict) -> str:
              "| method | learning rate: val t2v R@1 (v2t R@1) | best | in the demo's config |", "|---|---|---|---|"]
     for method, r in out["methods"].items():
         cells = ", ".join(f"{x['lr']:g}: {x['val_t2v_R1']:.1f} ({x['val_v2t_R1']:.1f})" for x in r["runs"])
-        lines.append(f"| {METHODS[method]} | {cells} | {r['best_lr']:g} | {r['in_config']:g} |")
+        lines.append(f"| {rows()[method]} | {cells} | {r['best_lr']:g} | {r['in_config']:g} |")
     return "\n".join(lines) + "\n"

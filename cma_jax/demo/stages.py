@@ -37,17 +37,28 @@ from cma_jax.models.summary import count
 
 # Stage (table row, run folder) -> the method it trains; the four rows of the first demo keep their names.
 STAGE_METHOD = {"uni": "unimodal"}
-METHODS = {  # table row name, in the paper's terms, in the paper's order
-    "zero_shot": "Zero-shot CLIP",
-    "full": "Full fine-tuning",
-    **{name: cls.label for name, cls in peft.METHODS.items() if name not in ("zero_shot", "full", "unimodal", "cma")},
-    "uni": "Uni-modal adapters (d_s=0)",
-    "cma": "Cross-Modal Adapter",
-}
+# The first demo's four rows, with knobs of their own (extra.uni_lr, extra.full_lr, train.lr and
+# config.adapter); every other method takes its declared demo settings (peft.base.Demo).
+OWN_ROWS = {"zero_shot": "Zero-shot CLIP", "full": "Full fine-tuning", "uni": "Uni-modal adapters (d_s=0)",
+            "cma": "Cross-Modal Adapter"}
 FIRST_ROWS = ("zero_shot", "uni", "cma", "full")  # the table of the default demo
 VOCAB_FILE = "synthetic_vocab.txt"
 VARIANTS = ("", "quick", "sweep", "methods", "methods_quick", "methods_lr")
 RECORD = "demo_run.json"  # a finished run's record, in its run folder
+
+
+def declared() -> dict:
+    """{method name: declaration class} of every method but the four rows with knobs of their own."""
+    own = {STAGE_METHOD.get(s, s) for s in OWN_ROWS}
+    return {name: cls for name, cls in peft.METHODS.items() if name not in own}
+
+
+def rows() -> dict[str, str]:
+    """Table row name -> its label, in the paper's order: the two ends, every declared method (the paper's
+    baselines, then any added since), the two adapter rows; read when called, so a registered method is a row."""
+    ends = ("zero_shot", "full")
+    return {**{r: OWN_ROWS[r] for r in ends}, **{name: cls.label for name, cls in declared().items()},
+            **{r: label for r, label in OWN_ROWS.items() if r not in ends}}
 
 
 def say(msg: str) -> None:
@@ -84,9 +95,10 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
       extra.methods         which rows / lines (zero_shot, uni, cma, full)
       extra.uni_lr          learning rate of uni-modal adapters (d_s = 0)
       extra.full_lr         learning rate of full fine-tuning (every weight)
-      extra.lr.<method>     learning rate of each of the ten baselines (chosen by `methods_lr` on val)
+      extra.lr.<method>     learning rate of every other method (chosen by `methods_lr` on val)
       extra.fields.<method> their hyper-parameters, scaled to this small CLIP (the rest: the method's defaults)
       extra.lr_grid.<method> the learning rates `methods_lr` tries
+    (the last three from each method's declaration, `demo=Demo(...)` in cma_jax/models/peft/)
       extra.eval_val        table: also evaluate every run on the val split (written, not tabulated)
       extra.sweep.*         the sweep: training-set sizes, val checks (see cma_jax.demo.sweep)
     The hyper-parameters were chosen on the val split and the training curves, never on test.
@@ -148,27 +160,18 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lr=1e-3,
         weight_decay=0.01,
     )
-    c.extra.methods = tuple(METHODS) if variant.startswith("methods") else FIRST_ROWS
+    c.extra.methods = tuple(rows()) if variant.startswith("methods") else FIRST_ROWS
     if variant == "methods_quick":
         c.train.num_steps = 100
     c.extra.uni_lr = 1e-2
     c.extra.full_lr = 1e-3
-    # The ten baselines on this CLIP (width 64, 2 layers): bottleneck adapters at the Cross-Modal Adapter's
-    # r = 16, ST-Adapter at half the width (as 384 of 768), text prompts short enough that a caption (12 words
-    # + start and end, of the context's 16) keeps every word; the rest are the methods' own defaults.
-    c.extra.fields = dict(
-        coop=dict(num_tokens=2), vl_prompt=dict(text_tokens=2), maple=dict(num_tokens=2), vop=dict(text_tokens=2),
-        adapter_attn=dict(reduction_dim=16), adaptformer=dict(reduction_dim=16), st_adapter=dict(reduction_dim=32),
-    )
-    # Chosen on val by `methods_lr` (its table: docs/methods.md), 300 steps, one seed: the best val t2v R@1.
-    c.extra.lr = dict(partial=3e-3, projection=1e-2, coop=3e-1, vpt=3e-2, vl_prompt=3e-2, maple=3e-2, vop=1e-2,
-                      adapter_attn=1e-2, adaptformer=1e-1, st_adapter=3e-2)
-    # Each method's grid was widened wherever its best rate sat at an edge.
-    c.extra.lr_grid = dict(partial=(3e-4, 1e-3, 3e-3, 1e-2), projection=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-                           coop=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1), vpt=(3e-3, 1e-2, 3e-2, 1e-1),
-                           vl_prompt=(3e-3, 1e-2, 3e-2, 1e-1), maple=(3e-3, 1e-2, 3e-2, 1e-1), vop=(3e-3, 1e-2, 3e-2),
-                           adapter_attn=(3e-3, 1e-2, 3e-2), adaptformer=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-                           st_adapter=(3e-3, 1e-2, 3e-2, 1e-1))
+    # Every other method on this CLIP, as it declares (peft.base.Demo): its fields scaled to width 64 and
+    # 2 layers, its learning rate chosen on val by `methods_lr` (its table: docs/methods.md; 300 steps, one
+    # seed: the best val t2v R@1), the grid it tried (widened wherever the best rate sat at an edge).
+    methods = declared()
+    c.extra.fields = {name: dict(cls.demo.fields) for name, cls in methods.items() if cls.demo.fields}
+    c.extra.lr = {name: cls.demo.lr for name, cls in methods.items()}
+    c.extra.lr_grid = {name: tuple(cls.demo.lr_grid) for name, cls in methods.items()}
     c.extra.eval_val = False
     c.extra.sweep = dict(
         # Training videos of `adapt` (1, 3, 10, 30, 100 % of its 3,000): synthetic.ADAPT_SUBSETS + the whole.
@@ -225,15 +228,15 @@ def stage_config(config, stage: str, data_dir: str, backbone: str = "", seed: in
     elif stage == "full":
         c.method = "full"
         c.train.lr = c.train.backbone_lr = extra.full_lr
-    elif stage in METHODS:  # one of the ten baselines: its section's fields and its learning rate
+    elif stage in rows():  # another method: its section's fields and its learning rate
         c.method = stage
         section = peft.get(stage).section
         for k, v in extra.fields.get(stage, {}).items():
             c[section][k] = v
-        c.train.lr = extra.lr[stage]
+        c.train.lr = extra.lr.get(stage, peft.get(stage).demo.lr)
     else:
-        raise ValueError(f"unknown demo stage {stage!r}; expected pretrain, zero_shot or one of {list(METHODS)}")
-    if stage in METHODS and stage != "zero_shot":
+        raise ValueError(f"unknown demo stage {stage!r}; expected pretrain, zero_shot or one of {list(rows())}")
+    if stage in rows() and stage != "zero_shot":
         c.mode = "train"
     return c
 
@@ -453,7 +456,7 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
     finally:
         run.close()
     train_seconds = time.time() - t0
-    record = {"config": config_key(cfg), "method": stage, "name": METHODS[stage], "seed": cfg.seed,
+    record = {"config": config_key(cfg), "method": stage, "name": rows()[stage], "seed": cfg.seed,
               "data": cfg.data.builder_config, "num_steps": len(history), "batch_size": cfg.train.batch_size,
               **_param_counts(model, run)}
     metrics = evaluate_on(model, test_set, cfg, run_dir, name=test_name)

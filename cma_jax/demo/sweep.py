@@ -65,7 +65,7 @@ def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: 
                 sel = rec.get("selection")
                 chosen = f", val chose step {sel['best_step']}/{rec['num_steps']}" if sel else ""
                 took = "reused" if reused else f"{time.time() - t0:.0f}s"
-                stages.say(f"  seed {seed} ({i + 1}/{len(seeds)}) N={n:<5d} {stages.METHODS[method]}: test t2v R@1 "
+                stages.say(f"  seed {seed} ({i + 1}/{len(seeds)}) N={n:<5d} {stages.rows()[method]}: test t2v R@1 "
                            f"{rec['metrics']['t2v']['R1']:.1f}{chosen} ({took})")
     results = summarize(config, records, sizes, seeds)
     results.update(backbone=backbone, pretrain={k: v for k, v in pre.items() if k not in ("config", "history")},
@@ -95,7 +95,7 @@ def summarize(config, records: dict, sizes: list[int], seeds: list[int]) -> dict
     for method, by_size in records.items():
         runs = [r for rs in by_size.values() for r in rs]
         full_batch = [r["step_time_s"] for r in runs if r["step_time_s"] and r["batch_size"] == config.train.batch_size]
-        entry = {"name": stages.METHODS[method], "trainable_params": runs[0]["trainable_params"],
+        entry = {"name": stages.rows()[method], "trainable_params": runs[0]["trainable_params"],
                  "trainable_percent": runs[0]["trainable_percent"],
                  "step_time_s": float(np.median(full_batch)) if full_batch else None, "by_size": {}}
         for n in sizes:

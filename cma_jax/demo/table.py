@@ -12,7 +12,7 @@ import numpy as np
 from cma_jax import loader
 from cma_jax.data.builders import open_source
 from cma_jax.demo import stages
-from cma_jax.demo.stages import METHODS, say
+from cma_jax.demo.stages import rows, say
 from cma_jax.files import write_atomic
 
 
@@ -30,7 +30,7 @@ def method_row(config, method: str, workdir: str, data_dir: str, backbone: str, 
         t0 = time.time()
         rec = stages.train_and_test(cfg, method, run_dir, tree, test_set, val_set)
         m = rec["metrics"]
-        label = METHODS[method] if method == "zero_shot" else f"{METHODS[method]}, seed {seed}"
+        label = rows()[method] if method == "zero_shot" else f"{rows()[method]}, seed {seed}"
         took = "reused" if reused else f"{time.time() - t0:.0f}s"
         say(f"  {label}: t2v R@1 {m['t2v']['R1']:.1f}, v2t R@1 {m['v2t']['R1']:.1f} ({took})")
         runs.append(rec)

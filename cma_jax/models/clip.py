@@ -18,7 +18,7 @@ from flax import nnx
 
 from cma_jax.models import peft
 from cma_jax.models.params import BACKBONE  # noqa: F401 - the pre-trained CLIP weights, named here for callers
-from cma_jax.models.peft.base import SLOTS, TowerContext, TowerHooks
+from cma_jax.models.peft.base import SITES, SLOTS, SUBLAYERS, Site, TowerContext, TowerHooks
 
 # What the backward pass keeps of each residual block's forward (CLIPConfig.remat): everything
 # (none); nothing, recomputing the block (block); the matmul outputs, recomputing only the cheap
@@ -171,16 +171,24 @@ class Attention(nnx.Module):
         self.in_proj = _linear(width, 3 * width, dtype, rngs)
         self.out_proj = _linear(width, width, dtype, rngs)
 
-    def __call__(self, x, mask=None):  # x: [N, S, W]; mask: [S, S] bool, True = attend
+    def __call__(self, x, mask=None, at=None):
+        """x: [N, S, W]; mask: [S, S] bool, True = attend. `at(name, x, y) -> y'`: a method's update of the
+        sub-layer q, k, v (the thirds of in_proj) or out (out_proj) that read x and gave y; None: none."""
         n, s, w = x.shape
-        qkv = self.in_proj(x).reshape(n, s, 3, self.heads, w // self.heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, S, H, Dh]
+        qkv = self.in_proj(x)
+        if at is None:
+            qkv = qkv.reshape(n, s, 3, self.heads, w // self.heads)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, S, H, Dh]
+        else:
+            q, k, v = (at(name, x, y).reshape(n, s, self.heads, w // self.heads)
+                       for name, y in zip(("q", "k", "v"), jnp.split(qkv, 3, axis=-1)))
         logits = jnp.einsum("nqhd,nkhd->nhqk", q * (w // self.heads) ** -0.5, k).astype(jnp.float32)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, s, w)
-        return self.out_proj(out)
+        y = self.out_proj(out)
+        return y if at is None else at("out", out, y)
 
 
 class MLP(nnx.Module):
@@ -188,20 +196,27 @@ class MLP(nnx.Module):
         self.c_fc = _linear(width, 4 * width, dtype, rngs)
         self.c_proj = _linear(4 * width, width, dtype, rngs)
 
-    def __call__(self, x):
-        return self.c_proj(quick_gelu(self.c_fc(x)))
+    def __call__(self, x, at=None):
+        """`at(name, x, y) -> y'`: a method's update of the sub-layer mlp_in (c_fc) or mlp_out (c_proj)."""
+        if at is None:
+            return self.c_proj(quick_gelu(self.c_fc(x)))
+        h = quick_gelu(at("mlp_in", x, self.c_fc(x)))
+        return at("mlp_out", h, self.c_proj(h))
 
 
 class ResidualAttentionBlock(nnx.Module):
-    """Pre-LN block with the method's slots (cma_jax.models.peft.base.SLOTS):
+    """Pre-LN block with the method's modules at its sites (cma_jax.models.peft.base.SITES):
 
         x = pre_adapter(x)                                   (on the residual stream; ST-Adapter)
         x = x + attn_adapter(attn(ln_1(x)))                  (on the attention output; CMA, Adapter-ATTN)
         x = mid_adapter(x)                                   (on the residual stream; ST-Adapter before the MLP)
         x = x + mlp_adapter(mlp(ln_2(x)) + parallel_adapter(x))   (AdaptFormer beside, CMA after the MLP)
 
-    An empty slot is the identity. `method` is a peft Method (or an AdapterConfig, read as the
-    Cross-Modal Adapter, or None); its modules are created after the block's own weights.
+    and on the named sub-layers (`on_q`, `on_k`, `on_v`: the thirds of attn.in_proj; `on_out`: attn.out_proj;
+    `on_mlp_in`, `on_mlp_out`: mlp.c_fc, mlp.c_proj; `on_ln_1`, `on_ln_2`), each updating that sub-layer's
+    output (LoRA). An empty site is the identity. Every module is called `module(h, site)` (peft.base.Site).
+    `method` is a peft Method (or an AdapterConfig, read as the Cross-Modal Adapter, or None); its modules are
+    created after the block's own weights.
     """
 
     def __init__(self, width: int, heads: int, dtype, method=None, *, rngs: nnx.Rngs, tower: str = "vision",
@@ -210,38 +225,54 @@ class ResidualAttentionBlock(nnx.Module):
         self.attn = Attention(width, heads, dtype, rngs=rngs)
         self.ln_2 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, dtype, rngs=rngs)
-        slots = peft.as_method(method).block_modules(tower, layer, num_layers, width, dtype, rngs)
-        unknown = set(slots) - set(SLOTS)
+        modules = peft.as_method(method).block_modules(tower, layer, num_layers, width, dtype, rngs)
+        unknown = set(modules) - set(SITES)
         if unknown:
-            raise ValueError(f"unknown block slot(s) {sorted(unknown)}; expected some of {SLOTS}")
+            raise ValueError(f"unknown block site(s) {sorted(unknown)}; expected some of {SITES}")
         for name in SLOTS:
-            setattr(self, name, slots.get(name))
+            setattr(self, name, modules.get(name))
+        for name in SUBLAYERS:
+            setattr(self, "on_" + name, modules.get(name))
+        self.sites = tuple(name for name in SITES if name in modules)  # static: which sites hold a module
 
-    def __call__(self, x, mask, shared=None, ctx: TowerContext | None = None, dropout_keys=(None, None)):
-        """x [N, S, W]; `shared`: the Cross-Modal Adapter's bank entry of this depth; `ctx`: the call's
-        frame structure (for slots that work across frames); dropout keys for the two adapters."""
+    def _module(self, name: str):
+        return getattr(self, name if name in SLOTS else "on_" + name)
+
+    def __call__(self, x, mask, shared=None, ctx: TowerContext | None = None, dropout_keys=None):
+        """x [N, S, W]; `shared`: the method's {site: shared module} of this depth (the Cross-Modal Adapter's
+        bank entry); `ctx`: the call's frame structure; `dropout_keys`: {site: key} drawn outside (remat)."""
+        shared, keys = shared or {}, dropout_keys or {}
+
+        def site(name, inp=None):
+            return Site(ctx, shared.get(name), keys.get(name), inp)
+
+        def at(name, inp, y):  # a named sub-layer's output, updated by the module at its site if there is one
+            m = self._module(name)
+            return y if m is None else m(y, site(name, inp))
+
+        attn_at = at if {"q", "k", "v", "out"} & set(self.sites) else None
+        mlp_at = at if {"mlp_in", "mlp_out"} & set(self.sites) else None
         if self.pre_adapter is not None:
-            x = self.pre_adapter(x, ctx)
+            x = self.pre_adapter(x, site("pre_adapter"))
         x = residual_boundary(x)
-        h = self.attn(self.ln_1(x), mask)
+        h = self.attn(at("ln_1", x, self.ln_1(x)), mask, attn_at)
         if self.attn_adapter is not None:
-            h = self.attn_adapter(h, shared.attn if shared is not None else None, dropout_keys[0])
+            h = self.attn_adapter(h, site("attn_adapter"))
         x = residual_boundary(x + h)
         if self.mid_adapter is not None:
-            x = self.mid_adapter(x, ctx)
-        h = self.mlp(self.ln_2(x))
+            x = self.mid_adapter(x, site("mid_adapter"))
+        h = self.mlp(at("ln_2", x, self.ln_2(x)), mlp_at)
         if self.parallel_adapter is not None:
-            h = h + self.parallel_adapter(x)
+            h = h + self.parallel_adapter(x, site("parallel_adapter"))
         if self.mlp_adapter is not None:
-            h = self.mlp_adapter(h, shared.mlp if shared is not None else None, dropout_keys[1])
+            h = self.mlp_adapter(h, site("mlp_adapter"))
         return x + h
 
-    def dropout_keys(self):
-        """The adapters' next dropout keys, drawn now from their own streams ((None, None) without dropout)."""
-        adapters = (self.attn_adapter, self.mlp_adapter)
-        if any(getattr(a, "dropout", None) is None for a in adapters):
-            return None, None
-        return tuple(a.dropout.rngs() for a in adapters)
+    def dropout_keys(self) -> dict:
+        """{site: its module's next dropout key}, drawn now from the module's own stream, for every module
+        with dropout (a rematerialised block gets them from outside: its replay must draw the same masks)."""
+        modules = {name: self._module(name) for name in self.sites}
+        return {name: m.dropout.rngs() for name, m in modules.items() if getattr(m, "dropout", None) is not None}
 
 
 def _rematerialised(block, x, mask, shared, ctx, dropout_keys, policy):

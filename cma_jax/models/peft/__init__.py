@@ -2,14 +2,15 @@
 
 `METHODS[name]` is a method's declaration class (`cma_jax.models.peft.base.Method`); an instance
 holds its hyper-parameters. `config.method=NAME` selects one; the model, the optimizer's mask,
-checkpoints, counts, evaluation and search all follow from the declaration.
+checkpoints, counts, evaluation, search, the demo and the tests all follow from the declaration.
+A new method is its own file and one line here (or `register(cls)` from elsewhere: a test's method).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from cma_jax.models.adapter import AdapterConfig
+from cma_jax.models.peft.adapter import AdapterConfig
 from cma_jax.models.peft.adapter_attn import AdapterAttn
 from cma_jax.models.peft.adaptformer import AdaptFormer
 from cma_jax.models.peft.base import Method
@@ -28,6 +29,14 @@ from cma_jax.models.peft.vpt import VPT
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
     ZeroShot, Full, Partial, Projection, CoOp, VPT, VLPrompt, MaPLe, VoP, AdapterAttn, AdaptFormer, STAdapterMethod,
     Unimodal, CMA)}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Add a declared method to METHODS (after those there); its name must be new."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or taken; taken: {tuple(METHODS)}")
+    METHODS[cls.name] = cls
+    return cls
 
 
 def get(name: str) -> type[Method]:

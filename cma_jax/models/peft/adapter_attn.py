@@ -11,16 +11,17 @@ the issue's "after attention".) The paper's 2.0 M is r = 64 (0.5 M, r = 16, in i
 from __future__ import annotations
 
 import dataclasses
-from cma_jax.models.adapter import ACTIVATIONS, Adapter, AdapterConfig
 from cma_jax.models.params import AdapterParam
-from cma_jax.models.peft.base import FieldError, Method, bottleneck_count, declare
+from cma_jax.models.peft.adapter import ACTIVATIONS, Adapter, AdapterConfig
+from cma_jax.models.peft.base import Demo, FieldError, Method, bottleneck_count, declare
 
 BOTH_TOWERS = "L_v (2 W_v r + r + W_v) + L_t (2 W_t r + r + W_t)"  # one bottleneck per block of both towers
 
 
 @declare("adapter_attn", AdapterParam, label="Adapter-ATTN", formula=BOTH_TOWERS, paper=2.0e6,
          init_fields=("init_std",), minimum={"reduction_dim": 1},
-         note="Houlsby's sequential adapter on the attention output, GELU, trunc-normal std 1e-3; r = 64 gives 1.98 M")
+         note="Houlsby's sequential adapter on the attention output, GELU, trunc-normal std 1e-3; r = 64 gives 1.98 M",
+         demo=Demo({"reduction_dim": 16}, lr=1e-2, lr_grid=(3e-3, 1e-2, 3e-2)))
 @dataclasses.dataclass(frozen=True)
 class AdapterAttn(Method):
     reduction_dim: int = 64  # r

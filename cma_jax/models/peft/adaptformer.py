@@ -1,6 +1,6 @@
 """AdaptFormer (Chen et al., NeurIPS 2022): a scaled bottleneck in parallel with the MLP, in both towers.
 
-As ShoufaChen/AdaptFormer (models/adapter.py Adapter, its Block with ffn_option="parallel"): the
+As ShoufaChen/AdaptFormer (models/peft/adapter.py Adapter, its Block with ffn_option="parallel"): the
 adapter reads the residual stream after attention (not through ln_2), `s * up(relu(down(x)))` is
 added to the MLP's output, s = 0.1 fixed; "lora" init: down as PyTorch's Linear, up and both biases
 zero, so the model starts as the frozen CLIP; no LayerNorm; dropout after the ReLU (0 by default: the
@@ -17,7 +17,7 @@ from flax import nnx
 
 from cma_jax.models.params import AdapterParam
 from cma_jax.models.peft.adapter_attn import BOTH_TOWERS, both_towers_count
-from cma_jax.models.peft.base import FieldError, Method, declare
+from cma_jax.models.peft.base import Demo, FieldError, Method, Site, declare
 
 
 class ParallelAdapter(nnx.Module):
@@ -33,18 +33,19 @@ class ParallelAdapter(nnx.Module):
         self.dtype = dtype
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
-    def __call__(self, x):
+    def __call__(self, x, site: Site):
         dt = self.dtype
         z = jax.nn.relu(x.astype(dt) @ self.down_kernel[...].astype(dt) + self.down_bias[...].astype(dt))
         if self.dropout is not None:
-            z = self.dropout(z)
+            z = self.dropout(z, rngs=site.key)
         up = z @ self.up_kernel[...].astype(dt) + self.up_bias[...].astype(dt)
         return (self.scale * up).astype(x.dtype)
 
 
 @declare("adaptformer", AdapterParam, label="AdaptFormer", formula=BOTH_TOWERS, paper=2.0e6, identity=True,
          init_fields=("dropout",), minimum={"reduction_dim": 1},
-         note="AdaptFormer's parallel adapter, s = 0.1, its LoRA-style init; r = 64 gives 1.98 M")
+         note="AdaptFormer's parallel adapter, s = 0.1, its LoRA-style init; r = 64 gives 1.98 M",
+         demo=Demo({"reduction_dim": 16}, lr=1e-1, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1)))
 @dataclasses.dataclass(frozen=True)
 class AdaptFormer(Method):
     reduction_dim: int = 64  # r
@@ -55,11 +56,6 @@ class AdaptFormer(Method):
         super().__post_init__()
         if not 0.0 <= self.dropout < 1.0:
             raise FieldError("dropout", f"adaptformer dropout must be in [0, 1), got {self.dropout}")
-
-    def check(self, cfg) -> None:
-        if self.dropout > 0 and cfg.remat != "none":
-            # A rematerialised block must not draw random numbers (its replay would draw other masks).
-            raise FieldError("dropout", "adaptformer dropout > 0 needs model.remat=none")
 
     def count(self, cfg) -> int:
         return both_towers_count(cfg, self.reduction_dim)

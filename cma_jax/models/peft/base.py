@@ -2,9 +2,12 @@
 
 A method is a frozen dataclass: its fields are its hyper-parameters (`config.<section>`), its class
 attributes, set by `declare`, the rest of its declaration (the variable type that trains, whether it starts
-as the identity, the paper's count). It enters CLIP through block slots (`SLOTS`), CLIP-level modules handed
-to the tower hooks (`embed`, `layer_input`, `shared`) and `retype`. docs/methods.md says where each slot
-sits ("How a method is declared") and where prompt tokens go in the sequences.
+as the identity, the paper's count, its demo settings). It enters CLIP through the sites of a block: the
+slots between sub-layers (`SLOTS`) and the named sub-layers themselves (`SUBLAYERS`: the q / k / v parts of
+the fused in_proj, out_proj, the MLP's two projections, the LayerNorms), each module called the one way
+`module(h, site)`; through CLIP-level modules handed to the tower hooks (`embed`, `layer_input`, `shared`);
+and through `retype`. docs/methods.md says where each site sits ("How a method is declared") and where
+prompt tokens go in the sequences.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+# Between sub-layers: module(h, site) -> what goes on (parallel_adapter: what is added to the MLP's output).
 SLOTS = ("pre_adapter", "attn_adapter", "mid_adapter", "parallel_adapter", "mlp_adapter")
+# Named sub-layers: module(y, site) -> y', y the sub-layer's output, site.input what it read.
+SUBLAYERS = ("q", "k", "v", "out", "mlp_in", "mlp_out", "ln_1", "ln_2")
+SITES = SLOTS + SUBLAYERS
 TOWERS = ("vision", "text")
 
 
@@ -41,9 +48,36 @@ class TowerContext:
     frame_mask: Any = None  # [B, T] bool (vision), True = a real frame
 
 
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """What a block hands the module a method placed at one of its sites (the one call signature).
+
+    ctx: the call's tower context (frame structure); shared: this site's entry of the method's `shared`
+    hook (the Cross-Modal Adapter's bank slice), or None; key: the module's dropout key, drawn by the block
+    outside a rematerialised block (None: the module's own stream draws); input: a sub-layer's input.
+    """
+
+    ctx: TowerContext | None = None
+    shared: Any = None
+    key: Any = None
+    input: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo:
+    """A method's settings in the synthetic demo (cma_jax.demo): hyper-parameters scaled to its small CLIP
+    (width 64, 2 layers per tower, 16-token context; the rest are the method's defaults), its learning rate
+    and the rates its learning-rate search tries. A new method gets these defaults until its search ran."""
+
+    fields: dict = dataclasses.field(default_factory=dict)
+    lr: float = 1e-2
+    lr_grid: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+
+
 def declare(name: str, trainable=nnx.Nothing, *, label: str, formula: str = "0", paper: float | None = None,
             note: str = "", section: str | None = "", identity: bool = False, init_fields: tuple[str, ...] = (),
-            config_fields: tuple[str, ...] | None = None, minimum: dict[str, int] | None = None):
+            config_fields: tuple[str, ...] | None = None, minimum: dict[str, int] | None = None,
+            demo: Demo | None = None):
     """Class decorator: a method's declaration (the class attributes of `Method`, which say what each is).
 
     `section` defaults to the method's name when it has fields, None when it has none; `minimum` gives
@@ -54,7 +88,7 @@ def declare(name: str, trainable=nnx.Nothing, *, label: str, formula: str = "0",
         cls.name, cls.trainable, cls.label, cls.formula, cls.paper_count = name, trainable, label, formula, paper
         cls.paper_note, cls.identity_at_init, cls.init_fields = note, identity, init_fields
         cls.section = (name if has_fields else None) if section == "" else section
-        cls.config_fields, cls.minimums = config_fields, minimum or {}
+        cls.config_fields, cls.minimums, cls.demo = config_fields, minimum or {}, demo or Demo()
         return cls
     return wrap
 
@@ -91,8 +125,12 @@ class Method:
     # Fields that do not change what the trained weights mean (ignored when checkpoints are compared).
     init_fields: ClassVar[tuple[str, ...]] = ()
     minimums: ClassVar[dict[str, int]] = {}  # field -> its least value
+    demo: ClassVar[Demo] = Demo()  # its settings in the synthetic demo
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # a list field (read back from JSON) as the tuple it was
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         for f, least in self.minimums.items():
             at_least(self, least, f)
 
@@ -123,7 +161,8 @@ class Method:
 
     # --------------------------------------------------------------------- construction
     def block_modules(self, tower: str, layer: int, num_layers: int, width: int, dtype, rngs: nnx.Rngs) -> dict:
-        """{slot: module} for block `layer` of `tower` (a subset of SLOTS); created after the block's own weights."""
+        """{site: module} for block `layer` of `tower` (sites of SITES: slots and named sub-layers), each
+        called `module(h, site: Site)`; created after the block's own weights."""
         return {}
 
     def clip_modules(self, cfg, rngs: nnx.Rngs) -> dict:
@@ -143,8 +182,9 @@ class Method:
         """The sequence entering block `layer` (deep prompts replace their tokens here)."""
         return x
 
-    def shared(self, modules: dict, ctx: TowerContext, layer: int):
-        """What block `layer`'s adapters share with the other tower (the Cross-Modal Adapter's bank), or None."""
+    def shared(self, modules: dict, ctx: TowerContext, layer: int) -> dict | None:
+        """{site: module} that block `layer`'s modules share with the other tower (the Cross-Modal Adapter's
+        bank), handed to each site as `Site.shared`; None when nothing is shared."""
         return None
 
 

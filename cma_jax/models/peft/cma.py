@@ -1,7 +1,7 @@
 """The Cross-Modal Adapter (the paper's method) and its uni-modal ablation (d_s = 0), as method declarations.
 
 Both put a bottleneck adapter on the attention output and on the MLP output of every block of both
-towers (`cma_jax.models.adapter.Adapter`); the Cross-Modal Adapter's up-projections end in `d_s`
+towers (`cma_jax.models.peft.adapter.Adapter`); the Cross-Modal Adapter's up-projections end in `d_s`
 dimensions shared by the two towers at each depth (the bank `shared_adapters` on the CLIP module).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from flax import nnx
 
-from cma_jax.models.adapter import Adapter, AdapterConfig, SharedBlock, shared_layer_index
 from cma_jax.models.params import AdapterParam
+from cma_jax.models.peft.adapter import Adapter, AdapterConfig, SharedBlock, shared_layer_index
 from cma_jax.models.peft.base import FieldError, Method, declare
 
 
@@ -48,7 +48,10 @@ class CMA(AdapterConfig, Method):
 
     def shared(self, modules, ctx, layer):
         bank = modules.get("shared_adapters")
-        return None if bank is None else bank[shared_layer_index(layer, ctx.num_layers, len(bank))]
+        if bank is None:
+            return None
+        entry = bank[shared_layer_index(layer, ctx.num_layers, len(bank))]
+        return {"attn_adapter": entry.attn, "mlp_adapter": entry.mlp}
 
 
 @declare("unimodal", AdapterParam, label="Uni-modal adapters (d_s = 0)", section="adapter",

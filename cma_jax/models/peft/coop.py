@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import Method, declare
+from cma_jax.models.peft.base import Demo, Method, declare
 
 
 @declare("coop", PromptParam, label="CoOp", formula="n W_t", paper=0.002e6, minimum={"num_tokens": 1},
          note="generic context after the start token, N(0, 0.02^2), text positions (CoOp's PromptLearner); n = 4 "
-              "gives the paper's 0.002 M")
+              "gives the paper's 0.002 M",
+         demo=Demo({"num_tokens": 2}, lr=3e-1, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1)))
 @dataclasses.dataclass(frozen=True)
 class CoOp(Method):
     num_tokens: int = 4  # n

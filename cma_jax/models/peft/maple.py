@@ -17,7 +17,7 @@ from flax import nnx
 
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import Method, declare, torch_linear, within_layers
+from cma_jax.models.peft.base import Demo, Method, declare, torch_linear, within_layers
 
 
 class Couplings(nnx.Module):
@@ -37,7 +37,8 @@ class Couplings(nnx.Module):
 
 @declare("maple", PromptParam, label="MaPLe", formula="D (n W_t + W_t W_v + W_v)", paper=4.8e6,
          minimum={"num_tokens": 1, "depth": 0},
-         note="MaPLe's couplings, init and placement; depth 12 (its code's default is 9) to reach the paper's 4.8 M")
+         note="MaPLe's couplings, init and placement; depth 12 (its code's default is 9) to reach the paper's 4.8 M",
+         demo=Demo({"num_tokens": 2}, lr=3e-2, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)))
 @dataclasses.dataclass(frozen=True)
 class MaPLe(Method):
     num_tokens: int = 2  # n

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from cma_jax.models.params import TunedParam, retype
-from cma_jax.models.peft.base import Method, block_count, declare, within_layers
+from cma_jax.models.peft.base import Demo, Method, block_count, declare, within_layers
 
 
 @declare("partial", TunedParam, label="Partial", formula="k (12 W_v^2 + 13 W_v + 12 W_t^2 + 13 W_t)",
-         paper=10.2e6, identity=True, minimum={"num_blocks": 1}, note="VPT's Partial-1: the last block of both towers (attention, MLP, both LayerNorms)")
+         paper=10.2e6, identity=True, minimum={"num_blocks": 1},
+         note="VPT's Partial-1: the last block of both towers (attention, MLP, both LayerNorms)",
+         demo=Demo(lr=3e-3, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2)))
 @dataclasses.dataclass(frozen=True)
 class Partial(Method):
     num_blocks: int = 1  # k

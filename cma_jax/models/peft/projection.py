@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from cma_jax.models.params import TunedParam
-from cma_jax.models.peft.base import Method, declare
+from cma_jax.models.peft.base import Demo, Method, declare
 
 
 @declare("projection", TunedParam, label="Projection", formula="W_v E + W_t E", paper=0.7e6, identity=True,
-         note="the two output projections, nothing else")
+         note="the two output projections, nothing else",
+         demo=Demo(lr=1e-2, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2)))
 @dataclasses.dataclass(frozen=True)
 class Projection(Method):
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cma_jax.models.params import AdapterParam
-from cma_jax.models.peft.base import FieldError, Method, TowerContext, declare, torch_linear
+from cma_jax.models.peft.base import Demo, FieldError, Method, Site, declare, torch_linear
 
 
 class STAdapter(nnx.Module):
@@ -33,7 +33,8 @@ class STAdapter(nnx.Module):
         self.fc2_bias = AdapterParam(jnp.zeros((width,), jnp.float32))
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, ctx: TowerContext) -> jax.Array:
+    def __call__(self, x: jax.Array, site: Site) -> jax.Array:
+        ctx = site.ctx
         dt, b, t, g2 = self.dtype, ctx.batch, ctx.frames, ctx.grid ** 2
         patches = x[:, 1:1 + g2]
         z = patches.astype(dt) @ self.fc1_kernel[...].astype(dt) + self.fc1_bias[...].astype(dt)
@@ -49,7 +50,8 @@ class STAdapter(nnx.Module):
 @declare("st_adapter", AdapterParam, label="ST-Adapter", formula="L_v (2 W_v r + (k + 2) r + W_v)", paper=7.2e6,
          identity=True, minimum={"reduction_dim": 1},
          note="ST-Adapter's module and init, before attention in every image block, kernel (3, 1, 1); "
-                             "r = 384 gives 7.11 M (the paper's 7.2 M may use a larger kernel)")
+                             "r = 384 gives 7.11 M (the paper's 7.2 M may use a larger kernel)",
+         demo=Demo({"reduction_dim": 32}, lr=3e-2, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)))
 @dataclasses.dataclass(frozen=True)
 class STAdapterMethod(Method):
     reduction_dim: int = 384  # r, the adapter's channels

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import Method, declare
+from cma_jax.models.peft.base import Demo, Method, declare
 
 
 @declare("vl_prompt", PromptParam, label="VL-Prompt", formula="n_v W_v D + n_t W_t D", paper=0.08e6,
          minimum={"vision_tokens": 1, "text_tokens": 1, "depth": 0},
-         note="IVLP's placement and init; 5 + 5 tokens in all 12 layers give 0.077 M")
+         note="IVLP's placement and init; 5 + 5 tokens in all 12 layers give 0.077 M",
+         demo=Demo({"text_tokens": 2}, lr=3e-2, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)))
 @dataclasses.dataclass(frozen=True)
 class VLPrompt(Method):
     vision_tokens: int = 5

@@ -23,7 +23,7 @@ from flax import nnx
 
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import FieldError, Method, declare, torch_linear
+from cma_jax.models.peft.base import Demo, FieldError, Method, declare, torch_linear
 
 
 class LSTMDirection(nnx.Module):
@@ -76,7 +76,8 @@ class ContextPrompts(nnx.Module):
          minimum={"text_tokens": 1, "vision_tokens": 1, "generated_tokens": 1, "hidden": 0},
          formula="L_t n_t W_t + L_v (n_v - k) W_v + 2 (4 h (W_v + h) + 8 h) + (2 h + 1) k W_v (h = LSTM width)",
          note="VoP^C from its paper (code unreleased): 8 + 8 deep prompts, 4 video prompts per frame from a shared "
-              "BiLSTM + FC over the frames' CLS tokens; sizes chosen to give its 14.3 M")
+              "BiLSTM + FC over the frames' CLS tokens; sizes chosen to give its 14.3 M",
+         demo=Demo({"text_tokens": 2}, lr=1e-2, lr_grid=(3e-3, 1e-2, 3e-2)))
 @dataclasses.dataclass(frozen=True)
 class VoP(Method):
     text_tokens: int = 8  # n_t

@@ -13,13 +13,14 @@ import dataclasses
 import math
 from cma_jax.models.params import PromptParam
 from cma_jax.models.peft import prompts
-from cma_jax.models.peft.base import Method, declare
+from cma_jax.models.peft.base import Demo, Method, declare
 
 
 @declare("vpt", PromptParam, label="VPT", formula="n W_v L_v (deep) or n W_v (shallow)", paper=0.05e6,
          minimum={"num_tokens": 1},
          note="VPT-deep (its code's init and replacement), appended after the patches (the same function as after "
-              "CLS); n = 5 in all layers gives 0.046 M")
+              "CLS); n = 5 in all layers gives 0.046 M",
+         demo=Demo(lr=3e-2, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)))
 @dataclasses.dataclass(frozen=True)
 class VPT(Method):
     num_tokens: int = 5  # n

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cma_jax.models.params import AdapterParam
+from cma_jax.models.peft.base import Site
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -92,17 +93,19 @@ class Adapter(nnx.Module):
             self.up_kernel = self.up_bias = None
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
 
-    def __call__(self, h: jax.Array, shared: SharedUp | None, dropout_key: jax.Array | None = None) -> jax.Array:
-        """A(h); dropout draws from the adapter's own RNG stream unless `dropout_key` is given."""
+    def __call__(self, h: jax.Array, site: Site) -> jax.Array:
+        """A(h); `site.shared`: this position's SharedUp (d_s > 0); dropout draws from the adapter's own RNG
+        stream unless `site.key` is given."""
         dt = self.dtype
         z = h.astype(dt) @ self.down_kernel[...].astype(dt) + self.down_bias[...].astype(dt)
         z = ACTIVATIONS[self.activation](z)
         if self.dropout is not None:
-            z = self.dropout(z, rngs=dropout_key)
+            z = self.dropout(z, rngs=site.key)
         parts = []
         if self.up_kernel is not None:
             parts.append(z @ self.up_kernel[...].astype(dt) + self.up_bias[...].astype(dt))
         if self.share_dim > 0:
+            shared = site.shared
             parts.append(z @ shared.kernel[...].astype(dt) + shared.bias[...].astype(dt))
         up = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
         return h + up.astype(h.dtype)
