@@ -63,7 +63,7 @@ def _config(**fields):
     (dict(train__batch_size=100), 8, "config.train.batch_size"),  # not divisible by 8 data-parallel devices
     (dict(train__batch_size=128, train__grad_accum_steps=3), None, "config.train.grad_accum_steps"),
     (dict(mode="fit"), None, "config.mode"),
-    (dict(method="lora"), None, "config.method"),
+    (dict(method="no_such_method"), None, "config.method"),
     (dict(model__head="maxp"), None, "config.model.head"),
     (dict(model__dtype="float16"), None, "config.model.dtype"),
     (dict(model__preset="vit_h14"), None, "config.model"),

@@ -100,8 +100,8 @@ def test_bad_variant_width_and_method_are_named():
     with pytest.raises(ValueError, match="bad option 'width=100'"):
         demo_config.get_config("sweep,width=100")
     config = demo_config.get_config("quick")
-    config.extra.methods = ("cma", "lora")
-    with pytest.raises(ValueError, match="config.extra.methods: unknown \\['lora'\\]"):
+    config.extra.methods = ("cma", "no_such_method")
+    with pytest.raises(ValueError, match="config.extra.methods: unknown \\['no_such_method'\\]"):
         demo.run(config, "/nonexistent/never/created")
     config = demo_config.get_config("quick")
     config.extra.seeds = 0

@@ -1,5 +1,6 @@
 """python -m cma_jax.convert import SRC OUT_DIR [--adapters_out DIR] [--text_heads N] [--overwrite]
 python -m cma_jax.convert export ADAPTERS_DIR OUT.pth [--backbone DIR]
+python -m cma_jax.convert merge RUN_OR_ADAPTERS OUT_DIR --backbone SPEC [--overwrite]
 """
 
 from __future__ import annotations
@@ -8,20 +9,31 @@ import argparse
 import dataclasses
 import os
 
+import jax
 from flax import nnx
 
-from cma_jax import checkpoint
+from cma_jax import checkpoint, loader
 from cma_jax.convert.mapping import convert_checkpoint, export_adapters
 from cma_jax.errors import CheckpointError
 from cma_jax.models import state
-from cma_jax.models.peft.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.clip import CLIPConfig
+from cma_jax.models.peft.adapter import AdapterConfig, AdapterParam
 from cma_jax.models.retrieval import RetrievalModel
 
 
 def _abstract_model(clip_cfg: CLIPConfig, adapter_cfg: AdapterConfig) -> RetrievalModel:
     """Shapes only (no memory for the backbone): a vessel for the adapters being converted."""
     return nnx.eval_shape(lambda: RetrievalModel(clip_cfg, adapter_cfg, rngs=nnx.Rngs(0)))
+
+
+def merge(adapters: str, out: str, backbone: loader.Backbone, overwrite: bool = False) -> None:
+    """Write backbone folder `out`: `backbone` with the trained parameters of `adapters` folded into its weights
+    (the method's `merge`: LoRA's updates; the tuned weights of partial / projection / full), its tokenizer kept."""
+    model, _ = loader.build_model(backbone=backbone, adapters=adapters)
+    model.clip.method.merge(model.clip)
+    tokenizer = [os.path.join(backbone.tokenizer, f) for f in sorted(os.listdir(backbone.tokenizer))
+                 ] if backbone.tokenizer else ()
+    checkpoint.save_backbone(out, model.clip.config, jax.device_get(state.backbone_state(model)), tokenizer, overwrite)
 
 
 def main(argv=None) -> None:
@@ -39,10 +51,17 @@ def main(argv=None) -> None:
     exp.add_argument("adapters", help="folder written by `import --adapters_out`, or a run workdir")
     exp.add_argument("out", help="output .pth file")
     exp.add_argument("--backbone", help="also include this backbone's tensors (a full CLIP4Clip dict)")
+    mer = sub.add_parser("merge", help="a run (or adapter folder) of lora, partial, projection or full, folded into "
+                         "its backbone -> a backbone folder that evaluates as the run's model at plain CLIP's cost")
+    mer.add_argument("adapters", help="a run workdir, its checkpoints/ folder or an adapter folder")
+    mer.add_argument("out", help="backbone folder to create")
+    mer.add_argument("--backbone", required=True, help="the backbone the run trained from (anything "
+                     "config.backbone takes: a folder, ViT-B/32, a Hugging Face id, a .pt file)")
+    mer.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
         _run(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         p.exit(1, f"error: {e}\n")
 
 
@@ -65,6 +84,10 @@ def _run(args) -> None:
                 print(f"adapters {acfg} -> {args.adapters_out}")
             else:
                 print("the checkpoint has adapters; pass --adapters_out DIR to keep them")
+        return
+    if args.cmd == "merge":
+        merge(args.adapters, args.out, loader.resolve(args.backbone), args.overwrite)
+        print(f"{args.adapters} folded into {args.backbone} -> {args.out}")
         return
     meta = checkpoint.saved_meta(args.adapters)
     method = checkpoint.method_of(meta)

@@ -17,6 +17,7 @@ from cma_jax.models.peft.base import Method
 from cma_jax.models.peft.cma import CMA, Unimodal
 from cma_jax.models.peft.coop import CoOp
 from cma_jax.models.peft.full import Full, ZeroShot
+from cma_jax.models.peft.lora import LoRAMethod
 from cma_jax.models.peft.maple import MaPLe
 from cma_jax.models.peft.partial import Partial
 from cma_jax.models.peft.projection import Projection
@@ -25,10 +26,12 @@ from cma_jax.models.peft.vl_prompt import VLPrompt
 from cma_jax.models.peft.vop import VoP
 from cma_jax.models.peft.vpt import VPT
 
-# The paper's table order: the two ends, partial tuning, prompts, adapters, then the ablation and the method.
+# The paper's table order: the two ends, partial tuning, prompts, adapters, then the ablation and the method;
+# then the methods added since.
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
     ZeroShot, Full, Partial, Projection, CoOp, VPT, VLPrompt, MaPLe, VoP, AdapterAttn, AdaptFormer, STAdapterMethod,
-    Unimodal, CMA)}
+    Unimodal, CMA,
+    LoRAMethod)}
 
 
 def register(cls: type[Method]) -> type[Method]:

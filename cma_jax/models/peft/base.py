@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from cma_jax.models.params import TunedParam
+
 # Between sub-layers: module(h, site) -> what goes on (parallel_adapter: what is added to the MLP's output).
 SLOTS = ("pre_adapter", "attn_adapter", "mid_adapter", "parallel_adapter", "mlp_adapter")
 # Named sub-layers: module(y, site) -> y', y the sub-layer's output, site.input what it read.
@@ -171,6 +173,13 @@ class Method:
 
     def retype(self, clip) -> None:
         """Re-type the pre-trained weights this method trains as `TunedParam` (in place)."""
+
+    def merge(self, clip) -> None:
+        """Fold what the method trained into the backbone weights of `clip`, in place (`python -m cma_jax.convert
+        merge`): nothing to do when those are backbone weights already (partial, projection, full)."""
+        if self.trainable not in (TunedParam, nnx.Param):
+            raise ValueError(f"method {self.name} adds modules that cannot be folded into CLIP's weights; "
+                             "merging takes lora, partial, projection or full")
 
     # --------------------------------------------------------------------- forward hooks
     def embed(self, modules: dict, ctx: TowerContext, x: jax.Array) -> jax.Array:
