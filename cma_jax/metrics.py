@@ -1,12 +1,15 @@
 """Retrieval metrics: text-video with CLIP4Clip's definitions, text-image with the image-text papers' (TR / IR).
 
 `retrieval_metrics(sim, text_video_index)` ranks a score matrix in both directions (R@1/5/10, MdR, MnR),
-optionally after dual-softmax re-scoring, with ties broken by index; `markdown_table` prints the results.
+optionally after dual-softmax or querybank (QB-Norm) re-scoring, with ties broken by index; `markdown_table`
+prints the results.
 docs/evaluation_and_search.md ("The metrics, exactly") gives the definitions and where they follow
 CLIP4Clip's code; docs/image_text.md the text-image ones.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -83,6 +86,43 @@ def dual_softmax(sim: np.ndarray, temp: float = 1.0, axis: int = 0) -> np.ndarra
     return x * (e / e.sum(axis=axis, keepdims=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class QueryBanks:
+    """Query-bank scores for QB-Norm against an evaluation set: `text` [B_t, Nv] (bank captions vs its videos:
+    t2v / IR), `video` [B_v, Nt] (bank videos vs its captions: v2t / TR); None leaves that direction as it is."""
+
+    text: np.ndarray | None = None
+    video: np.ndarray | None = None
+    k: int = 1
+    beta: float = 20.0
+
+
+def querybank_norm(scores, bank, k: int = 1, beta: float = 20.0) -> np.ndarray:
+    """QB-Norm with the dynamic inverted softmax (Bogolin et al., CVPR 2022), per query row of scores [Q, G].
+
+    bank [B, G]: the scores of a query bank (queries of the same kind, e.g. training captions) against the
+    same gallery. The activation set is every gallery item in the top `k` of some bank query; a query whose
+    best item is in it is re-scored by the inverted softmax over the bank, ``exp(beta s_qg) / sum_b exp(beta
+    s_bg)`` per gallery item g, the other queries keep their scores (the paper's k = 1, beta = 20, on
+    cosines). The re-scored rows hold its logarithm (the same ranking, no overflow), in float64.
+    """
+    scores, bank = np.asarray(scores, np.float64), np.asarray(bank, np.float64)
+    if bank.ndim != 2 or bank.shape[1] != scores.shape[1]:
+        raise ValueError(f"query bank scores must be [num_bank_queries, {scores.shape[1]}], got {bank.shape}")
+    if not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"qbnorm k must be in [1, {scores.shape[1]}] (gallery items), got {k}")
+    top = np.argsort(-bank, axis=1, kind="stable")[:, :k]
+    active = np.zeros(scores.shape[1], bool)
+    active[top.ravel()] = True
+    z = beta * bank
+    m = z.max(axis=0)
+    log_norm = m + np.log(np.exp(z - m).sum(axis=0))  # log sum_b exp(beta s_bg), per gallery item
+    out = scores.copy()
+    rows = active[np.argmax(scores, axis=1)]
+    out[rows] = beta * scores[rows] - log_norm
+    return out
+
+
 def _check(sim, text_video_index):
     sim = np.asarray(sim)
     idx = np.asarray(text_video_index)
@@ -104,13 +144,15 @@ def _check(sim, text_video_index):
     return sim, idx.astype(np.int64)
 
 
-def retrieval_metrics(sim, text_video_index, *, dsl_temp: float | None = None, media: str = "video") -> dict:
+def retrieval_metrics(sim, text_video_index, *, dsl_temp: float | None = None, qbnorm: QueryBanks | None = None,
+                      media: str = "video") -> dict:
     """Both directions' metrics, each {R1, R5, R10, MdR, MnR}: ``{'t2v', 'v2t'}`` for videos (CLIP4Clip's
     definitions), ``{'tr', 'ir'}`` for images (the image-text papers'; docs/image_text.md).
 
     sim [Nt, Nv] scores (higher = more similar: logits or cosines), text_video_index [Nt] int in [0, Nv)
     (the video each caption describes). ``dsl_temp``: when given, rank the dual-softmax re-scored
-    matrices instead (softmax over texts for t2v / IR, over videos for v2t / TR).
+    matrices instead (softmax over texts for t2v / IR, over videos for v2t / TR). ``qbnorm``: rank the
+    QB-Norm re-scored matrices instead (`querybank_norm`; its banks' own directions).
     """
     if media not in DIRECTIONS:
         raise ValueError(f"media must be one of {sorted(DIRECTIONS)}, got {media!r}")
@@ -120,6 +162,11 @@ def retrieval_metrics(sim, text_video_index, *, dsl_temp: float | None = None, m
     if dsl_temp is not None:
         t2v_scores = dual_softmax(sim, dsl_temp, axis=0)  # prior over texts, per video
         v2t_scores = dual_softmax(sim, dsl_temp, axis=1)  # prior over videos, per text
+    if qbnorm is not None:
+        if qbnorm.text is not None:  # text queries over the videos
+            t2v_scores = querybank_norm(sim, qbnorm.text, qbnorm.k, qbnorm.beta)
+        if qbnorm.video is not None:  # video queries over the captions
+            v2t_scores = querybank_norm(sim.T, qbnorm.video, qbnorm.k, qbnorm.beta).T
     if media == "image":
         ir = summarize_ranks(target_ranks(t2v_scores, idx))
         tr = summarize_ranks(target_ranks(v2t_scores.T, best_own_caption(v2t_scores, idx, nv)))

@@ -126,6 +126,54 @@ def test_dual_softmax_values_and_effect():
     _approx(dsl["v2t"], R1=100.0, MnR=1.0)
 
 
+# ----------------------------------------------------------------------------- QB-Norm (dynamic inverted softmax)
+HUB_BANK = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])  # every bank caption's best video is video 0: a hub
+LSE = np.log(1 + np.exp(-2.0) + np.exp(-4.0))  # log sum_b exp(20 s_bg) - 20 max_b s_bg, alike in both columns
+
+
+def test_qbnorm_hand_computed_a_hub_loses_its_queries():
+    """k = 1, beta = 20: activation set {video 0}; queries whose best video is 0 are re-scored by the
+    inverted softmax over the bank (log sum_b exp(20 s_bg) = 18 + LSE for video 0, 6 + LSE for video 1)."""
+    sim = np.array([[0.5, 0.45], [0.95, 0.2], [0.2, 0.6]])
+    got = metrics.querybank_norm(sim, HUB_BANK, k=1, beta=20.0)
+    want = np.array([[10.0 - 18 - LSE, 9.0 - 6 - LSE], [19.0 - 18 - LSE, 4.0 - 6 - LSE], [0.2, 0.6]])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got[0].argmax() == 1 and sim[0].argmax() == 0  # the ranking of query 0 changed
+    plain = metrics.retrieval_metrics(sim[:2], np.array([1, 0]))
+    qb = metrics.retrieval_metrics(sim[:2], np.array([1, 0]), qbnorm=metrics.QueryBanks(text=HUB_BANK))
+    assert (plain["t2v"]["R1"], qb["t2v"]["R1"]) == (50.0, 100.0)
+    assert qb["v2t"] == plain["v2t"]  # no video bank: v2t as it was
+
+
+def test_qbnorm_with_a_bank_without_hubs_changes_no_ranking():
+    """A bank that activates every item evenly (each column the same scores) shifts every score of a re-scored
+    row by the same constant (for the captions: a Latin square of bank videos)."""
+    bank = np.array([[0.9, 0.1], [0.1, 0.9]])
+    sim = np.array([[0.5, 0.45], [0.3, 0.7], [0.4, 0.41]])
+    got = metrics.querybank_norm(sim, bank, k=1, beta=20.0)
+    np.testing.assert_allclose(got, 20 * sim - (18 + np.log1p(np.exp(-16.0))), rtol=1e-12)
+    idx = np.array([0, 1, 1])
+    assert metrics.retrieval_metrics(sim, idx) == metrics.retrieval_metrics(
+        sim, idx, qbnorm=metrics.QueryBanks(text=bank, video=np.array([[0.9, 0.1, 0.5], [0.1, 0.5, 0.9],
+                                                                      [0.5, 0.9, 0.1]])))
+
+
+def test_qbnorm_video_bank_rescoring_v2t_and_bad_banks():
+    """v2t: video queries over the captions, the video bank's scores [B_v, Nt]; k = 2 activates every caption."""
+    sim = np.array([[0.5, 0.1], [0.45, 0.2]])  # caption 0 is video 0's best; caption 1 is video 1's
+    video_bank = np.array([[0.9, 0.2], [0.8, 0.3], [0.7, 0.1]])  # caption 0 a hub among the bank videos
+    plain = metrics.retrieval_metrics(sim, np.array([0, 1]))
+    qb = metrics.retrieval_metrics(sim, np.array([0, 1]), qbnorm=metrics.QueryBanks(video=video_bank))
+    # video 1's row [0.1, 0.2] has best caption 1, outside the activation set {caption 0}: kept (rank 0);
+    # video 0's row [0.5, 0.45] -> [10 - 18 - LSE', 9 - 6 - log(e^0 + e^-2 + e^-4)] favours caption 1
+    assert (plain["v2t"]["R1"], qb["v2t"]["R1"]) == (100.0, 50.0)
+    with pytest.raises(ValueError, match=r"query bank scores must be \[num_bank_queries, 2\], got \(3,\)"):
+        metrics.querybank_norm(sim, np.zeros(3))
+    with pytest.raises(ValueError, match=r"qbnorm k must be in \[1, 2\]"):
+        metrics.querybank_norm(sim, video_bank, k=3)
+
+
+
 @pytest.mark.parametrize("sim, idx, match", [
     (np.zeros((2, 2, 2)), np.array([0, 1]), "2-D"),
     (np.zeros((2, 2)), np.array([0, 1, 1]), "shape"),
