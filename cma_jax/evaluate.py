@@ -1,5 +1,5 @@
 """Benchmark evaluation: encode every caption and video once, block-wise similarity on device, metrics and
-reports: `evaluate` and `evaluate_from_config`; docs/evaluation_and_search.md describes tiles and memory.
+reports: `evaluate`, and `Evaluator` (one split of a run, built once, run many times); docs/evaluation_and_search.md describes tiles and memory.
 """
 
 from __future__ import annotations
@@ -212,24 +212,49 @@ def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict],
     return results
 
 
-# ----------------------------------------------------------------------------- from a config
-def evaluate_from_config(run, model=None, *, step: int | None = None) -> dict:
-    """Evaluate a `cma_jax.run.Run` on config.data.eval_split; results to run.workdir (what `main.py` runs for
-    mode=eval), TensorBoard scalars to run.writer.
-
-    model=None loads one: the run's backbone plus, unless the method trains nothing (zero-shot), the
-    trained parameters of config.adapter_checkpoint (or the workdir's latest run checkpoint).
+# ----------------------------------------------------------------------------- from a run
+class Evaluator:
+    """One evaluation split of a run, built once and run with the current model many times (big_vision's
+    evaluators): the builder check, the data source and the tokenizer are made here; `.run(model, step)` encodes,
+    scores and reports. Used by `cma_jax.train.train_and_evaluate` (periodic and final evaluations) and the demo.
     """
+
+    def __init__(self, run, split: str | None = None):
+        c = run.config
+        self.split = split or c.data.eval_split
+        self.block_size, self.dsl, self.mesh = c.eval.block_size, c.eval.dsl, run.mesh
+        self.batches = pipeline.eval_batches_from_config(c, loader.require_tokenizer(run), split=self.split)
+
+    @property
+    def num_videos(self) -> int:
+        return self.batches.num_videos
+
+    def run(self, model, step: int | None = None, *, workdir: str | None = None, writer=None,
+            name: str | None = None) -> dict:
+        """`evaluate` of `model` on this split (reports named `name`, default the split, to workdir / writer)."""
+        b = self.batches
+        return evaluate(model, b.texts, b.videos, block_size=self.block_size, dsl=self.dsl, workdir=workdir,
+                        writer=writer, step=step, mesh=self.mesh, name=name or self.split,
+                        num_batches=(b.num_text_batches, b.num_video_batches), media=b.media)
+
+
+def trained_model(run):
+    """The model mode=eval evaluates -> (model, step): the run's backbone plus, unless the method trains nothing
+    (zero-shot), the trained parameters of config.adapter_checkpoint (or the workdir's latest run checkpoint)."""
     config = run.config
+    adapters = (config.adapter_checkpoint or run.workdir) if run.method.trains else None
+    model, step = loader.from_run(run, adapters=adapters)
+    if adapters is not None:
+        logging.info("evaluating the trained parameters of %s (step %s)", adapters, step)
+    else:
+        logging.info("evaluating zero-shot (backbone %s, no adapters)", config.backbone)
+    return model, step
+
+
+def evaluate_from_config(run, model=None, *, step: int | None = None) -> dict:
+    """One evaluation of a `cma_jax.run.Run` on config.data.eval_split, results to run.workdir and run.writer
+    (model None: `trained_model`). Repeated evaluations build an `Evaluator` once instead."""
     if model is None:
-        adapters = (config.adapter_checkpoint or run.workdir) if run.method.trains else None
-        model, loaded = loader.from_run(run, adapters=adapters)
-        if adapters is not None:
-            step = loaded if step is None else step
-            logging.info("evaluating the trained parameters of %s (step %s)", adapters, loaded)
-        else:
-            logging.info("evaluating zero-shot (backbone %s, no adapters)", config.backbone)
-    batches = pipeline.eval_batches_from_config(config, loader.require_tokenizer(run))
-    return evaluate(model, batches.texts, batches.videos, block_size=config.eval.block_size, dsl=config.eval.dsl,
-                    workdir=run.workdir, writer=run.writer, step=step, mesh=run.mesh, name=config.data.eval_split,
-                    num_batches=(batches.num_text_batches, batches.num_video_batches), media=batches.media)
+        model, loaded = trained_model(run)
+        step = loaded if step is None else step
+    return Evaluator(run).run(model, step, workdir=run.workdir, writer=run.writer)

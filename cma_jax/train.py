@@ -332,12 +332,17 @@ def train_and_evaluate(run):
     Returns the final evaluation results (None for mode=train).
     """
     config = run.config
+    evaluate_now = config.mode in ("eval", "train_and_eval")
+    # Built once: the periodic evaluations during training and the final one share its data and tokenizer.
+    evaluator = evaluate.Evaluator(run) if evaluate_now or config.train.eval_every_steps else None
     model, step = None, None
     if config.mode in ("train", "train_and_eval"):
         def eval_fn(model, step):
-            evaluate.evaluate_from_config(run, model, step=step)
-        model, history = train(run, eval_fn=eval_fn)
+            evaluator.run(model, step, workdir=run.workdir, writer=run.writer)
+        model, history = train(run, eval_fn=eval_fn if evaluator is not None else None)
         step = history[-1]["step"] if history else None
-    if config.mode in ("eval", "train_and_eval"):
-        return evaluate.evaluate_from_config(run, model, step=step)
-    return None
+    if not evaluate_now:
+        return None
+    if model is None:
+        model, step = evaluate.trained_model(run)
+    return evaluator.run(model, step, workdir=run.workdir, writer=run.writer)

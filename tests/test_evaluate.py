@@ -244,6 +244,33 @@ def test_evaluate_from_config_zero_shot(eval_setup, tmp_path):
     assert small["metrics"]["v2t"]["MnR"] == pytest.approx(sub["v2t"]["MnR"])
 
 
+def test_periodic_evaluations_build_the_evaluation_data_once(eval_setup, tmp_path, monkeypatch):
+    """train_and_eval evaluating every step of 4 (three periodic evaluations and the final one): the evaluation
+    split's source is opened once (the Evaluator is built once), the training data once."""
+    import ml_collections
+
+    from cma_jax import train as train_lib
+    from cma_jax.data import pipeline
+
+    config, _ = eval_setup
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.mode, c.method, c.data.train_split = "train_and_eval", "cma", "test"
+    c.adapter.reduction_dim, c.adapter.share_dim = 4, 8
+    c.train.batch_size, c.train.num_steps, c.train.eval_every_steps = 4, 4, 1
+    c.train.save_every_steps, c.train.progress_bar = 10, False
+    opened = []
+    real = pipeline.open_source
+    monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: opened.append(a[:2]) or real(*a, **k))
+    run = run_lib.resolve(c, str(tmp_path))
+    try:
+        final = train_lib.train_and_evaluate(run)
+    finally:
+        run.close()
+    assert final["step"] == 4 and final["num_videos"] == 5
+    assert sorted((tmp_path / f"eval_test_step{s}.json").exists() for s in (1, 2, 3, 4)) == [True] * 4
+    assert opened == [(DATASET, "test")] * 2  # one for evaluation, one for training
+
+
 MULTIHOST_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np

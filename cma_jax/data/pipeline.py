@@ -326,11 +326,13 @@ def train_iterator_from_config(config, tokenizer=None, process_index=None, proce
     return train_iterator(split=config.data.train_split, seed=config.seed, **args)
 
 
-def eval_batches_from_config(config, tokenizer=None, process_index=None, process_count=None) -> EvalBatches:
-    """eval_batches for config.data.eval_split / config.eval.batch_size (global) / config.eval.max_videos.
+def eval_batches_from_config(config, tokenizer=None, process_index=None, process_count=None, *,
+                             split: str | None = None) -> EvalBatches:
+    """eval_batches for `split` (default config.data.eval_split) / config.eval.batch_size (global) /
+    config.eval.max_videos.
 
     Processes, `tokenizer` and building an unbuilt dataset: as for `train_iterator_from_config`.
     """
     args = _from_config(config, config.eval.batch_size, "config.eval.batch_size", tokenizer, process_index,
                         process_count)
-    return eval_batches(split=config.data.eval_split, max_videos=config.eval.max_videos, **args)
+    return eval_batches(split=split or config.data.eval_split, max_videos=config.eval.max_videos, **args)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 
-from cma_jax import loader
 from cma_jax.demo import stages
 from cma_jax.demo.stages import rows, say
 from cma_jax.files import write_atomic
@@ -17,8 +16,8 @@ def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: 
     """Every (method, learning rate) run on val -> {method: {runs, best_lr}}, also written as md / json."""
     methods = [m for m in config.extra.methods if m in config.extra.lr_grid]
     say(f"[3/3] choosing the learning rate of {len(methods)} methods on the val split (seed {config.seed})")
-    val_set = stages.eval_set(stages.stage_config(config, "zero_shot", data_dir, backbone), "val")
-    tree = loader.with_weights(loader.resolve(backbone))  # loaded once, shared by every run
+    tree, sets = stages.evaluators(config, data_dir, backbone, ["val"])
+    val_set = sets["val"]
     results = {}
     for method in methods:
         runs = []

@@ -29,7 +29,6 @@ from flax import nnx
 from cma_jax import checkpoint, console, evaluate, loader, optim, train
 from cma_jax import config as config_lib
 from cma_jax import run as run_lib
-from cma_jax.data import pipeline
 from cma_jax.data.builders import get_builder, synthetic
 from cma_jax.files import write_atomic
 from cma_jax.models import peft, state
@@ -401,25 +400,20 @@ def pretrain(config, workdir: str, data_dir: str) -> tuple[str, dict]:
 
 
 # ----------------------------------------------------------------------------- stage 3: one run
-def eval_set(cfg, split: str) -> pipeline.EvalBatches:
-    """The evaluation batches of `split` of cfg's dataset (built once, iterated by every run)."""
-    c = ml_collections.ConfigDict(cfg.to_dict())
-    c.data.eval_split = split
-    return pipeline.eval_batches_from_config(c)
+def evaluators(config, data_dir: str, backbone: str, splits) -> tuple[loader.Backbone, dict]:
+    """The backbone folder resolved with its weights (loaded once, shared by every run) and one
+    `evaluate.Evaluator` per split of `splits` (None: skipped), built once and run by every run."""
+    shared = loader.with_weights(loader.resolve(backbone))
+    base = run_lib.resolve(stage_config(config, "zero_shot", data_dir, backbone), backbone=shared)
+    return shared, {split: evaluate.Evaluator(base, split) for split in splits if split is not None}
 
 
-def evaluate_on(model, batches: pipeline.EvalBatches, cfg, workdir: str | None = None, name: str = "test") -> dict:
-    """Retrieval metrics of `model` on `batches` (reports written to workdir when given)."""
-    return evaluate.evaluate(model, batches.texts, batches.videos, block_size=cfg.eval.block_size, workdir=workdir,
-                             name=name, num_batches=(batches.num_text_batches, batches.num_video_batches))["metrics"]
-
-
-def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_set=None, *,
+def train_and_test(cfg, stage: str, run_dir: str, backbone: loader.Backbone, test_set: evaluate.Evaluator,
+                   val_set: evaluate.Evaluator | None = None, *,
                    val_checks: int = 0, test_name: str = "test") -> dict:
     """One run of `stage` (train unless zero-shot, then test) -> its record, saved in run_dir and reused.
 
-    backbone: the resolved backbone with its weights (`loader.with_weights`: loaded once, shared by every run).
-    val_set: also evaluated.
+    backbone, test_set, val_set: from `evaluators` (built once, shared by every run); val_set is also evaluated.
     val_checks > 0 chooses the checkpoint on val (early stopping): val t2v R@1 every num_steps /
     val_checks steps and at the end; `metrics` are then the test metrics of the best val step (the
     earliest of ties) and `selection.final_metrics` those of the last step. Such a run restarts
@@ -440,7 +434,7 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
     history, curve, best = [], [], {"r1": -1.0}
 
     def check_on_val(model, step):
-        r1 = evaluate_on(model, val_set, cfg, name="val")["t2v"]["R1"]
+        r1 = val_set.run(model, name="val")["metrics"]["t2v"]["R1"]
         curve.append({"step": step, "t2v_R1": r1})
         if r1 > best["r1"]:
             trainable = optim.trainable_filter(cfg.method, cfg.model.train_logit_scale)
@@ -459,13 +453,13 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
     record = {"config": config_key(cfg), "method": stage, "name": rows()[stage], "seed": cfg.seed,
               "data": cfg.data.builder_config, "num_steps": len(history), "batch_size": cfg.train.batch_size,
               **_param_counts(model, run)}
-    metrics = evaluate_on(model, test_set, cfg, run_dir, name=test_name)
+    metrics = test_set.run(model, workdir=run_dir, name=test_name)["metrics"]
     if val_checks and stage != "zero_shot":
         check_on_val(model, len(history))
         final = metrics
         if best["step"] != len(history):
             nnx.update(model, best["params"])
-            metrics = evaluate_on(model, test_set, cfg)
+            metrics = test_set.run(model)["metrics"]
         record["selection"] = {"best_step": best["step"], "val_t2v_R1": curve, "final_metrics": final}
     times = [h["step_time"] for h in history[1:]]  # the first step includes compilation
     record.update({
@@ -475,7 +469,7 @@ def train_and_test(cfg, stage: str, run_dir: str, backbone: dict, test_set, val_
         "train_seconds": train_seconds if history else 0.0, "history": history,
     })
     if val_set is not None and not val_checks:
-        record["val_metrics"] = evaluate_on(model, val_set, cfg, name="val")
+        record["val_metrics"] = val_set.run(model, name="val")["metrics"]
     write_json(record_path, record)
     return record
 

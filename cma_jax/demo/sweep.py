@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 
-from cma_jax import loader
 from cma_jax.demo import stages
 from cma_jax.data.builders import synthetic
 from cma_jax.files import write_atomic
@@ -43,8 +42,8 @@ def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: 
                f"{config.extra.seeds} seeds, evaluated on the test split")
     sizes = sorted(config.extra.sweep.train_videos)
     base = stages.stage_config(config, "zero_shot", data_dir, backbone)  # val and test of `adapt`
-    test_set, val_set = stages.eval_set(base, "test"), stages.eval_set(base, "val")
-    tree = loader.with_weights(loader.resolve(backbone))
+    tree, sets = stages.evaluators(config, data_dir, backbone, ["test", "val"])
+    test_set, val_set = sets["test"], sets["val"]
     records = {m: {n: [] for n in sizes} for m in config.extra.methods}
     seeds = stages.seeds(config)
     for i, seed in enumerate(seeds):

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 
-from cma_jax import loader
 from cma_jax.data.builders import open_source
 from cma_jax.demo import stages
 from cma_jax.demo.stages import rows, say
@@ -223,10 +222,9 @@ def run(config, workdir: str, data_dir: str, backbone: str, pre: dict, t_start: 
     """Every method's row, then results.{md,json} and curves.png -> the results dict."""
     n = config.extra.seeds
     say(f"[3/3] adapting to the shifted task ({n} seed{'s' * (n > 1)} per method) and evaluating on its test split")
-    base = stages.stage_config(config, "zero_shot", data_dir, backbone)
-    test_set = stages.eval_set(base, config.data.eval_split)
-    val_set = stages.eval_set(base, "val") if config.extra.eval_val else None
-    tree = loader.with_weights(loader.resolve(backbone))  # loaded once, shared by every run
+    tree, sets = stages.evaluators(config, data_dir, backbone,
+                                   [config.data.eval_split, "val" if config.extra.eval_val else None])
+    test_set, val_set = sets[config.data.eval_split], sets.get("val")
     rows = [method_row(config, m, workdir, data_dir, backbone, tree, test_set, val_set)
             for m in config.extra.methods]
     ceiling = r1_ceiling(config, data_dir)
