@@ -134,6 +134,19 @@ def block_similarity(model, text_emb: np.ndarray, frame_emb: np.ndarray, frame_m
     return out[:, :nv]
 
 
+def query_banks(model, bank, text_emb: np.ndarray, frame_emb: np.ndarray, frame_mask: np.ndarray, *, k: int = 1,
+                beta: float = 20.0, block_size: int = 1024, mesh: Mesh | None = None) -> metrics_lib.QueryBanks:
+    """QB-Norm's query banks against an evaluation set, as cosines: `bank` (eval batches of another split, e.g.
+    the training split: `.texts`, `.videos`) encoded now; its captions scored against the set's videos
+    (t2v) and its videos against the set's captions (v2t)."""
+    b_text, _, b_frames, b_mask = encode_eval_set(model, bank.texts, bank.videos, mesh,
+                                                  (bank.num_text_batches, bank.num_video_batches))
+    scale = float(np.exp(np.asarray(model.clip.logit_scale[...])))
+    text = block_similarity(model, b_text, frame_emb, frame_mask, block_size, mesh) / scale  # [B_t, Nv]
+    video = block_similarity(model, text_emb, b_frames, b_mask, block_size, mesh).T / scale  # [B_v, Nt]
+    return metrics_lib.QueryBanks(text, video, k, beta)
+
+
 # ----------------------------------------------------------------------------- reports
 def _summary_line(name, step, res: dict) -> str:
     def one(d):
@@ -144,14 +157,18 @@ def _summary_line(name, step, res: dict) -> str:
     return f"eval {name}{at}: {directions}"
 
 
+RESCORED = {"dsl": "DSL", "qbnorm": "QB-Norm"}  # re-scored metrics a report may hold beside the plain ones
+
+
 def write_reports(results: dict, workdir: str, name: str, step: int | None) -> tuple[str, str]:
     """`eval_{name}[_step{N}].json` and `.md` in workdir (local or gs://, written atomically) -> their paths."""
     run = paths.Workdir(workdir)
     run.root.mkdir(parents=True, exist_ok=True)
     json_file, md_file = (str(run.report(name, step, suffix)) for suffix in (".json", ".md"))
     rows = {name: results["metrics"]}
-    if "dsl" in results:
-        rows[f"{name} + DSL"] = results["dsl"]
+    for key, label in RESCORED.items():
+        if key in results:
+            rows[f"{name} + {label}"] = results[key]
     table = (f"# Retrieval: {name}" + (f", step {step}" if step is not None else "") + "\n\n"
              f"{results['num_texts']} captions x {results['num_videos']} {results.get('media', 'video')}s, "
              f"head {results['head']}.\n\n"
@@ -162,10 +179,10 @@ def write_reports(results: dict, workdir: str, name: str, step: int | None) -> t
 
 
 def _write_scalars(writer, results: dict, name: str, step: int | None):
-    for key in ("metrics", "dsl"):
+    for key in ("metrics", *RESCORED):
         if key not in results:
             continue
-        prefix = name if key == "metrics" else f"{name}_dsl"
+        prefix = name if key == "metrics" else f"{name}_{key}"
         for direction, values in results[key].items():
             for metric, value in values.items():
                 writer.add_scalar(f"{prefix}/{direction}_{metric}", value, step if step is not None else 0)
@@ -176,14 +193,16 @@ def _write_scalars(writer, results: dict, name: str, step: int | None):
 def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict], *, block_size: int = 1024,
              dsl: bool = False, dsl_temp: float = 1.0, workdir: str | None = None, writer=None,
              step: int | None = None, mesh: Mesh | None = None, name: str = "test",
-             num_batches: tuple[int, int] | None = None, media: str = "video") -> dict:
+             num_batches: tuple[int, int] | None = None, media: str = "video", bank=None, qbnorm_k: int = 1,
+             qbnorm_beta: float = 20.0) -> dict:
     """Text->video and video->text retrieval metrics of `model` on one evaluation set.
 
     Batches follow the eval batch contract (`video_index`, `valid`). The head and tau are the
     model's. With `dsl`, dual-softmax re-scored metrics are added under 'dsl'. Files (process 0
     only): `eval_{name}[_step{N}].json` + `.md` in `workdir`; TensorBoard scalars to `writer`.
     `num_batches` = (text, video) batch counts for the progress bars. `media='image'` (one-frame
-    records: Flickr30K, MSCOCO) reports TR / IR instead of t2v / v2t (see cma_jax.metrics).
+    records: Flickr30K, MSCOCO) reports TR / IR instead of t2v / v2t (see cma_jax.metrics). With a query
+    `bank` (eval batches of another split), QB-Norm re-scored metrics (k, beta) are added under 'qbnorm'.
     """
     t0 = time.time()
     text_emb, text_idx, frame_emb, frame_mask = encode_eval_set(model, text_batches, video_batches, mesh,
@@ -199,11 +218,19 @@ def evaluate(model, text_batches: Iterable[dict], video_batches: Iterable[dict],
     if dsl:
         results["dsl"] = metrics_lib.retrieval_metrics(sim, text_idx, dsl_temp=dsl_temp, media=media)
         results["dsl_temp"] = dsl_temp
+    if bank is not None:
+        banks = query_banks(model, bank, text_emb, frame_emb, frame_mask, k=qbnorm_k, beta=qbnorm_beta,
+                            block_size=block_size, mesh=mesh)
+        cosine = sim / float(np.exp(np.asarray(model.clip.logit_scale[...])))  # the banks' units
+        results["qbnorm"] = metrics_lib.retrieval_metrics(cosine, text_idx, qbnorm=banks, media=media)
+        results["qbnorm_bank"] = {"texts": int(len(banks.text)), "videos": int(len(banks.video)), "k": qbnorm_k,
+                                  "beta": qbnorm_beta}
     results["seconds"] = {"encode": round(t1 - t0, 3), "similarity": round(t2 - t1, 3),
                           "metrics": round(time.time() - t2, 3)}
     logging.info(_summary_line(name, step, results["metrics"]))
-    if dsl:
-        logging.info(_summary_line(name + " +DSL", step, results["dsl"]))
+    for key, label in RESCORED.items():
+        if key in results:
+            logging.info(_summary_line(f"{name} +{label}", step, results[key]))
     if jax.process_index() == 0:
         if workdir is not None:
             write_reports(results, workdir, name, step)

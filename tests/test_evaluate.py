@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -101,6 +102,28 @@ def test_evaluate_end_to_end_matches_direct_computation(tmp_path):
     md = (tmp_path / "eval_test_step7.md").read_text()
     assert "| test |" in md and "| test + DSL |" in md
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
+
+
+def test_qbnorm_reports_metrics_re_scored_with_the_banks_encoded_at_evaluation(tmp_path):
+    """A query bank (eval batches of another split) is encoded with the model being evaluated; its captions
+    re-score t2v, its videos v2t, on cosines: as QB-Norm computed directly on unbatched, untiled scores."""
+    model = tiny_model()
+    tb, vb, (frames, fmask, ids, cap_vid) = make_batches()
+    btb, bvb, (b_frames, b_fmask, b_ids, _) = make_batches(n_videos=5, captions_per_video=(2, 1, 3, 1, 2), seed=1)
+    bank = types.SimpleNamespace(texts=btb, videos=bvb, num_text_batches=len(btb), num_video_batches=len(bvb))
+    res = ev.evaluate(model, tb, vb, block_size=4, workdir=str(tmp_path), name="test", bank=bank, qbnorm_k=2,
+                      qbnorm_beta=10.0)
+    scale = float(np.exp(model.clip.logit_scale[...]))
+    sim = direct_similarity(model, ids, frames, fmask) / scale
+    banks = metrics.QueryBanks(text=direct_similarity(model, b_ids, frames, fmask) / scale,
+                               video=direct_similarity(model, ids, b_frames, b_fmask).T / scale, k=2, beta=10.0)
+    want = metrics.retrieval_metrics(sim, cap_vid, qbnorm=banks)
+    for d in ("t2v", "v2t"):
+        for k, v in want[d].items():
+            assert res["qbnorm"][d][k] == pytest.approx(v), (d, k)
+    assert res["qbnorm_bank"] == {"texts": 9, "videos": 5, "k": 2, "beta": 10.0}
+    assert res["metrics"] == ev.evaluate(model, tb, vb, block_size=4)["metrics"]  # the plain numbers as without
+    assert "| test + QB-Norm |" in (tmp_path / "eval_test.md").read_text()
 
 
 def test_duplicate_or_missing_videos_are_rejected():
