@@ -121,6 +121,10 @@ def _schema() -> dict:
             "batch_size": (64, "videos / captions per encode batch (global)"),
             "block_size": (1024, "texts x videos per block of the similarity matrix"),
             "dsl": (False, "also report dual-softmax re-scored metrics"),
+            "qbnorm": ("", "also report QB-Norm re-scored metrics with this split's captions and videos as the query "
+                           "banks (e.g. train: encoded at every evaluation); '' = off"),
+            "qbnorm_k": (1, "QB-Norm: a bank query's top k items form the activation set (the paper's 1)"),
+            "qbnorm_beta": (20.0, "QB-Norm: the inverted softmax's inverse temperature on cosines (the paper's 20)"),
             "max_videos": (0, "> 0: evaluate on the first N videos only (quick checks)"),
         },
         "extra": (ml_collections.ConfigDict(), "free-form, file-specific fields; not validated"),
@@ -420,6 +424,10 @@ def validate(config, num_devices: int | None = None, overridden=()) -> None:
 
     check(config.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
     check(config.eval.block_size >= 1, "eval.block_size", f"must be >= 1, got {config.eval.block_size}")
+    check(config.eval.qbnorm != config.data.eval_split, "eval.qbnorm",
+          f"the query bank must be another split than the one evaluated ({config.data.eval_split!r})")
+    check(config.eval.qbnorm_k >= 1, "eval.qbnorm_k", f"must be >= 1, got {config.eval.qbnorm_k}")
+    check(config.eval.qbnorm_beta > 0, "eval.qbnorm_beta", f"must be > 0, got {config.eval.qbnorm_beta}")
 
     if num_devices is not None:
         dp, fsdp, mp = mesh_shape(config, num_devices)

@@ -250,7 +250,11 @@ class Evaluator:
         c = run.config
         self.split = split or c.data.eval_split
         self.block_size, self.dsl, self.mesh = c.eval.block_size, c.eval.dsl, run.mesh
-        self.batches = pipeline.eval_batches_from_config(c, loader.require_tokenizer(run), split=self.split)
+        tokenizer = loader.require_tokenizer(run)
+        self.batches = pipeline.eval_batches_from_config(c, tokenizer, split=self.split)
+        # QB-Norm's query banks: another split's captions and videos (made once, encoded at every evaluation)
+        self.bank = pipeline.eval_batches_from_config(c, tokenizer, split=c.eval.qbnorm) if c.eval.qbnorm else None
+        self.qbnorm = {"qbnorm_k": c.eval.qbnorm_k, "qbnorm_beta": c.eval.qbnorm_beta}
 
     @property
     def num_videos(self) -> int:
@@ -262,7 +266,8 @@ class Evaluator:
         b = self.batches
         return evaluate(model, b.texts, b.videos, block_size=self.block_size, dsl=self.dsl, workdir=workdir,
                         writer=writer, step=step, mesh=self.mesh, name=name or self.split,
-                        num_batches=(b.num_text_batches, b.num_video_batches), media=b.media)
+                        num_batches=(b.num_text_batches, b.num_video_batches), media=b.media, bank=self.bank,
+                        **self.qbnorm)
 
 
 def trained_model(run):

@@ -202,7 +202,8 @@ def eval_setup(tmp_path_factory):
 
         def _split_entries(self, manual_dir):
             return {"test": [Entry(f"v{i}", tuple(f"clip v{i} c{c}" for c in range(k)), (i, n))
-                             for i, (n, k) in enumerate(zip(TEST_FRAMES, TEST_CAPTIONS))]}
+                             for i, (n, k) in enumerate(zip(TEST_FRAMES, TEST_CAPTIONS))],
+                    "val": [Entry(f"w{i}", (f"clip v{i} c{i}", f"v{i} clip"), (i, 3)) for i in range(3)]}
 
         def _frame_loader(self):
             return _clip_frames
@@ -254,6 +255,20 @@ def test_evaluate_from_config_zero_shot(eval_setup, tmp_path):
     assert res["dsl"] == metrics.retrieval_metrics(sim, idx, dsl_temp=1.0)
     assert (tmp_path / "eval_test.json").exists() and (tmp_path / "eval_test.md").exists()
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))  # beside training's, not in WORKDIR
+
+    # eval.qbnorm: val's 6 captions and 3 videos as the query banks, encoded by the evaluated model.
+    config.eval.qbnorm = "val"
+    try:
+        qb = ev.evaluate_from_config(run_lib.resolve(config, str(tmp_path)), model)
+    finally:
+        config.eval.qbnorm = ""
+    assert qb["qbnorm_bank"] == {"texts": 6, "videos": 3, "k": 1, "beta": 20.0}
+    assert qb["metrics"] == res["metrics"] and set(qb["qbnorm"]) == {"t2v", "v2t"}
+    assert "| test + QB-Norm |" in (tmp_path / "eval_test.md").read_text()
+    config.eval.qbnorm = "test"
+    with pytest.raises(ValueError, match=r"config.eval.qbnorm: the query bank must be another split than the one"):
+        run_lib.check(config)
+    config.eval.qbnorm = ""
 
     # eval.max_videos: the first 3 videos and their 6 captions only.
     config.eval.max_videos = 3
