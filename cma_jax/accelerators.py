@@ -60,7 +60,15 @@ CHIPS = {
                  "per SM; 8 per HGX host",
                  sm_count=108, compute_capability=(8, 0), clock_ghz=1.41, l2_bytes=40 * 2 ** 20,
                  shared_memory_per_sm=164 * 1024, fp32_units_per_sm=64),
+    "H200": Chip("H200", "cuda", 989e12, 141 * 10 ** 9, 4.8e12, 8,
+                 "NVIDIA H200 SXM datasheet: 989 TFLOPS bf16 dense (1979 with sparsity), 141 GB HBM3e, 4.8 TB/s; "
+                 "the H100's 132 SMs; 8 per HGX host",
+                 sm_count=132, compute_capability=(9, 0), clock_ghz=1.98, l2_bytes=50 * 2 ** 20,
+                 shared_memory_per_sm=228 * 1024, fp32_units_per_sm=128),
 }
+# jax's device_kind -> the table's chip (TPU runtimes' names; NVIDIA's product strings contain the model).
+_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+          "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
 
 # Chip grids by chip count: v5e / v6e slices are 2D, v4 / v5p 3D (Cloud TPU's accelerator types).
 _GRID_2D = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1), 16: (4, 4, 1), 32: (4, 8, 1), 64: (8, 8, 1),
@@ -70,7 +78,7 @@ _GRID_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4,
 # v4 / v5p accelerator types count TensorCores, two per chip, run as one device per chip (megacore).
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2}
 _TPU_NAME = re.compile(r"^(v4|v5e|v5p|v6e)-(\d+)$")
-_GPU_NAME = re.compile(r"^(\d+)x(H100|A100)$")
+_GPU_NAME = re.compile(r"^(\d+)x(H100|H200|A100)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +119,15 @@ def topology(name: str) -> Topology:
         hosts = max(1, n // chip.chips_per_host)
         return Topology(name, chip, n, hosts, (1, hosts, n // hosts))
     raise ValueError(f"--topology={name!r}: expected a TPU slice (v4-8, v5e-8, v5p-8, v6e-8, ... v4-32, v5e-16) or "
-                     "GPUs as NxH100 / NxA100 (8xH100)")
+                     "GPUs as NxH100 / NxH200 / NxA100 (8xH100)")
+
+
+def chip_of(device) -> Chip | None:
+    """The table's chip of a jax device (None for CPUs and chips not in the table)."""
+    kind = device.device_kind
+    if kind in _KINDS:
+        return CHIPS[_KINDS[kind]]
+    return next((c for name, c in CHIPS.items() if c.platform == "cuda" and name in kind), None)
 
 
 def tpu_chips_attached() -> bool:

@@ -257,16 +257,16 @@ def with_overrides(config, overrides: dict):
 
 
 def fit_search(config, num_devices: int, hbm_bytes: int, memory) -> dict | None:
-    """The cheapest change (the overrides that differ from `config`) whose `memory(config)` fits `hbm_bytes`.
+    """The cheapest change (the overrides that differ from `config`, which does not fit) whose `memory(config)`
+    fits `hbm_bytes`.
 
     `memory(config) -> bytes per chip` is a compile in the command (`run`), anything in tests.
     None when nothing fits.
     """
+    current = {"train.grad_accum_steps": config.train.grad_accum_steps, "model.remat": config.model.remat,
+               "mesh.fsdp": config.mesh.fsdp}
     for change in candidates(config, num_devices):
-        trial = with_overrides(config, change)
-        if memory(trial) <= hbm_bytes:
-            current = {"train.grad_accum_steps": config.train.grad_accum_steps, "model.remat": config.model.remat,
-                       "mesh.fsdp": config.mesh.fsdp}
+        if change != current and memory(with_overrides(config, change)) <= hbm_bytes:
             return {k: v for k, v in change.items() if v != current[k]}
     return None
 
