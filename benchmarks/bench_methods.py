@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_train_step import bench_config, compile_step, make_batch, mb, shape_args  # noqa: E402
+from bench_train_step import bench_config, compile_step, make_batch, mb, peak_rate, shape_args  # noqa: E402
 from cma_jax import config as config_lib  # noqa: E402
 from cma_jax import loader
 from cma_jax.models import peft, state  # noqa: E402
@@ -76,18 +76,21 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t0)
 
     full_t, full_peak = times["full"], steps["full"].peak_bytes
+    peak, peak_label = peak_rate(args.dtype)
     shape = "smoke CLIP" if args.smoke else args.preset
     print(f"\n{shape} ({total['full']:,} params), batch {args.videos} videos x {args.frames} frames, "
           f"{args.words} words, {args.dtype}, {jax.devices()[0].platform} x{jax.device_count()}, "
           f"{args.rounds} alternating rounds, load average {os.getloadavg()[0]:.1f}")
-    print("| method | trained params | step time | time / full | XLA peak | peak / full | compile |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"MFU: each step's FLOPs (XLA's cost analysis) per median step time, as a share of {peak_label}")
+    print("| method | trained params | step time | time / full | XLA peak | peak / full | GFLOP / step | MFU | compile |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         s = steps[name]
         ratios = [t / f for t, f in zip(times[name], full_t)]
         print(f"| {peft.get(name).label} (`{name}`) | {s.trainable:,} | {1e3 * np.median(times[name]):,.0f} ms | "
               f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {mb(s.peak_bytes)} | "
-              f"{s.peak_bytes / full_peak:.2f} | {s.compile_s:.0f} s |")
+              f"{s.peak_bytes / full_peak:.2f} | {s.flops / 1e9:,.1f} | "
+              f"{100 * s.flops / np.median(times[name]) / peak:.0f} % | {s.compile_s:.0f} s |")
 
 
 if __name__ == "__main__":

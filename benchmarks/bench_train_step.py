@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from cma_jax import accelerators  # noqa: E402
 from cma_jax import checkpoint as ckpt_lib  # noqa: E402
 from cma_jax import config as config_lib  # noqa: E402
 from cma_jax import loader
@@ -82,6 +83,48 @@ def build(config, remat: str = "none", abstract: bool = False):
     return nnx.eval_shape(make) if abstract else make()
 
 
+# ----------------------------------------------------------------------------- MFU
+def matmul_rate(dtype: str = "float32", n: int = 2048, rounds: int = 7) -> float:
+    """XLA's matmul rate on this device, FLOP/s: the median of `rounds` jitted [n, n] @ [n, n] products."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / float(np.median(times))
+
+
+def peak_rate(dtype: str = "float32") -> tuple[float, str]:
+    """(FLOP/s, what it is) an achieved rate is shared of: the chip's bf16 peak (cma_jax.accelerators), or on a
+    CPU (or a chip not in the table) XLA's matmul rate in `dtype` measured now, in the same run."""
+    chip = accelerators.chip_of(jax.devices()[0])
+    if chip is not None:
+        return chip.bf16_flops, f"the {chip.name}'s bf16 peak {chip.bf16_flops / 1e12:.0f} TFLOP/s"
+    rate = matmul_rate(dtype)
+    return rate, f"this {jax.devices()[0].platform.upper()}'s XLA {dtype} matmul rate {rate / 1e9:.0f} GFLOP/s"
+
+
+def mfu(flops: float | None, seconds: float, peak: float) -> str:
+    """'X GFLOP/step, Y GFLOP/s = Z % of the peak' for a step of `flops` taking `seconds`."""
+    if not flops:
+        return "FLOPs unknown"
+    rate = flops / seconds
+    return f"{flops / 1e9:,.1f} GFLOP/step, {rate / 1e9:,.1f} GFLOP/s = {100 * rate / peak:.0f} %"
+
+
+def step_flops(fn, args, compiled) -> float:
+    """XLA's FLOPs of one compiled step; the GPU compiler counts none: then those of `fn` compiled for the CPU."""
+    cost = compiled.cost_analysis()
+    if cost:
+        return float(cost["flops"])
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
+    return float(fn.lower(*abstract).compile().cost_analysis()["flops"])
+
+
 @dataclasses.dataclass
 class Step:
     """A compiled train step and what it runs on (`state` is None for compile-only steps)."""
@@ -92,6 +135,7 @@ class Step:
     peak_bytes: int  # XLA: arguments + temporaries + outputs - donated aliases
     temp_bytes: int
     trainable: int
+    flops: float  # XLA's count for one step
 
     def __call__(self, batch):
         self.state, metrics = self.compiled(self.state, self.frozen, batch)
@@ -117,7 +161,8 @@ def compile_step(model, config, method: str, batch, grad_accum_steps: int = 1, a
     mem = compiled.memory_analysis()
     peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
             - mem.alias_size_in_bytes)
-    return Step(compiled, None if abstract else state, frozen, seconds, peak, mem.temp_size_in_bytes, count(params))
+    return Step(compiled, None if abstract else state, frozen, seconds, peak, mem.temp_size_in_bytes, count(params),
+                step_flops(fn, (state, frozen, batch), compiled))
 
 
 def abstract_batch(config) -> dict:
@@ -167,6 +212,7 @@ def main(argv=None):
             times[method].append(time.perf_counter() - t0)
 
     med = {k: float(np.median(v)) for k, v in times.items()}
+    peak, peak_label = peak_rate(args.dtype)
     total = count(nnx.state(model, nnx.Param))
     print(f"\nmodel {args.preset} ({total:,} params), batch {args.videos} videos x {args.frames} frames, "
           f"{args.words} words, {args.dtype}, {jax.devices()[0].platform} x{jax.device_count()}, "
@@ -175,6 +221,8 @@ def main(argv=None):
         s = steps[method]
         print(f"  {method:4s}: median step {med[method] * 1e3:8.1f} ms  trainable {s.trainable:,} "
               f"({100 * s.trainable / total:.3f} %)  XLA peak {mb(s.peak_bytes)} (temporaries {mb(s.temp_bytes)})")
+        print(f"        MFU: {mfu(s.flops, med[method], peak)}")
+    print(f"  MFU: each step's FLOPs (XLA's cost analysis) per median step time, as a share of {peak_label}")
     # Each round times both steps back to back, so its ratio is robust to slow drifts in machine load.
     rounds = [c / f for c, f in zip(times["cma"], times["full"])]
     print(f"  step-time ratio cma/full: {float(np.median(rounds)):.3f} (median of per-round ratios)  target <= 0.70")

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_train_step import (abstract_batch, bench_config, build, compile_step, make_batch, mb,  # noqa: E402
-                              shape_args)
+                              mfu, peak_rate, shape_args)
 from cma_jax.convert import to_cma  # noqa: E402
 from cma_jax.models import state  # noqa: E402
 from cma_jax.models.clip import REMAT_POLICIES  # noqa: E402
@@ -150,6 +150,20 @@ def verdict(name, value) -> str:
     return f"  {name:22s} {value:6.3f}  (target <= {TARGETS[name]:.2f})  {ok}"
 
 
+def torch_matmul_rate(n: int = 2048, rounds: int = 7) -> float:
+    """torch's float32 [n, n] @ [n, n] rate on this CPU, FLOP/s (median of `rounds`)."""
+    import torch
+
+    a = torch.ones(n, n)
+    a @ a
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / float(np.median(times))
+
+
 # ----------------------------------------------------------------------------- sections
 def speed(args, clip):
     import torch
@@ -189,6 +203,14 @@ def speed(args, clip):
           f"{jax_steps['cma'].peak_bytes / jax_steps['full'].peak_bytes:9.3f}  "
           f"{torch_mem['cma'] / torch_mem['full']:9.3f}")
     print("  all rounds (ms): " + "; ".join(f"{k}: {', '.join(f'{t * 1e3:.0f}' for t in v)}" for k, v in times.items()))
+    peak, peak_label = peak_rate("float32")
+    torch_rate = torch_matmul_rate()
+    print(f"  MFU (the step's FLOPs by XLA's cost analysis, the same model for both): cma_jax as a share of "
+          f"{peak_label}, PyTorch of torch's float32 matmul rate {torch_rate / 1e9:.0f} GFLOP/s, both measured now")
+    for m in METHODS:
+        f = jax_steps[m].flops
+        print(f"  {m:4s}: cma_jax {mfu(f, np.median(times[f'jax {m}']), peak)}; "
+              f"PyTorch {mfu(f, np.median(times[f'torch {m}']), torch_rate)}")
     print("  targets:")
     print(verdict("jax/torch cma", ratio(times, "jax cma", "torch cma")))
     print(verdict("jax/torch full", ratio(times, "jax full", "torch full")))
