@@ -19,6 +19,7 @@ from cma_jax.models.peft.coop import CoOp
 from cma_jax.models.peft.full import Full, ZeroShot
 from cma_jax.models.peft.lora import LoRAMethod
 from cma_jax.models.peft.maple import MaPLe
+from cma_jax.models.peft.mv_adapter import MVAdapter
 from cma_jax.models.peft.partial import Partial
 from cma_jax.models.peft.projection import Projection
 from cma_jax.models.peft.st_adapter import STAdapterMethod
@@ -31,7 +32,7 @@ from cma_jax.models.peft.vpt import VPT
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
     ZeroShot, Full, Partial, Projection, CoOp, VPT, VLPrompt, MaPLe, VoP, AdapterAttn, AdaptFormer, STAdapterMethod,
     Unimodal, CMA,
-    LoRAMethod)}
+    LoRAMethod, MVAdapter)}
 
 
 def register(cls: type[Method]) -> type[Method]:
