@@ -4,6 +4,7 @@ report, and the quick variant end to end (it must learn: adapters far above zero
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -270,11 +271,17 @@ def _check_results(workdir, config):
     return res
 
 
-@pytest.mark.slow
-def test_quick_demo_learns_and_survives_interrupt_resume_reuse(tmp_path, monkeypatch, caplog):
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """configs/demo.py:quick run three times in one workdir: Ctrl-C in the middle of the Cross-Modal Adapter's
+    training, the same command again (it resumes), and once more with every stage done -> what each run left.
+    (The all-methods test starts from its data and pre-trained backbone: the same stages as `:methods_quick`.)"""
     config = demo_config.get_config("quick")
-    workdir = str(tmp_path / "demo")
+    root = tmp_path_factory.mktemp("quick")
+    workdir = str(root / "demo")
     cma_dir = os.path.join(workdir, "runs", "cma", "seed0")
+    uni_record = os.path.join(workdir, "runs", "uni", "seed0", demo_stages.RECORD)
+    seen = {"config": config, "workdir": workdir}
 
     # Run 1: Ctrl-C in the middle of the CMA training.
     real_iterator = pipeline.train_iterator_from_config
@@ -283,35 +290,59 @@ def test_quick_demo_learns_and_survives_interrupt_resume_reuse(tmp_path, monkeyp
         it = real_iterator(cfg, *args, **kwargs)
         return _InterruptAfter(it, 7) if cfg.method == "cma" and cfg.adapter.share_dim > 0 else it
 
-    monkeypatch.setattr(pipeline, "train_iterator_from_config", interrupting)
-    with pytest.raises(SystemExit, match="130"):
-        demo.run(config, workdir)
-    assert os.path.isdir(os.path.join(workdir, "backbone"))
-    # It pre-trains a random CLIP on purpose: no warning about a forgotten backbone.
-    assert not [r for r in caplog.records if r.getMessage().startswith("config.backbone=random")]
-    uni_record = os.path.join(workdir, "runs", "uni", "seed0", demo_stages.RECORD)
-    assert os.path.exists(uni_record)
-    assert not os.path.exists(os.path.join(cma_dir, demo_stages.RECORD))
-    assert os.listdir(os.path.join(cma_dir, "checkpoints")) == ["7"]  # saved on Ctrl-C
-    assert not os.path.exists(os.path.join(workdir, "results.json"))
-    uni_mtime = os.path.getmtime(uni_record)
+    logged = []
+    records = logging.Handler()
+    records.emit = logged.append
+    logging.getLogger().addHandler(records)
+    try:
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit, match="130"):
+            mp.setattr(pipeline, "train_iterator_from_config", interrupting)
+            demo.run(config, workdir)
+    finally:
+        logging.getLogger().removeHandler(records)
+    seen["run1"] = {
+        "messages": [r.getMessage() for r in logged], "backbone": os.path.isdir(os.path.join(workdir, "backbone")),
+        "uni_record": os.path.exists(uni_record), "cma_record": os.path.exists(os.path.join(cma_dir, demo_stages.RECORD)),
+        "cma_checkpoints": os.listdir(os.path.join(cma_dir, "checkpoints")),
+        "results": os.path.exists(os.path.join(workdir, "results.json")), "uni_mtime": os.path.getmtime(uni_record)}
 
     # Run 2: resumes CMA from step 7, reuses data, backbone and the uni-modal run.
-    monkeypatch.setattr(pipeline, "train_iterator_from_config", real_iterator)
     demo.run(config, workdir)
-    first = _check_results(workdir, config)
-    assert os.path.getmtime(uni_record) == uni_mtime
-    # The curve is whole: steps 1-7 from the interrupted run, 8 on from the resumed one.
-    assert [h["step"] for h in train.read_history(cma_dir)] == list(range(1, config.train.num_steps + 1))
-    assert json.load(open(os.path.join(cma_dir, demo_stages.RECORD)))["history"][0]["step"] == 1
+    seen["run2"] = str(root / "run2")  # what it wrote, kept before run 3 writes again
+    os.makedirs(seen["run2"])
+    for name in ("results.json", "results.md", "curves.png"):
+        shutil.copy(os.path.join(workdir, name), seen["run2"])
+    seen["uni_mtime"] = os.path.getmtime(uni_record)
+    seen["cma_history"] = [h["step"] for h in train.read_history(cma_dir)]
+    seen["cma_record_first_step"] = json.load(open(os.path.join(cma_dir, demo_stages.RECORD)))["history"][0]["step"]
 
     # Run 3: everything is done: nothing trains, the table is rebuilt from the saved records.
     def no_training(*a, **k):
         raise AssertionError("a finished demo trained again")
 
-    monkeypatch.setattr(train, "train", no_training)
-    demo.run(config, workdir)
-    second = _check_results(workdir, config)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "train", no_training)
+        demo.run(config, workdir)
+    return seen
+
+
+@pytest.mark.slow
+def test_quick_demo_learns_and_survives_interrupt_resume_reuse(quick_demo):
+    config, workdir, run1 = quick_demo["config"], quick_demo["workdir"], quick_demo["run1"]
+    assert run1["backbone"]
+    # It pre-trains a random CLIP on purpose: no warning about a forgotten backbone.
+    assert not [m for m in run1["messages"] if m.startswith("config.backbone=random")]
+    assert run1["uni_record"] and not run1["cma_record"]
+    assert run1["cma_checkpoints"] == ["7"]  # saved on Ctrl-C
+    assert not run1["results"]
+
+    first = _check_results(quick_demo["run2"], config)
+    assert quick_demo["uni_mtime"] == run1["uni_mtime"]  # run 2 reused the uni-modal run
+    # The curve is whole: steps 1-7 from the interrupted run, 8 on from the resumed one.
+    assert quick_demo["cma_history"] == list(range(1, config.train.num_steps + 1))
+    assert quick_demo["cma_record_first_step"] == 1
+
+    second = _check_results(workdir, config)  # run 3: rebuilt from the saved records
     assert second["methods"] == first["methods"]
     assert second["wall_seconds_this_run"] == first["wall_seconds_this_run"]  # of the run that trained
 
@@ -326,12 +357,17 @@ def test_a_workdir_made_with_another_config_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_method_trains_on_the_quick_demo_and_the_figure_is_drawn(tmp_path):
+def test_every_method_trains_on_the_quick_demo_and_the_figure_is_drawn(quick_demo, tmp_path):
     """configs/demo.py:methods_quick end to end: a row per method, each trained method's loss goes down, its
-    trained-parameter count is its formula's on the demo's CLIP, and the efficiency figure is written."""
+    trained-parameter count is its formula's on the demo's CLIP, and the efficiency figure is written. It starts
+    from :quick's data and pre-trained backbone and reuses them (the same stage configs)."""
     config = demo_config.get_config("methods_quick")
     workdir = str(tmp_path / "demo")
+    for stage in ("data", "pretrain", "backbone"):
+        shutil.copytree(os.path.join(quick_demo["workdir"], stage), os.path.join(workdir, stage))
     res = demo.run(config, workdir)
+    summary = json.load(open(os.path.join(quick_demo["workdir"], "pretrain", "demo_summary.json")))
+    assert res["pretrain"]["val_metrics"] == summary["val_metrics"]  # reused, not trained again
     rows = res["methods"]
     assert list(rows) == list(demo_stages.rows())
     clip = loader.clip_config(config)
