@@ -115,7 +115,7 @@ def test_a_hit_starts_at_the_frame_the_head_weighs_most(served):
     # The same as the model's own head: its frame weights and its similarity.
     index = store.load_index(cma.index_dir)
     text = cma.retriever.encode_text([caption("red")])
-    w = np.asarray(retrieval.frame_weights("text_conditioned", text, index["frame_emb"], index["frame_mask"], 5.0))
+    w = np.asarray(retrieval.head_scores("text_conditioned", text, index["frame_emb"], index["frame_mask"], 5.0)[1])
     i = index["videos"].index("moments.mp4")
     assert int(np.argmax(w[0, i])) == 2
     sim = cma.retriever.similarity(text, index["frame_emb"], index["frame_mask"])[0]

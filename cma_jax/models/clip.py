@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cma_jax.models import peft
+from cma_jax.models.activations import quick_gelu
 from cma_jax.models.params import BACKBONE  # noqa: F401 - the pre-trained CLIP weights, named here for callers
 from cma_jax.models.peft.base import SITES, SLOTS, SUBLAYERS, Site, TowerContext, TowerHooks
 
@@ -99,10 +100,6 @@ def backbone_shapes(cfg: CLIPConfig) -> dict[str, tuple[int, ...]]:
     model = nnx.eval_shape(lambda: CLIP(cfg, None, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, BACKBONE))
     return {".".join(str(p) for p in path): tuple(v.shape) for path, v in flat}
-
-
-def quick_gelu(x):
-    return x * jax.nn.sigmoid(1.702 * x)
 
 
 def _through_conditional(g, tree):

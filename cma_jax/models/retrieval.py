@@ -31,57 +31,57 @@ def _l2_normalize(x, axis=-1):
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-12))
 
 
-def meanp_similarity(text: jax.Array, frames: jax.Array, frame_mask: jax.Array) -> jax.Array:
-    """Cosine between each text and each video's masked mean frame embedding.
+def frame_dots(text: jax.Array, frames: jax.Array, flat: bool = False) -> jax.Array:
+    """t . f_j [Nt, Nv, T] of text [Nt, D] and frames [Nv, T, D].
 
-    text [Nt, D], frames [Nv, T, D], frame_mask [Nv, T] -> [Nt, Nv] (unscaled cosine).
+    flat: as one [Nt, Nv*T] product, which XLA's CPU dot runs several times faster than the batched einsum
+    (search: a few queries against a whole index); rounded differently in the last bits, so training and
+    evaluation keep the einsum their recorded numbers were made with.
     """
-    m = frame_mask.astype(jnp.float32)[..., None]
-    video = (frames * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-    return _l2_normalize(text) @ _l2_normalize(video).T
+    if flat:
+        n, t, d = frames.shape
+        return (text @ frames.reshape(n * t, d).T).reshape(text.shape[0], n, t)
+    return jnp.einsum("td,vjd->tvj", text, frames)
 
 
-def text_conditioned_similarity(text: jax.Array, frames: jax.Array, frame_mask: jax.Array,
-                                tau: float = 5.0) -> jax.Array:
-    """The paper's head: per (text, video), softmax over valid frames of (t . f_j) / tau.
-
-    v = sum_j w_j f_j on unnormalised embeddings; returns cos(t, v) for every pair, [Nt, Nv].
-    Computed without materialising v ([Nt, Nv, D]): t.v = sum_j w_j (t.f_j) and
-    |v|^2 = w^T G w with the per-video Gram matrix G = F F^T ([Nv, T, T]).
-    """
-    dots = jnp.einsum("td,vjd->tvj", text, frames)  # [Nt, Nv, T]
-    logits = jnp.where(frame_mask[None].astype(bool), dots / tau, -jnp.inf)
-    w = jax.nn.softmax(logits, axis=-1)
-    w = jnp.where(frame_mask[None].astype(bool), w, 0.0)
-    tv = jnp.sum(w * dots, axis=-1)
-    gram = jnp.einsum("vjd,vkd->vjk", frames, frames)
-    vv = jnp.einsum("tvj,vjk,tvk->tv", w, gram, w)
-    tt = jnp.sum(text * text, axis=-1)[:, None]
-    return tv * jax.lax.rsqrt(jnp.maximum(tt * vv, 1e-24))
+def video_grams(frames: jax.Array) -> jax.Array:
+    """[Nv, T, D] -> [Nv, T, T]: f_j . f_k per video (held by a search index for many queries)."""
+    return jnp.einsum("vjd,vkd->vjk", frames, frames)
 
 
-def frame_weights(head: str, text: jax.Array, frames: jax.Array, frame_mask: jax.Array, tau: float = 5.0) -> jax.Array:
-    """[Nt, Nv, T]: how much each frame of each video counts for each text in the head's video embedding.
+def head_scores(head: str, text: jax.Array, frames: jax.Array, frame_mask: jax.Array, tau: float = 5.0, *,
+                gram: jax.Array | None = None, flat: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The video-text head: (cosine [Nt, Nv], frame weights [Nt, Nv, T]) for text [Nt, D], frames [Nv, T, D].
 
-    text_conditioned: the softmax over valid frames of (t . f_j) / tau (as in the similarity); meanp:
-    uniform over the valid frames. Zero on padded frames; each (text, video) row sums to 1.
+    Each video's embedding is v = sum_j w_j f_j over its valid frames (w zero on padded frames, each row
+    summing to 1) and the score is cos(t, v). meanp: w uniform, v the mean frame. text_conditioned (the
+    paper's): w the softmax over valid frames of (t . f_j) / tau; computed without materialising v
+    ([Nt, Nv, D]): t . v = sum_j w_j (t . f_j) and |v|^2 = w^T G w with the per-video Gram matrix
+    G = F F^T (`gram`, [Nv, T, T], when held; else computed). `flat`: see `frame_dots`. Training,
+    evaluation, the API and search all score with this function.
     """
     valid = frame_mask[None].astype(bool)
     if head == "meanp":
         w = jnp.broadcast_to(valid, (text.shape[0],) + frame_mask.shape).astype(jnp.float32)
-        return w / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
-    dots = jnp.einsum("td,vjd->tvj", text, frames)
+        w = w / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+        m = frame_mask.astype(jnp.float32)[..., None]
+        video = (frames * m).sum(1) / jnp.maximum(m.sum(1), 1.0)  # v does not depend on the text
+        return _l2_normalize(text) @ _l2_normalize(video).T, w
+    if head != "text_conditioned":
+        raise ValueError(f"unknown similarity head {head!r}; expected one of {HEADS}")
+    dots = frame_dots(text, frames, flat)
     w = jax.nn.softmax(jnp.where(valid, dots / tau, -jnp.inf), axis=-1)
-    return jnp.where(valid, w, 0.0)
+    w = jnp.where(valid, w, 0.0)
+    tv = jnp.sum(w * dots, axis=-1)
+    gram = video_grams(frames) if gram is None else gram
+    vv = jnp.einsum("tvj,vjk,tvk->tv", w, gram, w)
+    tt = jnp.sum(text * text, axis=-1)[:, None]
+    return tv * jax.lax.rsqrt(jnp.maximum(tt * vv, 1e-24)), w
 
 
 def similarity(head: str, text, frames, frame_mask, tau: float = 5.0) -> jax.Array:
-    """Unscaled cosine similarity [Nt, Nv] for the named head."""
-    if head == "meanp":
-        return meanp_similarity(text, frames, frame_mask)
-    if head == "text_conditioned":
-        return text_conditioned_similarity(text, frames, frame_mask, tau)
-    raise ValueError(f"unknown similarity head {head!r}; expected one of {HEADS}")
+    """Unscaled cosine similarity [Nt, Nv] of the named head (`head_scores` without the weights)."""
+    return head_scores(head, text, frames, frame_mask, tau)[0]
 
 
 def symmetric_infonce(logits: jax.Array) -> jax.Array:

@@ -1,11 +1,10 @@
 """Scoring an index for text queries with the model's head: exactly over every video, or over candidates
 from mean-pooled embeddings (`cma_jax.search.ann`); each hit's best-matching frame and its time.
 
-The head's video embedding is a weighted sum of its frames, v = sum_j w_j f_j, with the weights of
-`cma_jax.models.retrieval.frame_weights` (text-conditioned softmax, or uniform under meanP), and the
-score is cos(t, v). Held for many queries, an index keeps each video's Gram matrix G = F F^T, so that
-|v|^2 = w^T G w costs T^2 per video instead of T^2 D, and computes t . f_j as one flat [N*T, D]
-product (XLA's CPU dot is about ten times slower on the batched [N, T, D] einsum for one query).
+Scores and frame weights are the model's head, `cma_jax.models.retrieval.head_scores`. Held for many queries,
+an index keeps each video's Gram matrix G = F F^T (`gram`: |v|^2 = w^T G w costs T^2 per video instead of
+T^2 D) and asks for t . f_j as one flat [N*T, D] product (`flat`: XLA's CPU dot is about ten times slower
+on the batched [N, T, D] einsum for one query).
 """
 
 from __future__ import annotations
@@ -16,37 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cma_jax.models import retrieval
 from cma_jax.search import ann
 
 MAX_K = 1000  # hits per query at most (each k compiles once)
 
 
-def frame_dots(text: jax.Array, frames: jax.Array) -> jax.Array:
-    """text [Nt, D], frames [N, T, D] -> t . f_j [Nt, N, T]."""
-    n, t, d = frames.shape
-    return (text @ frames.reshape(n * t, d).T).reshape(text.shape[0], n, t)
-
-
-def head_scores(head: str, tau: float, text: jax.Array, frames: jax.Array, frame_mask: jax.Array,
-                gram: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(cosine [Nt, N], frame weights [Nt, N, T]) of the head; gram [N, T, T] = `video_grams(frames)`."""
-    dots = frame_dots(text, frames)
-    valid = frame_mask[None]
-    if head == "meanp":
-        w = jnp.broadcast_to(valid, dots.shape).astype(jnp.float32)
-        w = w / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
-    else:
-        w = jnp.where(valid, jax.nn.softmax(jnp.where(valid, dots / tau, -jnp.inf), axis=-1), 0.0)
-    tv = jnp.sum(w * dots, axis=-1)
-    vv = jnp.sum(w * jnp.einsum("vjk,tvk->tvj", gram, w), axis=-1)
-    tt = jnp.sum(text * text, axis=-1)[:, None]
-    return tv * jax.lax.rsqrt(jnp.maximum(tt * vv, 1e-24)), w
-
-
-@jax.jit
-def video_grams(frames: jax.Array) -> jax.Array:
-    """[N, T, D] -> [N, T, T] (f_j . f_k per video)."""
-    return jnp.einsum("vjd,vkd->vjk", frames, frames)
+video_grams = jax.jit(retrieval.video_grams)
 
 
 @functools.partial(jax.jit, static_argnames=("head", "tau", "k"))
@@ -56,7 +31,7 @@ def top_hits(text, frames, frame_mask, gram, frame_time, *, head: str, tau: floa
     Ties go to the lower index (as a stable sort). The best frame is the one the head weighs most
     (the first valid frame under meanP, whose weights are uniform).
     """
-    cos, w = head_scores(head, tau, text, frames, frame_mask, gram)
+    cos, w = retrieval.head_scores(head, text, frames, frame_mask, tau, gram=gram, flat=True)
     scores, idx = jax.lax.top_k(cos, k)
     best = jnp.argmax(jnp.take_along_axis(w, idx[..., None], axis=1), axis=-1)
     return scores, idx, best, frame_time[idx, best]

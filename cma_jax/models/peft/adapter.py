@@ -16,14 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cma_jax.models.activations import ACTIVATIONS
 from cma_jax.models.params import AdapterParam
 from cma_jax.models.peft.base import Site
 
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-}
 
 
 @dataclasses.dataclass(frozen=True)
