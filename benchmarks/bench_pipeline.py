@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from cma_jax.data import pipeline, video
+from cma_jax.data import pipeline, sampling, video
 from cma_jax.data.builders import REGISTRY
 from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
 from cma_jax.data.tokenizer import load_tokenizer
@@ -98,15 +98,15 @@ def per_frame_us(fn, frames: int, repeats: int = 3) -> float:
 def pil_clip(jpegs: list[bytes], num_frames: int) -> np.ndarray:
     """The clip as pipeline.load_clip decoded it before issue 24: the reference of the breakdown."""
     chosen = [np.asarray(Image.open(io.BytesIO(jpegs[i])).convert("RGB"))
-              for i in pipeline.sample_frame_indices(len(jpegs), num_frames)]
-    return pipeline.pad_clip(np.stack(chosen), num_frames)[0]
+              for i in sampling.sample_frame_indices(len(jpegs), num_frames)]
+    return sampling.pad_clip(np.stack(chosen), num_frames)[0]
 
 
 def stages(source, args) -> dict[str, float]:
     """CPU microseconds per sampled frame of each stage, on the first --batch-size records."""
     t, b = args.num_frames, args.batch_size
     records = [source[i] for i in range(b)]
-    chosen = [[r["frames"][j] for j in pipeline.sample_frame_indices(len(r["frames"]), t)] for r in records]
+    chosen = [[r["frames"][j] for j in sampling.sample_frame_indices(len(r["frames"]), t)] for r in records]
     n = sum(len(c) for c in chosen)
     clips = [pipeline.load_clip(r["frames"], t)[0] for r in records]
     assert all(np.array_equal(c, pil_clip(r["frames"], t)) for c, r in zip(clips, records))

@@ -21,7 +21,7 @@ from flax import nnx
 from PIL import Image
 
 from cma_jax import checkpoint, loader, sharding
-from cma_jax.data.pipeline import pad_clip, sample_frame_indices
+from cma_jax.data.sampling import pad_clip, sample_frame_indices
 from cma_jax.data.tokenizer import load_tokenizer
 from cma_jax.evaluate import block_similarity
 from cma_jax.models import state as state_lib

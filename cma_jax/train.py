@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from cma_jax import checkpoint as ckpt_lib
 from cma_jax import config as config_lib
-from cma_jax import evaluate, gradcache, loader, lock, optim, paths
+from cma_jax import evaluator as evaluator_lib
+from cma_jax import gradcache, loader, lock, optim, paths
 from cma_jax import sharding as shd
 from cma_jax.data import pipeline
 from cma_jax.errors import TrainingDiverged
@@ -326,7 +327,7 @@ def train_and_evaluate(run):
     """The program `python -m cma_jax.main` runs on a resolved `cma_jax.run.Run`: train and/or evaluate as
     config.mode says.
 
-    Evaluation (cma_jax.evaluate) runs on config.data.eval_split at the end of training and every
+    Evaluation (cma_jax.evaluator) runs on config.data.eval_split at the end of training and every
     train.eval_every_steps; mode=eval loads the backbone plus, unless zero-shot, the trained
     parameters of config.adapter_checkpoint (default: the workdir's latest run checkpoint).
     Returns the final evaluation results (None for mode=train).
@@ -334,7 +335,7 @@ def train_and_evaluate(run):
     config = run.config
     evaluate_now = config.mode in ("eval", "train_and_eval")
     # Built once: the periodic evaluations during training and the final one share its data and tokenizer.
-    evaluator = evaluate.Evaluator(run) if evaluate_now or config.train.eval_every_steps else None
+    evaluator = evaluator_lib.Evaluator(run) if evaluate_now or config.train.eval_every_steps else None
     model, step = None, None
     if config.mode in ("train", "train_and_eval"):
         def eval_fn(model, step):
@@ -344,5 +345,5 @@ def train_and_evaluate(run):
     if not evaluate_now:
         return None
     if model is None:
-        model, step = evaluate.trained_model(run)
+        model, step = evaluator_lib.trained_model(run)
     return evaluator.run(model, step, workdir=run.workdir, writer=run.writer)

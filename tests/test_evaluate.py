@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from cma_jax import evaluate as ev
+from cma_jax import evaluator
 from cma_jax import metrics
 from cma_jax import run as run_lib
 from cma_jax.models.clip import CLIPConfig
@@ -141,6 +142,7 @@ MESH_SCRIPT = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("t", sys.argv[1]); t = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(t)
     from cma_jax import evaluate as ev
+from cma_jax import evaluator
     assert jax.device_count() == 8, jax.device_count()
     mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3)
     model = t.tiny_model()
@@ -237,7 +239,7 @@ def test_evaluate_from_config_zero_shot(eval_setup, tmp_path):
 
     config, model = eval_setup
     run = run_lib.resolve(config, str(tmp_path))
-    res = ev.evaluate_from_config(run)
+    res = evaluator.evaluate_from_config(run)
     run.close()
     assert (res["num_texts"], res["num_videos"], res["step"]) == (11, 5, None)
     # Reference: the same model, every clip and caption encoded directly from the built split.
@@ -273,7 +275,7 @@ def test_evaluate_from_config_zero_shot(eval_setup, tmp_path):
     # eval.max_videos: the first 3 videos and their 6 captions only.
     config.eval.max_videos = 3
     try:
-        small = ev.evaluate_from_config(run_lib.resolve(config, str(tmp_path)), model)
+        small = evaluator.evaluate_from_config(run_lib.resolve(config, str(tmp_path)), model)
     finally:
         config.eval.max_videos = 0
     assert (small["num_texts"], small["num_videos"]) == (6, 3)

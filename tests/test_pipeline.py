@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cma_jax.data import pipeline, video
+from cma_jax.data import pipeline, sampling, video
 from cma_jax.data.builders import REGISTRY
 from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
 
@@ -82,16 +82,16 @@ def _pairs(batches):
 
 
 def test_sample_frame_indices():
-    np.testing.assert_array_equal(pipeline.sample_frame_indices(20, 12), [0, 1, 3, 5, 6, 8, 10, 12, 13, 15, 17, 19])
-    np.testing.assert_array_equal(pipeline.sample_frame_indices(5, 12), [0, 1, 2, 3, 4])
-    np.testing.assert_array_equal(pipeline.sample_frame_indices(12, 12), np.arange(12))
+    np.testing.assert_array_equal(sampling.sample_frame_indices(20, 12), [0, 1, 3, 5, 6, 8, 10, 12, 13, 15, 17, 19])
+    np.testing.assert_array_equal(sampling.sample_frame_indices(5, 12), [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(sampling.sample_frame_indices(12, 12), np.arange(12))
 
 
 def _pil_clip(jpegs, num_frames):
     """The decoding before issue 24 (PIL, np.stack, zero padding): the reference load_clip must match."""
     chosen = [np.asarray(Image.open(io.BytesIO(jpegs[i])).convert("RGB"))
-              for i in pipeline.sample_frame_indices(len(jpegs), num_frames)]
-    return pipeline.pad_clip(np.stack(chosen), num_frames)
+              for i in sampling.sample_frame_indices(len(jpegs), num_frames)]
+    return sampling.pad_clip(np.stack(chosen), num_frames)
 
 
 @pytest.mark.parametrize("quality,subsampling", [(90, -1), (95, 0)])  # the builders' and the synthetic set's
@@ -136,7 +136,7 @@ def test_train_batches_follow_the_contract(data_dir):
             assert frame_video == text_video, "caption paired with another video's frames"
             assert 0 <= caption < TRAIN_CAPTIONS[text_video]
             n = TRAIN_FRAMES[frame_video]
-            assert indices == list(pipeline.sample_frame_indices(n, 6))
+            assert indices == list(sampling.sample_frame_indices(n, 6))
             assert mask.sum() == min(n, 6) and mask[: min(n, 6)].all()
 
 

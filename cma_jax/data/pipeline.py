@@ -16,15 +16,9 @@ import numpy as np
 from absl import flags
 
 from cma_jax.data import video
+from cma_jax.data.sampling import sample_frame_indices
 from cma_jax.data.builders.base import ensure_built, open_source
 from cma_jax.data.tokenizer import load_tokenizer
-
-
-def sample_frame_indices(num_stored: int, num_frames: int) -> np.ndarray:
-    """CLIP4Clip's uniform sampling: linspace over the stored frames; all of them if not more than T."""
-    if num_stored <= num_frames:
-        return np.arange(num_stored)
-    return np.linspace(0, num_stored - 1, num=num_frames, dtype=int)
 
 
 def load_clip(jpegs: list[bytes], num_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,13 +35,6 @@ def load_clip(jpegs: list[bytes], num_frames: int) -> tuple[np.ndarray, np.ndarr
     for row, i in enumerate(chosen[1:], start=1):
         video.decode_jpeg(jpegs[i], out=frames[row])
     frames[len(chosen):] = 0
-    return frames, np.arange(num_frames) < len(chosen)
-
-
-def pad_clip(chosen: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n <= T, H, W, 3] -> (frames [T,H,W,3] uint8 zero-padded, frame_mask [T] bool)."""
-    frames = np.zeros((num_frames, *chosen.shape[1:]), np.uint8)
-    frames[: len(chosen)] = chosen
     return frames, np.arange(num_frames) < len(chosen)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from cma_jax import checkpoint, console, evaluate, loader, optim, train
+from cma_jax import checkpoint, console, evaluator, loader, optim, train
 from cma_jax import config as config_lib
 from cma_jax import run as run_lib
 from cma_jax.data.builders import get_builder, synthetic
@@ -387,7 +387,7 @@ def pretrain(config, workdir: str, data_dir: str) -> tuple[str, dict]:
     # How well it does on its own task (pretrain val): the backbone is a working CLIP.
     eval_run = run_lib.resolve(stage_config(config, "pretrain_eval", data_dir), run_dir, backbone=scratch)
     try:
-        val = evaluate.evaluate_from_config(eval_run, model)
+        val = evaluator.evaluate_from_config(eval_run, model)
     finally:
         eval_run.close()
     summary = {"config": config_key(cfg), "seconds": time.time() - t0, "history": _history(run_dir),
@@ -402,14 +402,14 @@ def pretrain(config, workdir: str, data_dir: str) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- stage 3: one run
 def evaluators(config, data_dir: str, backbone: str, splits) -> tuple[loader.Backbone, dict]:
     """The backbone folder resolved with its weights (loaded once, shared by every run) and one
-    `evaluate.Evaluator` per split of `splits` (None: skipped), built once and run by every run."""
+    `evaluator.Evaluator` per split of `splits` (None: skipped), built once and run by every run."""
     shared = loader.with_weights(loader.resolve(backbone))
     base = run_lib.resolve(stage_config(config, "zero_shot", data_dir, backbone), backbone=shared)
-    return shared, {split: evaluate.Evaluator(base, split) for split in splits if split is not None}
+    return shared, {split: evaluator.Evaluator(base, split) for split in splits if split is not None}
 
 
-def train_and_test(cfg, stage: str, run_dir: str, backbone: loader.Backbone, test_set: evaluate.Evaluator,
-                   val_set: evaluate.Evaluator | None = None, *,
+def train_and_test(cfg, stage: str, run_dir: str, backbone: loader.Backbone, test_set: evaluator.Evaluator,
+                   val_set: evaluator.Evaluator | None = None, *,
                    val_checks: int = 0, test_name: str = "test") -> dict:
     """One run of `stage` (train unless zero-shot, then test) -> its record, saved in run_dir and reused.
 

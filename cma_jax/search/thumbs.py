@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 
+from cma_jax.data.sampling import sample_frame_indices
+
 
 def _sampled_small(path: str, fps: float, height: int):
     from cma_jax.data.video import iter_sampled_frames  # PyAV, a heavy import: only when decoding
@@ -22,8 +24,6 @@ def _jpeg(im, quality: int = 80) -> bytes:
 
 def thumbnails(path: str, count: int, fps: float, height: int) -> list[str]:
     """`count` frames spread over the video, as base64 JPEG strings (original aspect ratio)."""
-    from cma_jax.data.pipeline import sample_frame_indices
-
     frames = list(_sampled_small(path, fps, height))
     return [base64.b64encode(_jpeg(frames[i])).decode() for i in sample_frame_indices(len(frames), count)]
 
