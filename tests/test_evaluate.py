@@ -261,7 +261,7 @@ def test_evaluate_from_config_zero_shot(eval_setup, tmp_path):
     # eval.qbnorm: val's 6 captions and 3 videos as the query banks, encoded by the evaluated model.
     config.eval.qbnorm = "val"
     try:
-        qb = ev.evaluate_from_config(run_lib.resolve(config, str(tmp_path)), model)
+        qb = evaluator.evaluate_from_config(run_lib.resolve(config, str(tmp_path)), model)
     finally:
         config.eval.qbnorm = ""
     assert qb["qbnorm_bank"] == {"texts": 6, "videos": 3, "k": 1, "beta": 20.0}
