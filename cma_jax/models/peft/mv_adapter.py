@@ -26,12 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cma_jax.models.activations import quick_gelu
 from cma_jax.models.params import AdapterParam
 from cma_jax.models.peft.base import Demo, FieldError, Method, Site, declare, torch_linear
-
-
-def _quick_gelu(x):
-    return x * jax.nn.sigmoid(1.702 * x)
 
 
 def _layer_norm(x, scale, bias):
@@ -74,7 +71,7 @@ class Block(nnx.Module):
         probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
         x = x + jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, s, m) @ self.out_kernel[...] + self.out_bias[...]
         h = _layer_norm(x, self.ln_2_scale, self.ln_2_bias) @ self.fc_kernel[...] + self.fc_bias[...]
-        return x + _quick_gelu(h) @ self.proj_kernel[...] + self.proj_bias[...]
+        return x + quick_gelu(h) @ self.proj_kernel[...] + self.proj_bias[...]
 
 
 class Tying(nnx.Module):
@@ -135,13 +132,13 @@ class VideoAdapter(Bottleneck):
         if t > self.positions.shape[0] // 2:
             raise ValueError(f"mv_adapter frames={self.positions.shape[0] // 2}: got videos of {t} frames")
         x = h.astype(jnp.float32)
-        z = _quick_gelu(self.down(x[:, :1 + g2], site)).reshape(b, t, 1 + g2, -1)
+        z = quick_gelu(self.down(x[:, :1 + g2], site)).reshape(b, t, 1 + g2, -1)
         cls, patches = z[:, :, 0], z[:, :, 1:]  # [B, T, m], [B, T, P, m]
         glob = jnp.broadcast_to(self.global_token[...], (b, 1, cls.shape[-1]))
         seq = jnp.concatenate([glob, cls, patches.mean(2)], 1) + self.positions[:2 * t + 1]
         fm = ctx.frame_mask.astype(bool)
         keys = jnp.concatenate([jnp.ones((b, 1), bool), fm, fm], 1)  # padded frames are no keys
-        seq = _quick_gelu(self.block(_layer_norm(seq, self.ln_scale, self.ln_bias), keys[:, None, :]))
+        seq = quick_gelu(self.block(_layer_norm(seq, self.ln_scale, self.ln_bias), keys[:, None, :]))
         glob, cls_t, patch_t = seq[:, 0], seq[:, 1:t + 1], seq[:, t + 1:]
         alpha = self.calibration(glob, cls_t + patch_t, fm.astype(jnp.float32))
         up, bias = self.up_kernel[...], self.up_bias[...]
@@ -162,7 +159,7 @@ class TextAdapter(Bottleneck):
         if n > self.positions.shape[0]:
             raise ValueError(f"mv_adapter text_positions={self.positions.shape[0]}: got captions of {n} tokens")
         z = self.down(h.astype(jnp.float32), site) + self.positions[:n]
-        z = _quick_gelu(self.block(_layer_norm(z, self.ln_scale, self.ln_bias), jnp.tril(jnp.ones((n, n), bool))))
+        z = quick_gelu(self.block(_layer_norm(z, self.ln_scale, self.ln_bias), jnp.tril(jnp.ones((n, n), bool))))
         return h + (self.scale * (z @ self.up_kernel[...] + self.up_bias[...])).astype(h.dtype)
 
 
