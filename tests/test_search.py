@@ -319,3 +319,40 @@ def test_report_thumbnails_do_not_hold_every_full_size_frame(monkeypatch):
     assert len(pictures) == 3 and peak[0] <= 2, peak[0]
     first = Image.open(io.BytesIO(base64.b64decode(pictures[0])))
     assert first.size == (80, 45)
+
+
+def test_qbnorm_ranks_hits_by_the_inverted_softmax_over_a_caption_bank():
+    """A hub video that every bank caption retrieves loses the queries it tops; hits keep their cosine. The
+    ranking is metrics.querybank_norm's on the head's cosines, exactly and in two stages."""
+    import types
+
+    import jax.numpy as jnp
+
+    from cma_jax import metrics
+    from cma_jax.models import retrieval
+    from cma_jax.search import scoring
+
+    rng = np.random.default_rng(0)
+    frames = rng.normal(size=(6, 3, 8)).astype(np.float32)
+    frames[0] += 2.0  # video 0: near every caption below (their embeddings are shifted the same way)
+    queries = rng.normal(size=(4, 8)).astype(np.float32) + 1.5
+    bank = rng.normal(size=(10, 8)).astype(np.float32) + 1.5
+    texts = {f"q{i}": v for i, v in enumerate(queries)} | {f"b{i}": v for i, v in enumerate(bank)}
+    model = types.SimpleNamespace(head="text_conditioned", tau=0.5)
+    retriever = types.SimpleNamespace(model=model, encode_text=lambda ts: np.stack([texts[t] for t in ts]))
+    index = {"videos": [f"v{i}.mp4" for i in range(6)], "manifest": {}, "frame_emb": frames,
+             "frame_mask": np.ones((6, 3), bool), "frame_time": np.zeros((6, 3), np.float32)}
+    names = [f"q{i}" for i in range(4)]
+    def cos(t):  # the head's cosines [len(t), 6]
+        return np.asarray(retrieval.head_scores("text_conditioned", jnp.asarray(t), jnp.asarray(frames),
+                                                jnp.ones((6, 3), bool), 0.5)[0])
+    plain = scoring.Searcher(retriever, index).search(names, k=6)
+    assert [h[0]["video"] for h in plain] == ["v0.mp4"] * 4  # the hub tops every query
+    want = np.argsort(-metrics.querybank_norm(cos(queries), cos(bank), k=1, beta=20.0), axis=1, kind="stable")
+    bank_names = [f"b{i}" for i in range(10)]
+    for candidates in (0, 6):
+        got = scoring.Searcher(retriever, index, bank=bank_names, candidates=candidates).search(names, k=6)
+        assert [[int(h["video"][1:-4]) for h in row] for row in got] == want.tolist()
+        for row, c in zip(got, cos(queries)):
+            np.testing.assert_allclose([h["score"] for h in row], c[[int(h["video"][1:-4]) for h in row]], rtol=1e-5)
+    assert any(row[0] != 0 for row in want)  # QB-Norm moved the hub down somewhere

@@ -44,11 +44,16 @@ def _retriever(args, manifest: dict | None):
     return r, src
 
 
+def _lines(path: str) -> list[str]:
+    """The non-empty lines of a text file."""
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def _queries(args) -> list[str]:
     texts = list(args.texts)
     if getattr(args, "queries_file", None):
-        with open(args.queries_file) as f:
-            texts += [line.strip() for line in f if line.strip()]
+        texts += _lines(args.queries_file)
     if not texts:
         raise SystemExit("no queries: give texts on the command line or --queries_file")
     return texts
@@ -103,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     queries.add_argument("texts", nargs="*", help="query texts")
     queries.add_argument("--queries_file", help="one query per line")
     queries.add_argument("-k", type=int, default=5, help="hits per query")
+    queries.add_argument("--qbnorm_bank", help="captions file (one per line): rank by QB-Norm with them as the "
+                         "query bank (e.g. a training split's captions)")
+    queries.add_argument("--qbnorm_k", type=int, default=1, help="QB-Norm's k (the paper's 1)")
+    queries.add_argument("--qbnorm_beta", type=float, default=20.0, help="QB-Norm's beta on cosines (the paper's 20)")
 
     q = sub.add_parser("query", parents=[queries], formatter_class=_Help, help="top-k videos for text queries")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -128,7 +137,9 @@ def _query_or_report(args) -> int:
     index = store.load_index(args.index_dir)
     retriever, _ = _retriever(args, index["manifest"])
     store.check_model(index["manifest"], retriever.fingerprint, args.index_dir)
-    results = scoring.search(retriever, index, texts, args.k)
+    bank = _lines(args.qbnorm_bank) if args.qbnorm_bank else None
+    results = scoring.search(retriever, index, texts, args.k, bank, qbnorm_k=args.qbnorm_k,
+                             qbnorm_beta=args.qbnorm_beta)
     if args.cmd == "query":
         if args.json:
             print(json.dumps([{"query": t, "hits": h} for t, h in zip(texts, results)], indent=1))
