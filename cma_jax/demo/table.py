@@ -151,20 +151,21 @@ def efficiency_figure(rows: list[dict]):
     return fig
 
 
-# Where a point's label may go, in order of preference: (direction, horizontal alignment, vertical alignment).
-_LABEL_SPOTS = (((1, 0.7), "left", "bottom"), ((-1, 0.7), "right", "bottom"), ((1, -0.7), "left", "top"),
-                ((-1, -0.7), "right", "top"), ((0, 1.5), "center", "bottom"), ((0, -1.5), "center", "top"))
+# Where a point's label may go, in order of preference: (direction, horizontal alignment, vertical alignment);
+# beside the point, then higher or lower, clear of a neighbour's error bar.
+_LABEL_SPOTS = tuple(((dx, dy * lift), ha, va) for lift in (1, 3, 5) for (dx, dy), ha, va in (
+    ((1, 0.7), "left", "bottom"), ((-1, 0.7), "right", "bottom"), ((1, -0.7), "left", "top"),
+    ((-1, -0.7), "right", "top"), ((0, 1.5), "center", "bottom"), ((0, -1.5), "center", "top")))
 
 
 def _place_labels(ax, points) -> None:
-    """Each point's name `away` points from it, at the first spot of _LABEL_SPOTS where it stays inside the axes and clear of
-    every marker and error bar (each artist's drawn box) and of the labels placed before; else where it
-    overlaps least. Methods sit close together (the two adapters often side by side), and where depends on the
+    """Each point's name `away` points from it, at the first spot of _LABEL_SPOTS where it stays inside the axes
+    and clear of every marker and error bar (each part's drawn box) and of the labels placed before; else where
+    it overlaps least. Methods sit close together (the two adapters often side by side), and where depends on the
     machine's step times, so no spot is fixed."""
     renderer = ax.figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    taken = [b for c in ax.containers for a in c.get_children() for b in [a.get_window_extent(renderer)]
-             if b.width > 0 or b.height > 0]
+    taken = [_drawn_box(ax, a, renderer) for c in ax.containers for a in c.get_children()]
     for x, y, name, away in points:
         best = None
         for (dx, dy), ha, va in _LABEL_SPOTS:
@@ -182,6 +183,19 @@ def _place_labels(ax, points) -> None:
             if cost == 0:
                 break
         taken.append(best[2])
+
+
+def _drawn_box(ax, artist, renderer):
+    """Where an error bar's part is drawn, in pixels: a marker or cap as matplotlib measures it, the bar (a
+    LineCollection, which measures as empty) from its segments, a pixel wider each side."""
+    from matplotlib.collections import LineCollection  # heavy: only when the plot is drawn
+    from matplotlib.transforms import Bbox
+
+    if isinstance(artist, LineCollection):
+        ends = ax.transData.transform(np.concatenate(artist.get_segments()))  # [2 * bars, 2] pixels
+        (x0, y0), (x1, y1) = ends.min(axis=0), ends.max(axis=0)
+        return Bbox([[x0 - 1, y0], [x1 + 1, y1]])
+    return artist.get_window_extent(renderer)
 
 
 def _overlap(a, b) -> float:
