@@ -100,8 +100,10 @@ def num_train_steps(config, train_iter) -> int:
     return int(config.train.epochs * per_epoch)
 
 
-def _iterator_state(it, consumed: int):
-    return it.get_state() if hasattr(it, "get_state") else {"batches_consumed": consumed}
+def _iterator_state(state, consumed: int):
+    """What a checkpoint saves of the data after `consumed` batches: the iterator's own state
+    (`get_state()`, None if it has none), else the count `_restore_iterator` skips."""
+    return state if state is not None else {"batches_consumed": consumed}
 
 
 def _restore_iterator(it, state):
@@ -126,6 +128,10 @@ def read_history(workdir: str) -> list[dict]:
     return [records[k] for k in sorted(records)]
 
 
+# A run that spends this share of its time waiting for batches is reported as input-bound.
+INPUT_BOUND = 0.1
+
+
 class _Logger:
     """Log lines, TensorBoard scalars (the program's one writer), and the per-step history (process 0).
 
@@ -139,6 +145,7 @@ class _Logger:
         self.every = config.train.log_every_steps
         self.examples = config.train.batch_size
         self.writer, self.file, self.remote_history = writer, None, None
+        self.waited = self.stepped = 0.0  # seconds waiting for batches / in steps, after the first step
         if jax.process_index() == 0:
             history = paths.Workdir(workdir).history
             if paths.is_remote(history):
@@ -149,22 +156,37 @@ class _Logger:
         if config.train.progress_bar and jax.process_index() == 0:
             self.bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
-    def step(self, step, metrics, seconds):
+    def step(self, step, metrics, seconds, wait):
+        """One step's record: its metrics, `seconds` of step and `wait` seconds waiting for its batch before."""
         m = {k: float(v) for k, v in metrics.items()}
-        rec = {"step": step, **m, "step_time": seconds, "examples_per_s": self.examples / max(seconds, 1e-9)}
+        rec = {"step": step, **m, "step_time": seconds, "examples_per_s": self.examples / max(seconds, 1e-9),
+               "data_wait": wait, "data_wait_share": wait / max(wait + seconds, 1e-9)}
         self.history.append(rec)
+        if len(self.history) > 1:  # the first step of a run compiles: not what the input pipeline competes with
+            self.waited += wait
+            self.stepped += seconds
         if self.file is not None:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
         if self.writer is not None:
-            for k in ("loss", "lr", "grad_norm", "step_time", "examples_per_s"):
+            for k in ("loss", "lr", "grad_norm", "step_time", "examples_per_s", "data_wait", "data_wait_share"):
                 self.writer.add_scalar(f"train/{k}", rec[k], step)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", refresh=False)
         if step % self.every == 0:
-            log.info("step %d loss %.5f lr %.3e grad_norm %.3f step %.3fs %.1f examples/s", step, m["loss"],
-                     m["lr"], m["grad_norm"], seconds, rec["examples_per_s"])
+            log.info("step %d loss %.5f lr %.3e grad_norm %.3f step %.3fs %.1f examples/s, waited %.3fs for the "
+                     "batch (%.0f %%)", step, m["loss"], m["lr"], m["grad_norm"], seconds, rec["examples_per_s"],
+                     wait, 100 * rec["data_wait_share"])
+
+    def summary(self) -> str:
+        """How much of the time after the first step went to waiting for batches; 'input-bound: ...' from
+        INPUT_BOUND on."""
+        share = self.waited / max(self.waited + self.stepped, 1e-9)
+        if share >= INPUT_BOUND:
+            return (f"input-bound: {100 * share:.0f} % of the time waiting for the next batch ({self.waited:.1f} s "
+                    f"of {self.waited + self.stepped:.1f} s): more input workers (config.data.workers) or cores")
+        return f"data wait: {100 * share:.1f} % of the time ({self.waited:.1f} s of {self.waited + self.stepped:.1f} s)"
 
     def close(self):
         if self.bar is not None:
@@ -186,7 +208,9 @@ def train(run, train_iter=None, eval_fn=None):
     batches already trained on, with `steps_per_epoch` for `train.num_steps = 0`; a Ctrl-C saves the step
     it interrupted; eval_fn(model, step) is called every train.eval_every_steps (if > 0). The returned
     model holds the trained parameters; history is one dict per step run here (step, loss, lr, grad_norm,
-    step_time, examples_per_s). TensorBoard scalars go to run.writer.
+    step_time, examples_per_s, data_wait: seconds waiting for the step's batch, data_wait_share of
+    wait + step). Batches are put on the mesh ahead by `sharding.Prefetcher`. TensorBoard scalars go to
+    run.writer; the end says how much of the time went to waiting ('input-bound: ...' from 10 %).
     """
     if not run.method.trains:
         raise ValueError(f"config.method={run.config.method} has nothing to train; use config.mode=eval")
@@ -232,32 +256,37 @@ def _train(run, train_iter, eval_fn):
     # ------------------------------------------------------------------------- loop
     logger = _Logger(workdir, config, num_steps, start, run.writer)
     # The iterator state that goes with a model at each step: at an interrupt the state's own step
-    # (done before or after the interrupted wait) picks the matching one (_save_on_interrupt).
+    # (done before or after the interrupted wait) picks the matching one (_save_on_interrupt). The
+    # prefetcher reads ahead, so the state comes with each batch, not from the iterator.
+    data_state = _iterator_state(train_iter.get_state() if hasattr(train_iter, "get_state") else None, start)
+    batches = shd.Prefetcher(train_iter, mesh, count=num_steps - start)
     step, data_at = start, {}
     guard = _DivergenceGuard(config.train.max_loss_ratio)
     try:
         while step < num_steps:
-            data_at = {step: _iterator_state(train_iter, step)}
-            local = next(train_iter)
-            data_at[step + 1] = _iterator_state(train_iter, step + 1)
-            batch = shd.global_batch(local, mesh)
+            data_at = {step: data_state}
+            t_wait = time.perf_counter()
+            batch, after = next(batches)  # on the mesh already: put there while the last step ran
             t0 = time.perf_counter()
+            data_state = data_at[step + 1] = _iterator_state(after, step + 1)
             state, metrics = step_fn(state, frozen, batch)
             metrics = jax.device_get(metrics)  # waits for the step: honest step times
             step += 1
             guard.check(step, metrics, ckpt.latest_step)  # before anything of this state is saved or logged
-            logger.step(step, metrics, time.perf_counter() - t0)
+            logger.step(step, metrics, time.perf_counter() - t0, t0 - t_wait)
             if step % config.train.save_every_steps == 0 or step == num_steps:
-                ckpt.save(step, state, _iterator_state(train_iter, step), meta, force=step == num_steps,
-                          loss=guard.mean_since_save())
+                ckpt.save(step, state, data_state, meta, force=step == num_steps, loss=guard.mean_since_save())
             if eval_fn is not None and config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
                     and step < num_steps:
                 eval_fn(nnx.merge(graphdef, state.params, state.rngs, frozen), step)
+        if len(logger.history) > 1:
+            log.info("%s", logger.summary())
     except KeyboardInterrupt:
         if guard.healthy:
-            _save_on_interrupt(ckpt, state, data_at, train_iter, meta, guard.mean_since_save())
+            _save_on_interrupt(ckpt, state, data_at, meta, guard.mean_since_save())
         raise
     finally:
+        batches.close()  # before the iterator it reads from
         ckpt.wait()
         ckpt.close()
         logger.close()
@@ -266,7 +295,7 @@ def _train(run, train_iter, eval_fn):
     return nnx.merge(graphdef, state.params, state.rngs, frozen), logger.history
 
 
-def _save_on_interrupt(ckpt, state: TrainState, data_at, train_iter, meta, loss):
+def _save_on_interrupt(ckpt, state: TrainState, data_at, meta, loss):
     """Best effort: save the last consistent (state, iterator) pair unless it is already saved.
 
     `data_at[s]` is the iterator state that goes with a model at step s for the step the loop was
@@ -279,8 +308,11 @@ def _save_on_interrupt(ckpt, state: TrainState, data_at, train_iter, meta, loss)
         return
     if done == ckpt.latest_step() or done == 0:
         return
-    data_state = data_at.get(done, _iterator_state(train_iter, done))
-    ckpt.save(done, state, data_state, meta, force=True, loss=loss)
+    if done not in data_at:  # not the step the loop was in: no iterator state known to match it
+        log.warning("interrupted at step %d without its data position; resume starts from the last periodic "
+                    "checkpoint", done)
+        return
+    ckpt.save(done, state, data_at[done], meta, force=True, loss=loss)
     log.warning("interrupted: saved step %d to %s", done, ckpt.directory)
 
 

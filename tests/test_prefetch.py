@@ -1,12 +1,17 @@
-"""Device prefetch: the batches and iterator states of the host iterator, in order, read ahead while steps run."""
+"""Device prefetch (the host iterator's batches and states, in order, read ahead while steps run) and the data
+wait every training step records."""
 
+import logging
+import re
 import time
 
 import numpy as np
 import pytest
 
+from cma_jax import run as run_lib
 from cma_jax import sharding as shd
 from cma_jax import train as train_lib
+from test_tb import tb_scalars
 from tiny import SyntheticBatches, tiny_config
 
 
@@ -64,3 +69,24 @@ def test_the_next_batch_is_ready_when_the_step_ends(config):
         time.sleep(0.3)  # the step
     batches.close()
     assert waits[0] > 0.15 and max(waits[1:]) < 0.1, waits
+
+
+def _train_and_read(config, workdir, batches):
+    """Trains; (the records of history.jsonl, the TensorBoard values of train/data_wait_share)."""
+    _, history = train_lib.train(run_lib.resolve(config, workdir), train_iter=batches)
+    assert train_lib.read_history(workdir) == history
+    return history, tb_scalars(workdir, "train/data_wait_share")
+
+
+@pytest.mark.slow
+def test_a_slow_pipeline_shows_in_the_data_wait_and_the_summary(tmp_path, caplog):
+    """0.5 s per batch against ~0.05 s steps: once the 3 batches made during the first step's compile are
+    used up (steps 2-4), every step waits ~0.5 s, and the run says it is input-bound (the fast case:
+    test_train.py)."""
+    caplog.set_level(logging.INFO)
+    config = tiny_config(save_every_steps=10, num_steps=6)  # a checkpoint save between steps would hide the wait
+    history, tb_waits = _train_and_read(config, str(tmp_path), SlowBatches(config, 0.5))
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert tb_waits == pytest.approx([h["data_wait_share"] for h in history])
+    assert all(h["data_wait"] > 0.3 and h["data_wait_share"] > 0.5 for h in history[4:]), history
+    assert re.search(r"input-bound: \d+ % of the time waiting for the next batch", caplog.text)

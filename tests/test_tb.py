@@ -1,6 +1,7 @@
 """The TensorBoard writer: one event file per program, opened at its first scalar, on process 0."""
 
 import os
+import pathlib
 import struct
 
 from tensorboardX.proto import event_pb2
@@ -17,6 +18,12 @@ def scalars(path) -> list[tuple[str, float, int]]:
         out += [(v.tag, v.simple_value, event.step) for v in event.summary.value]
         i += 12 + n + 4
     return out
+
+
+def tb_scalars(workdir, tag) -> list[float]:
+    """The values of one scalar tag in a run's TensorBoard event file (WORKDIR/tb holds one)."""
+    (events,) = os.listdir(os.path.join(workdir, "tb"))
+    return [v for t, v, _ in scalars(pathlib.Path(workdir, "tb", events)) if t == tag]
 
 
 def test_one_event_file_opened_at_the_first_scalar(tmp_path):

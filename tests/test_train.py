@@ -14,6 +14,7 @@ from cma_jax import run as run_lib
 from cma_jax.models.summary import count
 from cma_jax import train as train_lib
 from cma_jax.models.peft.adapter import AdapterParam
+from test_tb import tb_scalars
 from tiny import SyntheticBatches, tiny_config
 
 
@@ -52,6 +53,17 @@ def test_frozen_weights_bit_identical_and_adapters_learn(trained):
     assert all(np.isfinite(h["loss"]) and h["step_time"] > 0 and h["examples_per_s"] > 0 for h in history)
     # warmup (1 step) then cosine: lr(0)=0, lr(1)=peak
     np.testing.assert_allclose([h["lr"] for h in history][:2], [0.0, config.train.lr], rtol=1e-6)
+
+
+def test_each_step_records_its_wait_for_the_batch_near_zero_for_a_fast_pipeline(trained):
+    """history.jsonl and TensorBoard get the seconds waiting for each batch and its share of the step; batches
+    made while the previous step ran are waited for ~0 (a slow pipeline: test_prefetch.py)."""
+    _, workdir, _, history = trained
+    for h in history:
+        assert h["data_wait_share"] == pytest.approx(h["data_wait"] / (h["data_wait"] + h["step_time"]))
+    assert max(h["data_wait"] for h in history[1:]) < 0.05
+    assert tb_scalars(workdir, "train/data_wait") == pytest.approx([h["data_wait"] for h in history])
+    assert tb_scalars(workdir, "train/data_wait_share") == pytest.approx([h["data_wait_share"] for h in history])
 
 
 def test_the_step_compiled_from_shapes_is_the_step_training_runs(trained):
