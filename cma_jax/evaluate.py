@@ -60,26 +60,33 @@ def encode_eval_set(model, text_batches: Iterable[dict], video_batches: Iterable
     graphdef, state = _split_eval(model)
     state = sharding.place_on_mesh(state, mesh)
 
-    def run(batches, fn, key, extra, desc, total):
+    def run(batches, fn, key, extra, what, total):
         outs = []
         keys = (key, "video_index", "valid") + extra
-        bar = tqdm.tqdm(batches, desc=desc, total=total, unit="batch", leave=False,
+        bar = tqdm.tqdm(batches, desc=f"encoding {what}", total=total, unit="batch", leave=False,
                         disable=jax.process_index() != 0)
+        t0 = time.perf_counter()
+        waited, t_wait = 0.0, t0
         for b in bar:
+            waited += time.perf_counter() - t_wait
             missing = [k for k in keys if k not in b]
             if missing:
                 raise KeyError(f"eval batch is missing {missing}; expected keys {keys}")
             arrays = {k: sharding.global_array(b[k], mesh) for k in keys}
             arrays["emb"] = fn(graphdef, state, arrays.pop(key), *(arrays[k] for k in extra))
             outs.append(arrays)  # device arrays: dispatch of the next batch overlaps this one
+            t_wait = time.perf_counter()
         if not outs:
             raise ValueError(f"no eval batches with {key!r} were given")
         host = {k: np.concatenate([sharding.to_host(o[k]) for o in outs]) for k in outs[0]}
         keep = host.pop("valid").astype(bool)
+        seconds = time.perf_counter() - t0
+        logging.info("encoded %d %s in %.2f s: %.1f %s/s (%.0f %% of it waiting for the input pipeline)",
+                     keep.sum(), what, seconds, keep.sum() / max(seconds, 1e-9), what, 100 * waited / max(seconds, 1e-9))
         return {k: v[keep] for k, v in host.items()}
 
-    texts = run(text_batches, _encode_text, "text_ids", (), "encoding captions", num_text_batches)
-    videos = run(video_batches, _encode_frames, "frames", ("frame_mask",), "encoding videos", num_video_batches)
+    texts = run(text_batches, _encode_text, "text_ids", (), "captions", num_text_batches)
+    videos = run(video_batches, _encode_frames, "frames", ("frame_mask",), "videos", num_video_batches)
 
     vidx = videos["video_index"].astype(np.int64)
     nv = len(vidx)

@@ -1,7 +1,9 @@
 """Evaluation: block-wise similarity equals the full matrix; end-to-end metrics, reports, padding, mesh."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -81,9 +83,10 @@ def make_batches(n_videos=6, captions_per_video=(1, 2, 1, 3, 1, 2), batch=4, t=3
     return tb, vb, (frames, fmask, ids, cap_vid)
 
 
-def test_evaluate_end_to_end_matches_direct_computation(tmp_path):
+def test_evaluate_end_to_end_matches_direct_computation(tmp_path, caplog):
     from tensorboardX import SummaryWriter
 
+    caplog.set_level(logging.INFO)
     model = tiny_model()
     tb, vb, (frames, fmask, ids, cap_vid) = make_batches()
     writer = SummaryWriter(str(tmp_path / "tb"))
@@ -103,6 +106,8 @@ def test_evaluate_end_to_end_matches_direct_computation(tmp_path):
     md = (tmp_path / "eval_test_step7.md").read_text()
     assert "| test |" in md and "| test + DSL |" in md
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
+    # The encode pass reports its rate: the 6 videos (padding rows not counted), videos/s, the input's share.
+    assert re.search(r"encoded 6 videos in [\d.]+ s: [\d.]+ videos/s \(\d+ % of it waiting", caplog.text)
 
 
 def test_qbnorm_reports_metrics_re_scored_with_the_banks_encoded_at_evaluation(tmp_path):
