@@ -147,7 +147,7 @@ MESH_SCRIPT = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("t", sys.argv[1]); t = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(t)
     from cma_jax import evaluate as ev
-from cma_jax import evaluator
+    from cma_jax import evaluator
     assert jax.device_count() == 8, jax.device_count()
     mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3)
     model = t.tiny_model()
