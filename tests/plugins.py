@@ -14,8 +14,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TPU = ("libtpu", "CMA_JAX_TPU_PYTHONPATH")
-CUDA = ("jax_plugins.xla_cuda12", "CMA_JAX_CUDA_PYTHONPATH")
+# (module, variable naming a folder that holds it, how to fill that folder)
+TPU = ("libtpu", "CMA_JAX_TPU_PYTHONPATH", "pip install --no-deps --target=DIR 'libtpu==0.0.42.*' (.ci/run does)")
+CUDA = ("jax_plugins.xla_cuda12", "CMA_JAX_CUDA_PYTHONPATH",
+        "pip install --target=DIR 'jax-cuda12-plugin[with-cuda]==0.10.2' (about 3 GB; CI does not)")
 
 
 def importable(module: str) -> bool:
@@ -30,11 +32,10 @@ def env(plugin=None) -> dict:
     naming what to set, when none can."""
     extra = ""
     if plugin is not None:
-        module, variable = plugin
+        module, variable, how = plugin
         extra = os.environ.get(variable, "")
         if not importable(module) and not extra:
-            pytest.skip(f"{module} is not importable here and {variable} is not set (pip install "
-                        f"--target=DIR the '.[tpu]' / '.[cuda]' extra's plugin and set {variable}=DIR; .ci/run does)")
+            pytest.skip(f"{module} is not importable here and {variable} is not set: {how}, then {variable}=DIR")
     out = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "tests"), extra) if p))
     out.pop("XLA_FLAGS", None)
     return out
