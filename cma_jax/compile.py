@@ -197,8 +197,11 @@ def whole_step_flops(config, steps: int) -> float:
 
 
 def plan(config, topo: accelerators.Topology, devices, *, train_pairs: int | None = None,
-         with_eval: bool = True) -> Plan:
-    """Compile `config`'s train step (and eval encode steps) for `devices` of `topo` and measure them."""
+         with_eval: bool = True, count_flops: bool = True) -> Plan:
+    """Compile `config`'s train step (and eval encode steps) for `devices` of `topo` and measure them.
+
+    `count_flops=False` skips the CPU compile that counts a GPU step's FLOPs (flops 0: the fit search
+    needs the memory only)."""
     shd.select_partitioner(config, len(devices))
     run = abstract_run(config, devices)
     steps = num_steps(config, train_pairs)
@@ -210,7 +213,8 @@ def plan(config, topo: accelerators.Topology, devices, *, train_pairs: int | Non
     if cost:  # TPU: the partitioned program's own count, per chip
         flops, hbm, source = float(cost["flops"]), float(cost["bytes accessed"]), "XLA cost analysis of this compile"
     else:  # the GPU compiler reports none: XLA's count of the same step for one CPU device, split over the chips
-        flops, hbm = whole_step_flops(config, steps or 1) / len(devices), None
+        flops = whole_step_flops(config, steps or 1) / len(devices) if count_flops else 0.0
+        hbm = None
         source = "XLA's count of the same step compiled for one CPU device / chips (the GPU compiler reports none)"
     p = Plan(topo, Memory.of(compiled), None, flops, hbm, source, compile_s, config.train.batch_size,
              config.data.num_frames, steps)
@@ -366,7 +370,8 @@ def run(config, topology: str, *, fit: bool = False, mfu: float = 0.4, train_pai
             print(f"  {flags_}: skipped, its temporaries alone do not fit at mesh.fsdp=1", flush=True)
             return math.inf
         try:
-            tried[(k, remat, fsdp)] = p = plan(trial, topo, devices, train_pairs=train_pairs, with_eval=False)
+            tried[(k, remat, fsdp)] = p = plan(trial, topo, devices, train_pairs=train_pairs, with_eval=False,
+                                               count_flops=False)
             peak, temps = p.train.peak, p.train.temporaries
             print(f"  {flags_}: {peak / GiB:.2f} GiB", flush=True)
         except OutOfMemory as e:
@@ -383,6 +388,8 @@ def run(config, topology: str, *, fit: bool = False, mfu: float = 0.4, train_pai
                          "train.batch_size")
     fitted_config = with_overrides(config, change)
     fitted = tried[tuple(fitted_config[f.split(".")[0]][f.split(".")[1]] for f in fields)]
+    if not fitted.flops:
+        fitted = dataclasses.replace(fitted, flops=whole_step_flops(fitted_config, fitted.num_steps or 1) / len(devices))
     if with_eval:
         fitted = with_eval_memory(fitted, abstract_run(fitted_config, devices))
     print(f"\nfits with: {override_flags(change)}\n" + report(fitted, mfu, fitted_config), flush=True)
