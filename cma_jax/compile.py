@@ -426,7 +426,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    accelerators.libtpu_without_chips()  # before JAX starts its backends
     _define_flags()
     flags.mark_flags_as_required(["config", "topology"])
     if config_lib.unknown_override(sys.argv[1:]):

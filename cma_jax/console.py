@@ -21,6 +21,8 @@ from absl import flags
 from absl import logging as absl_logging
 from tqdm import tqdm
 
+from cma_jax import accelerators
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _ORBAX = f"{os.sep}orbax{os.sep}"
 _ORBAX_READ_ONLY = ("CheckpointManagerOptions.read_only=True, setting", "Given directory is read only")
@@ -209,7 +211,8 @@ def _thread_hook(previous):
 
 
 def setup(verbose: bool = False) -> None:
-    """Once per CLI program, before it logs (never in library code): its filters and hooks.
+    """Once per CLI program, before it logs or starts JAX's backends (never in library code): its filters, hooks
+    and libtpu's settings on a machine without TPUs (`accelerators.libtpu_without_chips`).
 
     INFO lines of other libraries are dropped (JAX's "Unable to initialize backend 'tpu'", Orbax's per-save
     chatter, TFDS's dataset-info lines), and so are Orbax's notices that it opened a checkpoint read-only
@@ -221,6 +224,7 @@ def setup(verbose: bool = False) -> None:
     coroutines, never awaited, print the very error the failed restore already raised. Those, and only
     those, are dropped (besides the OSErrors that follow a reported full disk: `error_line`).
     """
+    accelerators.libtpu_without_chips()  # libtpu, if installed, says nothing of TPUs this machine lacks
     root = logging.getLogger()
     if not root.handlers:  # not an absl program: one plain stderr handler ("WARNING: ...")
         handler = logging.StreamHandler(sys.stderr)

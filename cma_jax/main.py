@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cma_jax import config as config_lib
-from cma_jax import accelerators, console, sharding, train
+from cma_jax import console, sharding, train
 from cma_jax import run as run_lib
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msrvtt.py or configs/msrvtt.py:vit_b16.",
@@ -76,7 +76,6 @@ def main(argv):
     if FLAGS.print_config:
         print(config_lib.describe(FLAGS.config))
         return
-    accelerators.libtpu_without_chips()  # before JAX starts its backends
     console.setup(verbose=FLAGS.verbosity >= 1)
     init_distributed()
     config = FLAGS.config
