@@ -57,7 +57,7 @@ class LoRA(nnx.Module):
          formula="r (d_in + d_out) per target and block of the chosen towers (q, k, v, out: 2 W; mlp_in, mlp_out: 5 W)",
          note="loralib / HF PEFT's init (A kaiming-uniform, B zero), scaling alpha / r; q and v of both towers, "
               "r = 8 gives 0.49 M; foldable into the weights (python -m cma_jax.convert merge)",
-         demo=Demo(lr=1e-2, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)))  # lr not yet searched (methods_lr)
+         demo=Demo(lr=3e-2, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)))
 @dataclasses.dataclass(frozen=True)
 class LoRAMethod(Method):
     rank: int = 8  # r

@@ -175,7 +175,7 @@ def tying_factors(layers: int, dim: int) -> nnx.List:
                  "+ 12 m^2) + 2 k (f m + m) + k f",
          note="MV-Adapter's code and MSR-VTT config (m = 64, 2 heads, s = 0.1, CLS calibration, tying in the last 2 "
               "blocks); 3.33 M against the paper's 2.4 % of CLIP (~3.6 M)",
-         demo=Demo({"bottleneck": 16}, lr=1e-2, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)))  # lr not yet searched
+         demo=Demo({"bottleneck": 16}, lr=3e-2, lr_grid=(3e-3, 1e-2, 3e-2, 1e-1)))
 @dataclasses.dataclass(frozen=True)
 class MVAdapter(Method):
     bottleneck: int = 64  # m
