@@ -89,7 +89,7 @@ class Plan:
         chip = self.topology.chip
         if mfu is not None:
             return self.flops / (mfu * chip.bf16_flops)
-        return max(self.flops / chip.bf16_flops, (self.hbm_bytes or 0) / chip.hbm_bandwidth)
+        return accelerators.roofline_seconds(self.flops, self.hbm_bytes or 0, chip)
 
     def frames_per_host(self, seconds: float) -> float:
         """Frames per second each host's input pipeline must decode to keep a step of `seconds` fed."""
