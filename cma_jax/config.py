@@ -201,6 +201,12 @@ def dataset_config(name: str, preset: str | None, *, reduction_dim: int, share_d
     `preset` is the backbone (the config file's `:arg`, default vit_b32). Every baseline is
     `--config.method=NAME` (cma_jax.models.peft.METHODS; zero_shot with `--config.mode=eval`), its
     hyper-parameters in `config.<section>`; r and d_s here are the Cross-Modal Adapter's.
+
+    On the smallest TPU slice of docs/accelerators.md, a v5e-8 (16 GiB per chip), with
+    `--config.model.dtype=bfloat16` and 12 frames x 32 words (MSR-VTT, MSVD, VATEX; checked with
+    `python -m cma_jax.compile --topology=v5e-8`): vit_b32 and vit_b16 fit as they are, vit_l14 and
+    vit_l14_336 with `--config.model.remat=block` (6.6 and 12.8 GiB per chip). ActivityNet's and DiDeMo's
+    64 frames x 64 words were not compiled: `--fit` finds their change.
     """
     config = base_config()
     config.model.preset = preset or "vit_b32"
