@@ -221,6 +221,16 @@ def plan(config, topo: accelerators.Topology, devices, *, train_pairs: int | Non
     return with_eval_memory(p, run) if with_eval else p
 
 
+def state_bytes(config) -> int:
+    """Bytes of the model's weights and the optimizer state, all chips' shares together."""
+    run = abstract_run(with_overrides(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.model": 1}),
+                       jax.devices("cpu")[:1])
+    _, params, _, frozen = optim.split(abstract_model(run), run.method, bool(config.model.train_logit_scale))
+    tx, _ = optim.make_optimizer(config.train, params, 1)
+    leaves = jax.tree.leaves((params, frozen, jax.eval_shape(tx.init, params)))
+    return sum(x.size * x.dtype.itemsize for x in leaves if hasattr(x, "dtype"))
+
+
 def with_eval_memory(p: Plan, run: Run) -> Plan:
     """`p` with the HBM of the evaluation encode steps (the larger of captions' and videos')."""
     lowered = lower_eval_steps(run, abstract_model(run))
@@ -346,28 +356,34 @@ def run(config, topology: str, *, fit: bool = False, mfu: float = 0.4, train_pai
     topo = accelerators.topology(topology)
     run_lib.check(config, topo.num_chips, overridden)
     devices = accelerators.devices(topo)
+    fields = ("train.grad_accum_steps", "model.remat", "mesh.fsdp")
+    temporaries = {}  # by (grad_accum, remat) at mesh.fsdp=1
     try:
         p = plan(config, topo, devices, train_pairs=train_pairs, with_eval=with_eval)
         print(report(p, mfu, config), flush=True)
         if p.fits:
             return p
-        problem = does_not_fit(p, config)
+        problem, temps = does_not_fit(p, config), p.train.temporaries
     except OutOfMemory as e:
-        problem = refused(e, topo, config)
+        problem, temps = refused(e, topo, config), e.needed if "temporaries" in e.what else 0
+    if config.mesh.fsdp == 1:
+        temporaries[(config.train.grad_accum_steps, config.model.remat)] = temps
     if not fit:
         raise problem
     print(f"{problem}\n--fit: searching train.grad_accum_steps, model.remat, mesh.fsdp for the cheapest change "
           "that fits", flush=True)
 
-    fields = ("train.grad_accum_steps", "model.remat", "mesh.fsdp")
-    tried, temporaries = {}, {}  # plans by their change; temporaries by (grad_accum, remat) at mesh.fsdp=1
+    tried = {}  # plans by their (grad_accum, remat, fsdp)
+    # FSDP shards the weights, the optimizer state and their gradients, not the activations: a change of
+    # mesh.fsdp alone is not compiled when the temporaries at mesh.fsdp=1, less twice the whole state, still
+    # exceed the HBM.
+    shardable = 2 * state_bytes(config)
 
     def memory(trial):
         k, remat, fsdp = (trial[f.split(".")[0]][f.split(".")[1]] for f in fields)
         flags_ = override_flags(dict(zip(fields, (k, remat, fsdp))))
-        if fsdp > 1 and temporaries.get((k, remat), 0) > topo.chip.hbm_bytes:
-            # FSDP shards the weights and optimizer state, not the activations: no compile needed
-            print(f"  {flags_}: skipped, its temporaries alone do not fit at mesh.fsdp=1", flush=True)
+        if fsdp > 1 and temporaries.get((k, remat), 0) - shardable > topo.chip.hbm_bytes:
+            print(f"  {flags_}: skipped, FSDP cannot bring its temporaries at mesh.fsdp=1 under the HBM", flush=True)
             return math.inf
         try:
             tried[(k, remat, fsdp)] = p = plan(trial, topo, devices, train_pairs=train_pairs, with_eval=False,
@@ -383,7 +399,7 @@ def run(config, topology: str, *, fit: bool = False, mfu: float = 0.4, train_pai
 
     change = fit_search(config, topo.num_chips, topo.chip.hbm_bytes, memory)
     if change is None:
-        raise DoesNotFit(f"{config.model.preset} {config.method} fits {topo.name} with no combination of "
+        raise DoesNotFit(f"{config.model.preset} {config.method} does not fit {topo.name} with any combination of "
                          "train.grad_accum_steps, model.remat and mesh.fsdp: use a larger slice or a smaller "
                          "train.batch_size")
     fitted_config = with_overrides(config, change)
