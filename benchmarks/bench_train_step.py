@@ -33,9 +33,9 @@ from flax import nnx  # noqa: E402
 from cma_jax import accelerators  # noqa: E402
 from cma_jax import checkpoint as ckpt_lib  # noqa: E402
 from cma_jax import config as config_lib  # noqa: E402
-from cma_jax import loader
+from cma_jax import loader  # noqa: E402
 from cma_jax import optim  # noqa: E402
-from cma_jax import run as run_lib
+from cma_jax import run as run_lib  # noqa: E402
 from cma_jax import train as train_lib  # noqa: E402
 from cma_jax.models import state  # noqa: E402
 from cma_jax.models.summary import count  # noqa: E402
