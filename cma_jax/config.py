@@ -35,7 +35,7 @@ TRAINING_FIELDS = {
 # Fields that say where things are or how a run reports, not what it computes: the same run moved to
 # another folder, or logged more often, gives the same result (the demo's reuse key leaves them out).
 PLACE_FIELDS = ("backbone", "adapter_checkpoint", "data.data_dir", "data.tokenizer", "data.workers",
-                "train.progress_bar", "train.log_every_steps", "train.save_every_steps", "train.keep_checkpoints")
+                "data.frame_cache", "train.progress_bar", "train.log_every_steps", "train.save_every_steps", "train.keep_checkpoints")
 
 
 def _schema() -> dict:
@@ -85,6 +85,9 @@ def _schema() -> dict:
             "tokenizer": ("", "'' = the backbone's tokenizer; or a BPE file, a Hugging Face tokenizer folder or "
                               "a word list"),
             "workers": (0, "grain worker processes reading the data (0 = in-process)"),
+            "frame_cache": ("", "decoded-frame cache read instead of decoding the JPEGs (same batches): '' = off, "
+                                "'auto' = beside the TFDS data, or a local folder; built ahead by "
+                                "python -m cma_jax.data.frame_cache (docs/data.md)"),
         },
         "train": {
             "batch_size": (128, "global batch (all processes), per optimizer update"),

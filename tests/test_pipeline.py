@@ -6,12 +6,14 @@ Frame j of video i is a solid colour (R, G) = (15 j, 10 i), and caption c of vid
 
 import io
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cma_jax.data import pipeline, sampling, video
+from cma_jax.data import frame_cache, pipeline, sampling, video
 from cma_jax.data.builders import REGISTRY
 from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
 
@@ -280,3 +282,74 @@ def test_from_config_splits_the_global_batch(data_dir, tmp_path):
     with pytest.raises(ValueError, match="config.data.tokenizer is empty and no tokenizer was given"):
         pipeline.train_iterator_from_config(config, process_index=0, process_count=1)
     assert next(pipeline.train_iterator_from_config(config, str(vocab), 0, 1))["text_ids"].shape == (5, 6)
+
+
+# --- the decoded-frame cache (cma_jax/data/frame_cache.py) -------------------------------------------
+
+
+def _assert_same_batches(want, got):
+    for a, b in zip(want, got, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_frame_cache_gives_the_jpeg_batches_and_resumes(data_dir, tmp_path):
+    folder = str(tmp_path / "cache")
+    for split in ("train", "test"):
+        path = frame_cache.build_frame_cache(NAME, split, data_dir, where=folder)
+        assert path.startswith(folder) and f"{NAME}-default-" in path and path.endswith(f"-{split}.frames.npy")
+    assert sorted(os.listdir(folder)) == sorted(f"{NAME}-default-1.0.0-{s}.{k}.npy"
+                                                for s in ("train", "test") for k in ("frames", "offsets"))
+    frames = np.load(frame_cache.cache_paths(NAME, "train", data_dir, None, folder)[0], mmap_mode="r")
+    assert frames.shape == (sum(TRAIN_FRAMES), 16, 16, 3)
+    _assert_same_batches(_take(_train(data_dir, seed=3), 6), _take(_train(data_dir, seed=3, frame_cache=folder), 6))
+
+    cached = _train(data_dir, seed=3, frame_cache=folder)
+    _take(cached, 2)
+    state = cached.get_state()
+    want = _take(cached, 3)
+    resumed = _train(data_dir, seed=3, frame_cache=folder)
+    resumed.set_state(state)
+    _assert_same_batches(want, _take(resumed, 3))
+
+    def videos(**kw):
+        return list(pipeline.eval_batches(NAME, "test", data_dir, WORDS, num_frames=4, max_words=6,
+                                          batch_size_per_process=2, workers=0, **kw).videos)
+    _assert_same_batches(videos(), videos(frame_cache=folder))
+
+
+def test_frame_cache_refuses_a_missing_mismatched_or_truncated_cache(data_dir, tmp_path):
+    folder = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no frame cache .*python -m cma_jax.data.frame_cache {NAME} "
+                                                "--split train"):
+        _train(data_dir, frame_cache=folder)
+    with pytest.raises(ValueError, match="must be a local path"):
+        _train(data_dir, frame_cache="gs://bucket/cache")
+    frame_cache.build_frame_cache(NAME, "test", data_dir, where=folder)
+    test_files = frame_cache.cache_paths(NAME, "test", data_dir, None, folder)
+    for src, dst in zip(test_files, frame_cache.cache_paths(NAME, "train", data_dir, None, folder)):
+        shutil.copy(src, dst)  # another split's cache under the train split's names
+    with pytest.raises(ValueError, match=r"does not match tiny_pipeline/train: 5 records where the split holds 10"):
+        _train(data_dir, frame_cache=folder)
+    with open(test_files[0], "r+b") as f:
+        f.truncate(os.path.getsize(test_files[0]) - 100)
+    with pytest.raises(ValueError, match=r"frame cache .*test.frames.npy is unreadable .*rebuild it with"):
+        pipeline.eval_batches(NAME, "test", data_dir, WORDS, num_frames=4, max_words=6, batch_size_per_process=2,
+                              frame_cache=folder)
+
+
+def test_an_interrupted_frame_cache_build_leaves_no_file(data_dir, tmp_path, monkeypatch):
+    folder = str(tmp_path / "cache")
+    calls, decode = [], video.decode_jpeg
+
+    def interrupted(jpeg, out=None):  # Ctrl-C in the middle of the split's frames
+        calls.append(1)
+        if len(calls) > 20:
+            raise KeyboardInterrupt
+        return decode(jpeg, out=out)
+
+    monkeypatch.setattr(frame_cache.video, "decode_jpeg", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        frame_cache.build_frame_cache(NAME, "train", data_dir, where=folder)
+    assert len(calls) == 21 and os.listdir(folder) == []

@@ -16,6 +16,7 @@ import numpy as np
 from absl import flags
 
 from cma_jax.data import video
+from cma_jax.data.frame_cache import open_frame_cache
 from cma_jax.data.sampling import sample_frame_indices
 from cma_jax.data.builders.base import ensure_built, open_source
 from cma_jax.data.tokenizer import load_tokenizer
@@ -36,6 +37,22 @@ def load_clip(jpegs: list[bytes], num_frames: int) -> tuple[np.ndarray, np.ndarr
         video.decode_jpeg(jpegs[i], out=frames[row])
     frames[len(chosen):] = 0
     return frames, np.arange(num_frames) < len(chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class _JpegClips:
+    """Clips decoded from the stored JPEGs; `FrameCache` (frame_cache.py) gives the same from decoded frames."""
+    source: Any
+
+    def clip(self, i: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        return load_clip(self.source[i]["frames"], num_frames)
+
+
+def _clips(name: str, split: str, data_dir, builder_config, frame_cache: str, source):
+    """frame_cache: '' = decode the JPEGs; 'auto' or a folder = the decoded-frame cache there."""
+    if not frame_cache:
+        return _JpegClips(source)
+    return open_frame_cache(name, split, data_dir, builder_config, frame_cache, source)
 
 
 def train_pairs(num_captions: np.ndarray) -> np.ndarray:
@@ -62,15 +79,15 @@ def count_pairs(name: str, split: str, data_dir, builder_config=None) -> int:
 @dataclasses.dataclass(frozen=True)
 class _TrainExample:
     """(record, caption) pair -> one training example; picklable for grain's worker processes."""
-    source: Any
+    captions: list[list[str]]  # per record, from the split's metadata
+    clips: Any  # _JpegClips or frame_cache.FrameCache
     tokenizer: Any
     num_frames: int
     max_words: int
 
     def __call__(self, pair: np.ndarray) -> dict[str, np.ndarray]:
-        record = self.source[int(pair[0])]
-        frames, frame_mask = load_clip(record["frames"], self.num_frames)
-        ids, mask = self.tokenizer.tokenize([record["captions"][int(pair[1])]], self.max_words)
+        frames, frame_mask = self.clips.clip(int(pair[0]), self.num_frames)
+        ids, mask = self.tokenizer.tokenize([self.captions[int(pair[0])][int(pair[1])]], self.max_words)
         return {"frames": frames, "frame_mask": frame_mask, "text_ids": ids[0], "text_mask": mask[0]}
 
 
@@ -144,7 +161,7 @@ class TrainIterator(grain.DatasetIterator):
 def train_iterator(name: str, split: str, data_dir, tokenizer, *, num_frames: int, max_words: int,
                    batch_size_per_process: int, seed: int, process_index: int = 0, process_count: int = 1,
                    workers: int = 0, builder_config=None, num_epochs: int | None = None,
-                   read_threads: int = 2) -> TrainIterator:
+                   read_threads: int = 2, frame_cache: str = "") -> TrainIterator:
     """Checkpointable iterator of this process's training batches; infinite when num_epochs is None.
 
     Batches: frames [B,T,H,W,3] uint8, frame_mask [B,T] bool, text_ids [B,L] int32, text_mask [B,L] int32
@@ -157,7 +174,9 @@ def train_iterator(name: str, split: str, data_dir, tokenizer, *, num_frames: in
 
     `tokenizer`: anything `load_tokenizer` accepts (a spec or a built tokenizer). `workers` > 0 decodes
     in that many spawned worker processes (grain `mp_prefetch`), 0 in this process with `read_threads`
-    threads; the batches are identical for any `workers` / `read_threads`.
+    threads; the batches are identical for any `workers` / `read_threads`. `frame_cache` ('auto' or a
+    folder; '' = off) copies the sampled frames from the split's decoded-frame cache (cma_jax/data/frame_cache.py)
+    instead of decoding them: the same batches.
     """
     _check(batch_size_per_process, num_frames, max_words, workers)
     source = open_source(name, split, data_dir, builder_config)
@@ -167,7 +186,8 @@ def train_iterator(name: str, split: str, data_dir, tokenizer, *, num_frames: in
         raise ValueError(f"{name}/{split}: process {process_index} of {process_count} holds {stop - start} "
                          f"pairs, fewer than batch_size_per_process={batch_size_per_process}")
     ds = grain.MapDataset.source(pairs[start:stop]).seed(seed).shuffle().repeat(num_epochs)
-    ds = ds.map(_TrainExample(source, load_tokenizer(tokenizer), num_frames, max_words))
+    clips = _clips(name, split, data_dir, builder_config, frame_cache, source)
+    ds = ds.map(_TrainExample(source.captions, clips, load_tokenizer(tokenizer), num_frames, max_words))
     return TrainIterator(ds.batch(batch_size_per_process, drop_remainder=True), workers, read_threads,
                          steps_per_epoch=len(pairs) // (batch_size_per_process * process_count))
 
@@ -187,7 +207,7 @@ def _padded_slice(n: int, batch_size: int, process_index: int, process_count: in
 
 @dataclasses.dataclass(frozen=True)
 class _EvalVideo:
-    source: Any
+    clips: Any  # _JpegClips or frame_cache.FrameCache
     num_frames: int
     frame_shape: tuple[int, int, int]  # (H, W, 3) of padding rows
 
@@ -197,7 +217,7 @@ class _EvalVideo:
             frames = np.zeros((self.num_frames, *self.frame_shape), np.uint8)
             mask = np.zeros((self.num_frames,), bool)
         else:
-            frames, mask = load_clip(self.source[i]["frames"], self.num_frames)
+            frames, mask = self.clips.clip(i, self.num_frames)
         return {"frames": frames, "frame_mask": mask, "video_index": np.int32(i),
                 "valid": np.bool_(i >= 0)}
 
@@ -237,7 +257,8 @@ class EvalBatches:
 
 def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int, max_words: int,
                  batch_size_per_process: int, process_index: int = 0, process_count: int = 1,
-                 workers: int = 0, builder_config=None, read_threads: int = 2, max_videos: int = 0) -> EvalBatches:
+                 workers: int = 0, builder_config=None, read_threads: int = 2, max_videos: int = 0,
+                 frame_cache: str = "") -> EvalBatches:
     """Every video once and every caption once over all processes, each process a contiguous slice.
 
     `.videos`: batches of frames, frame_mask, video_index [B] int32, valid [B] bool; `.texts`: text_ids,
@@ -247,7 +268,7 @@ def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int,
     of batches (`.num_video_batches`, `.num_text_batches`): multi-host jit needs equal steps.
     `.num_videos`, `.num_texts`, `.video_ids` and `.text_video_index` are global; `.media` is 'video',
     or 'image' for the image-text sets (one-frame records, T = 1: Flickr30K, MSCOCO), which report
-    TR / IR. `tokenizer`, `workers`, `read_threads`: as for `train_iterator`.
+    TR / IR. `tokenizer`, `workers`, `read_threads`, `frame_cache`: as for `train_iterator`.
 
     max_videos > 0 keeps only the first max_videos videos (and their captions), for quick checks.
     """
@@ -259,7 +280,8 @@ def eval_batches(name: str, split: str, data_dir, tokenizer, *, num_frames: int,
     first = video.decode_jpeg(source[0]["frames"][0])  # padding rows take the split's frame shape
 
     video_idx = _padded_slice(num_videos, batch_size_per_process, process_index, process_count)
-    videos = grain.MapDataset.source(video_idx).map(_EvalVideo(source, num_frames, first.shape))
+    clips = _clips(name, split, data_dir, builder_config, frame_cache, source)
+    videos = grain.MapDataset.source(video_idx).map(_EvalVideo(clips, num_frames, first.shape))
     videos = _to_iter(videos.batch(batch_size_per_process), workers, read_threads)
 
     text_idx = _padded_slice(len(pairs), batch_size_per_process, process_index, process_count)
@@ -296,7 +318,7 @@ def _from_config(config, global_batch: int, field: str, tokenizer, process_index
     return dict(name=d.name, data_dir=data_dir, tokenizer=tokenizer,
                 num_frames=d.num_frames, max_words=d.max_words, batch_size_per_process=global_batch // process_count,
                 process_index=process_index, process_count=process_count, workers=d.workers,
-                builder_config=d.builder_config or None)
+                builder_config=d.builder_config or None, frame_cache=d.frame_cache)
 
 
 def train_iterator_from_config(config, tokenizer=None, process_index=None, process_count=None) -> TrainIterator:
