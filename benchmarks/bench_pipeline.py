@@ -8,10 +8,12 @@ base.py's builder machinery. It prints
   clip (decoding into [T,H,W,3]), tokenizing, the batch (stacking the clips) and putting it on
   jax's default device (a copy on CPU; a host-to-device transfer on an accelerator), each timed
   alone in this process, and the clip as it was decoded before issue 24 (PIL's decode + convert,
-  np.stack, pad_clip) on the same frames;
+  np.stack, pad_clip) on the same frames, and the clip copied from the decoded-frame cache
+  (cma_jax/data/frame_cache.py, built once into --data-dir);
 * `pipeline.train_iterator` (T=--num-frames) end to end for each worker count in --workers. "Per
   core" divides by the CPU seconds the pipeline used (this process plus its worker processes), so
-  it holds on a busy machine; wall-clock rates are printed too.
+  it holds on a busy machine; wall-clock rates are printed too. Each worker count runs on the JPEGs and
+  then on the frame cache (config.data.frame_cache), same frames, same run.
 
     python benchmarks/bench_pipeline.py                     # T=12 at 224x224, workers 0 and 2
     python benchmarks/bench_pipeline.py --resolution 336    # ViT-L/14@336's frames
@@ -31,7 +33,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from cma_jax.data import pipeline, sampling, video
+from cma_jax.data import frame_cache, pipeline, sampling, video
 from cma_jax.data.builders import REGISTRY
 from cma_jax.data.builders.base import Entry, VideoTextBuilder, VideoTextConfig
 from cma_jax.data.tokenizer import load_tokenizer
@@ -102,7 +104,7 @@ def pil_clip(jpegs: list[bytes], num_frames: int) -> np.ndarray:
     return sampling.pad_clip(np.stack(chosen), num_frames)[0]
 
 
-def stages(source, args) -> dict[str, float]:
+def stages(source, cache, args) -> dict[str, float]:
     """CPU microseconds per sampled frame of each stage, on the first --batch-size records."""
     t, b = args.num_frames, args.batch_size
     records = [source[i] for i in range(b)]
@@ -110,24 +112,26 @@ def stages(source, args) -> dict[str, float]:
     n = sum(len(c) for c in chosen)
     clips = [pipeline.load_clip(r["frames"], t)[0] for r in records]
     assert all(np.array_equal(c, pil_clip(r["frames"], t)) for c, r in zip(clips, records))
+    assert all(np.array_equal(c, cache.clip(i, t)[0]) for i, c in enumerate(clips))
     batch = {"frames": np.stack(clips)}
     return {
         "read records": per_frame_us(lambda: [source[i] for i in range(b)], n),
         "decode": per_frame_us(lambda: [video.decode_jpeg(f) for c in chosen for f in c], n),
         "clip (decode into [T,H,W,3])": per_frame_us(lambda: [pipeline.load_clip(r["frames"], t) for r in records], n),
         "clip before issue 24 (PIL)": per_frame_us(lambda: [pil_clip(r["frames"], t) for r in records], n),
+        "clip from the frame cache": per_frame_us(lambda: [cache.clip(i, t) for i in range(b)], n),
         "tokenize": per_frame_us(lambda: [TOKENIZER.tokenize(r["captions"][:1], 32) for r in records], n),
         "batch (stack the clips)": per_frame_us(lambda: np.stack(clips), n),
         "to device": per_frame_us(lambda: jax.block_until_ready(jax.device_put(batch)), n),
     }
 
 
-def run(data_dir: str, args, workers: int, batches: int) -> tuple[float, float, int]:
+def run(data_dir: str, args, workers: int, batches: int, cache: str) -> tuple[float, float, int]:
     """(CPU seconds of the whole run incl. workers, wall seconds of the timed batches, frames)."""
     cpu0 = cpu_seconds()
     it = pipeline.train_iterator(NAME, "train", data_dir, WORDS, num_frames=args.num_frames, max_words=32,
                                  batch_size_per_process=args.batch_size, seed=0, workers=workers,
-                                 read_threads=args.read_threads)
+                                 read_threads=args.read_threads, frame_cache=cache)
     for _ in range(args.warmup):  # worker start-up and first reads are not throughput
         next(it)
     wall0, frames = time.perf_counter(), 0
@@ -138,14 +142,15 @@ def run(data_dir: str, args, workers: int, batches: int) -> tuple[float, float, 
     return cpu_seconds() - cpu0, wall, frames
 
 
-def bench(data_dir: str, args, workers: int) -> None:
+def bench(data_dir: str, args, workers: int, cache: str) -> None:
     # Worker CPU time is only visible once they exit: a run without timed batches measures the
     # start-up (spawn, imports, warm-up batches) to subtract.
-    startup_cpu, _, _ = run(data_dir, args, workers, 0)
-    total_cpu, wall, frames = run(data_dir, args, workers, args.batches)
+    startup_cpu, _, _ = run(data_dir, args, workers, 0, cache)
+    total_cpu, wall, frames = run(data_dir, args, workers, args.batches, cache)
     cpu = total_cpu - startup_cpu
     clips = args.batches * args.batch_size
-    print(f"workers={workers} read_threads={args.read_threads}: {clips} clips in {wall:.2f}s wall, "
+    print(f"{'frame cache' if cache else 'JPEG':11s} workers={workers} read_threads={args.read_threads}: "
+          f"{clips} clips in {wall:.2f}s wall, "
           f"{cpu:.2f} CPU-s | {clips / wall:7.1f} clips/s {frames / wall:8.1f} frames/s wall | "
           f"per core: {clips / cpu:6.1f} clips/s {frames / cpu:7.1f} frames/s", flush=True)
 
@@ -172,15 +177,23 @@ def main() -> None:
         builder.download_and_prepare()
         print(f"built {args.videos} videos in {time.perf_counter() - t0:.1f}s")
     source = pipeline.open_source(NAME, "train", args.data_dir)
+    cache_dir = os.path.join(args.data_dir, "frame_cache")
+    if not os.path.exists(frame_cache.cache_paths(NAME, "train", args.data_dir, None, cache_dir)[0]):
+        t0 = time.perf_counter()
+        frame_cache.build_frame_cache(NAME, "train", args.data_dir, where=cache_dir)
+        print(f"built the frame cache in {time.perf_counter() - t0:.1f}s")
+    cache = frame_cache.open_frame_cache(NAME, "train", args.data_dir, None, cache_dir, source)
+    print(f"frame cache: {cache.frames.nbytes / cache.frames.shape[0] / 1024:.0f} KiB a frame")
     sizes = [len(f) for f in source[0]["frames"]]
     print(f"dataset: {args.videos} videos x {args.stored_frames} frames at {args.resolution}px, "
           f"mean JPEG {np.mean(sizes) / 1024:.1f} KiB; T={args.num_frames}, batch {args.batch_size}; "
           f"{os.cpu_count()} CPUs visible; jax device: {jax.devices()[0].device_kind}")
     print("CPU us per sampled frame:")
-    for stage, us in stages(source, args).items():
+    for stage, us in stages(source, cache, args).items():
         print(f"  {stage:30s} {us:7.1f}")
     for workers in (int(w) for w in args.workers.split(",")):
-        bench(args.data_dir, args, workers)
+        for where in ("", cache_dir):
+            bench(args.data_dir, args, workers, where)
 
 
 if __name__ == "__main__":

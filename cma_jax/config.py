@@ -35,7 +35,8 @@ TRAINING_FIELDS = {
 # Fields that say where things are or how a run reports, not what it computes: the same run moved to
 # another folder, or logged more often, gives the same result (the demo's reuse key leaves them out).
 PLACE_FIELDS = ("backbone", "adapter_checkpoint", "data.data_dir", "data.tokenizer", "data.workers",
-                "data.frame_cache", "train.progress_bar", "train.log_every_steps", "train.save_every_steps", "train.keep_checkpoints")
+                "data.frame_cache", "train.progress_bar", "train.log_every_steps", "train.save_every_steps",
+                "train.keep_checkpoints")
 
 
 def _schema() -> dict:

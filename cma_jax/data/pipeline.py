@@ -2,7 +2,8 @@
 
 The trainer and the evaluator call `train_iterator` and `eval_batches` (or their `*_from_config` forms) once
 per process: each process reads only its own contiguous shard of the split, decodes only the sampled JPEGs
-(in this process or in grain worker processes, with the same batches either way), and the training
+(in this process or in grain worker processes, with the same batches either way; or copies them from the split's
+decoded-frame cache, cma_jax/data/frame_cache.py), and the training
 iterator's position is saved with every run checkpoint. docs/data.md ("The input pipeline") describes it.
 """
 
