@@ -35,7 +35,7 @@ def env(plugin=None) -> dict:
         module, variable, how = plugin
         extra = os.environ.get(variable, "")
         if not importable(module) and not extra:
-            pytest.skip(f"{module} is not importable here and {variable} is not set: {how}, then {variable}=DIR")
+            pytest.skip(reason=f"{module} is not importable here and {variable} is not set: {how}, then {variable}=DIR")
     out = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "tests"), extra) if p))
     out.pop("XLA_FLAGS", None)
     return out
